@@ -1,0 +1,1 @@
+"""fastagi-screen: caller screening for Asterisk PBXs over FastAGI."""
