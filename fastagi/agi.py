@@ -1,0 +1,200 @@
+"""One FastAGI session over asyncio streams, speaking through pyst2.
+
+pyst2's `AGI` formats commands (`send_command`, `_quote`) and parses answers
+(`get_result`, with its 510/520/-2 exceptions); this adapter feeds it one command's
+bytes at a time, so many sessions share one event loop. Its `__init__` is skipped:
+it installs a SIGHUP handler (main thread only) and reads the environment from stdin.
+
+Wire rules from a real Asterisk 20 (shared/asterisk): LF only, one command in flight
+(no pipelining), 520 answers span lines, and a `HANGUP` line may arrive in place of
+an answer when the caller hangs up; commands keep working on the dead channel.
+Knows nothing of Redis or of screening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import secrets
+from dataclasses import dataclass, field
+
+from asterisk.agi import AGI, AGIError
+
+MAX_LINE = 8192  # bytes; Asterisk cuts a dialed number at 79, so real lines are short
+MAX_ENV_LINES = 256
+MAX_STRAY_LINES = 512
+
+
+class AGIProtocolError(Exception):
+    """The peer broke the protocol or went away; the session cannot go on."""
+
+
+@dataclass
+class Environment:
+    """The `agi_*` block. First occurrence wins: a forged later line cannot replace it."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    duplicates: list[str] = field(default_factory=list)
+    malformed: int = 0
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.values.get(key, default)
+
+    @property
+    def route(self) -> str:
+        """The script name: `agi_network_script` without any query string."""
+        return self.get("agi_network_script").partition("?")[0].strip("/")
+
+    @property
+    def args(self) -> list[str]:
+        found = []
+        for n in range(1, 64):
+            key = f"agi_arg_{n}"
+            if key not in self.values:
+                break
+            found.append(self.values[key])
+        return found
+
+
+async def _readline(reader: asyncio.StreamReader) -> str:
+    try:
+        raw = await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError:
+        raise AGIProtocolError("connection closed by Asterisk") from None
+    except asyncio.LimitOverrunError:
+        raise AGIProtocolError(f"line longer than {MAX_LINE} bytes") from None
+    return raw[:-1].decode("utf-8", errors="replace")
+
+
+async def read_environment(reader: asyncio.StreamReader) -> Environment:
+    """Read up to the first empty line, as Asterisk ends the block."""
+    env = Environment()
+    for _ in range(MAX_ENV_LINES):
+        line = await _readline(reader)
+        if line == "":
+            if not env.values:
+                raise AGIProtocolError("empty AGI environment")
+            return env
+        key, sep, value = line.partition(": ")
+        if not sep or not key.startswith("agi_"):
+            env.malformed += 1
+        elif key in env.values:
+            env.duplicates.append(key)
+        else:
+            env.values[key] = value
+    raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
+
+
+class _Outbox:
+    """Where pyst2's `send_command` writes; we take the text and send it ourselves."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+class _Discard:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+class AGISession(AGI):
+    """pyst2's AGI bound to one asyncio connection, one command at a time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Deliberately not AGI.__init__ (signal handler, stdin): see the module docstring.
+        self.reader = reader
+        self.writer = writer
+        self.stdout = _Outbox()
+        self.stderr = _DISCARD
+        self.stdin = io.StringIO()
+        self.env: dict[str, str] = {}
+        self._got_sighup = False
+        self.hung_up = False  # the caller hung up: Asterisk sent an unsolicited HANGUP
+        self.stray: list[str] = []  # lines received before our resync answer
+
+    async def send(self, command: str, *args: object) -> None:
+        self.stdout.text = ""
+        self.send_command(command, *args)
+        self.writer.write(self.stdout.text.encode("utf-8"))
+        await self.writer.drain()
+
+    async def _answer_lines(self) -> str:
+        """One whole answer: skip HANGUP notices, follow 520 blocks to their end."""
+        for _ in range(8):
+            line = await _readline(self.reader)
+            if line.strip() == "HANGUP":
+                self.hung_up = True
+                continue
+            if not line.startswith("520-"):
+                return line + "\n"
+            lines = [line]
+            for _ in range(MAX_STRAY_LINES):
+                line = await _readline(self.reader)
+                lines.append(line)
+                if line.startswith("520 "):
+                    return "\n".join(lines) + "\n"
+            raise AGIProtocolError("520 usage block without an end")
+        raise AGIProtocolError("no answer, only HANGUP lines")
+
+    async def run(self, command: str, *args: object) -> dict[str, tuple[str, str]]:
+        """Send one command, wait for its whole answer, parse it with pyst2."""
+        await self.send(command, *args)
+        self.stdin = io.StringIO(await self._answer_lines())
+        try:
+            return self.get_result()
+        except ValueError:
+            raise AGIProtocolError("answer is not an AGI result line") from None
+
+    async def set_variable(self, name: str, value: object) -> None:  # type: ignore[override]
+        await self.run("SET VARIABLE", self._quote(name), self._quote(str(value)))
+
+    async def exec_app(self, application: str, options: str) -> str:
+        result = await self.run("EXEC", application, self._quote(options))
+        return result["result"][0]
+
+    async def resync(self, expression: str = "") -> str:
+        """Skip every stray line and return `expression` as Asterisk evaluates it.
+
+        The dialed number reaches the environment raw, so one INVITE can forge env
+        lines, end the block early and forge `200 result=...` answers. We ask for a
+        random nonce together with the expression; only Asterisk's answer to this
+        command can contain the nonce, so every line before it is discarded.
+        """
+        nonce = secrets.token_hex(12)
+        await self.send("GET FULL VARIABLE", self._quote(f"{nonce} {expression}"))
+        marker = f"200 result=1 ({nonce} "
+        for _ in range(MAX_STRAY_LINES):
+            line = await _readline(self.reader)
+            if line.startswith(marker):
+                self.stdin = io.StringIO(line + "\n")
+                try:
+                    data = self.get_result()["result"][1]
+                except (AGIError, ValueError):
+                    raise AGIProtocolError("resync answer unreadable") from None
+                return data[len(nonce) + 1 :]
+            if line.strip() == "HANGUP":
+                self.hung_up = True
+                continue
+            self.stray.append(line)
+        raise AGIProtocolError(f"no resync answer within {MAX_STRAY_LINES} lines")
+
+    async def close(self) -> None:
+        """Close our side; a HANGUP Asterisk writes after this is not a caller hangup."""
+        if self.writer.is_closing():
+            return
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 0.5)

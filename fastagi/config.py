@@ -1,0 +1,338 @@
+"""Configuration: a TOML file, `FASTAGI_<SECTION>_<KEY>` overrides, and checked values.
+
+The built-in defaults are the embedded mode (`memory://` store, `dry-run` firewall),
+so a newcomer runs the service with no file, no Redis and no root. Any bad key or
+value becomes one `ConfigError` naming the key, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastagi.addresses import AddressError, AddressSet, parse_network
+from fastagi.firewall.base import FirewallSettings
+
+SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
+BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and the problem."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `250ms`, `30s`, `10m`, `1h`, `1d`, `1w` or plain seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 10m, 1h, 1d, 1w")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use 250ms, 30s, 10m, 1h, 1d, 1w)")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0 or seconds > 10 * 365 * 86400:
+        raise ValueError(f"{value!r} is out of range (more than 0, at most 10 years)")
+    return seconds
+
+
+def _host_port(value: Any) -> tuple[str, int]:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(str(value))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a whole number") from None
+    if value < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return value
+
+
+def _factor(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number") from None
+    if not 1.0 <= number <= 100.0:
+        raise ValueError(f"{number} must be between 1 and 100")
+    return number
+
+
+def _networks(value: Any) -> AddressSet:
+    entries = _string_list(value)
+    try:
+        return AddressSet(parse_network(entry) for entry in entries)
+    except AddressError as error:
+        raise ValueError(str(error)) from None
+
+
+def _string_list(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of strings")
+    return tuple(v.strip() for v in value)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _redis_url(value: Any) -> str:
+    url = _string(value)
+    if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+        raise ValueError(f"{url!r}: use memory://, redis://, rediss:// or unix://")
+    return url
+
+
+def _backend(value: Any) -> str:
+    name = _string(value)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
+    return name
+
+
+def _ports(value: Any) -> tuple[str, ...] | str:
+    if value == "all":
+        return "all"
+    ports = _string_list(value)
+    for port in ports:
+        number, _, proto = port.partition("/")
+        if not number.isdigit() or not 0 < int(number) < 65536 or proto not in ("udp", "tcp"):
+            raise ValueError(f"{port!r} is not PORT/udp or PORT/tcp")
+    return ports
+
+
+def _listen_or_empty(value: Any) -> str:
+    text = _string(value)
+    if text:
+        _host_port(text)
+    return text
+
+
+def _chain(value: Any) -> str:
+    name = _string(value)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,27}", name):
+        raise ValueError(f"{name!r}: letters, digits, _ and -, at most 28 characters")
+    return name
+
+
+# section -> key -> (parser, default)
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "server": {
+        "listen": (_host_port, "127.0.0.1:4573"),
+        "allowed_clients": (_networks, ["127.0.0.1/32", "::1/128"]),
+        "max_sessions": (_positive_int, 256),
+        "session_timeout": (parse_duration, "5s"),
+        "runtime_dir": (_string, ""),
+    },
+    "screening": {
+        "threshold": (_positive_int, 5),
+        "window": (parse_duration, "10m"),
+        "ban_time": (parse_duration, "1h"),
+        "ban_time_factor": (_factor, 2.0),
+        "ban_time_max": (parse_duration, "1w"),
+        "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
+        "pbx_id": (_string, ""),
+        "log_notice": (_bool, True),
+    },
+    "redis": {
+        "url": (_redis_url, "memory://"),
+        "key_prefix": (_string, "fastagi:"),
+        "timeout": (parse_duration, "250ms"),
+        "sentinels": (_string_list, []),
+        "sentinel_service": (_string, "mymaster"),
+    },
+    "firewall": {
+        "backend": (_backend, "dry-run"),
+        "chain": (_chain, "FASTAGI"),
+        "ports": (_ports, "all"),
+        "forward": (_bool, False),
+        "sync_interval": (parse_duration, "30s"),
+    },
+    "metrics": {
+        "listen": (_listen_or_empty, ""),
+    },
+}
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: tuple[str, int]
+    allowed_clients: AddressSet
+    max_sessions: int
+    session_timeout: float
+    runtime_dir: str
+
+
+@dataclass(frozen=True)
+class ScreeningConfig:
+    threshold: int
+    window: float
+    ban_time: float
+    ban_time_factor: float
+    ban_time_max: float
+    ignore: AddressSet
+    pbx_id: str
+    log_notice: bool
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str
+    key_prefix: str
+    timeout: float
+    sentinels: tuple[str, ...]
+    sentinel_service: str
+
+
+@dataclass(frozen=True)
+class FirewallConfig:
+    backend: str
+    chain: str
+    ports: tuple[str, ...] | str
+    forward: bool
+    sync_interval: float
+
+    def settings(self) -> FirewallSettings:
+        return FirewallSettings(self.backend, self.chain, self.ports, self.forward)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    screening: ScreeningConfig
+    redis: RedisConfig
+    firewall: FirewallConfig
+    metrics: MetricsConfig
+    source: str = field(default="built-in defaults")
+
+    def runtime_dir(self) -> Path:
+        """Where the embedded store's socket lives, so the CLI finds a running service."""
+        for candidate in (
+            self.server.runtime_dir,
+            os.environ.get("FASTAGI_RUNTIME_DIR", ""),
+            os.environ.get("RUNTIME_DIRECTORY", ""),
+        ):
+            if candidate:
+                return Path(candidate)
+        if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+            return Path(xdg) / "fastagi"
+        return Path(f"/tmp/fastagi-{os.getuid()}")
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "screening": ScreeningConfig,
+    "redis": RedisConfig,
+    "firewall": FirewallConfig,
+    "metrics": MetricsConfig,
+}
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """`--config`, else `$FASTAGI_CONFIG`, else the system file if present."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("FASTAGI_CONFIG"):
+        return Path(environ["FASTAGI_CONFIG"])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def _env_value(text: str) -> Any:
+    """An override is read as a TOML value when it is one (`5`, `["a"]`), else as text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override and check the configuration; raise ConfigError on the first problem."""
+    environ = os.environ if environ is None else environ
+    file = find_config_file(path, environ)
+    raw: dict[str, Any] = {}
+    if file is not None:
+        try:
+            raw = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {file}: not found") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {file}: cannot read it ({error})") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {file}: not valid TOML ({error})") from None
+    for section, value in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(f"[{section}]: unknown section (known: {', '.join(SCHEMA)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table")
+        for key in value:
+            if key not in SCHEMA[section]:
+                known = ", ".join(SCHEMA[section])
+                raise ConfigError(f"{section}.{key}: unknown key (known: {known})")
+    sections = {}
+    for section, keys in SCHEMA.items():
+        values = {}
+        for key, (parse, default) in keys.items():
+            value = raw.get(section, {}).get(key, default)
+            env_name = f"FASTAGI_{section.upper()}_{key.upper()}"
+            origin = f"{section}.{key}"
+            if env_name in environ:
+                value, origin = _env_value(environ[env_name]), env_name
+            try:
+                values[key] = parse(value)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{origin}: {error}") from None
+        sections[section] = _SECTIONS[section](**values)
+    config = Config(**sections, source=str(file) if file else "built-in defaults")
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    screening = config.screening
+    if screening.ban_time_max < screening.ban_time:
+        raise ConfigError("screening.ban_time_max: must not be shorter than screening.ban_time")
+    if config.redis.timeout >= config.server.session_timeout:
+        raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
+
+
+def pbx_id(config: Config) -> str:
+    """The name recorded on every ban: `screening.pbx_id`, else the hostname."""
+    return config.screening.pbx_id or socket.gethostname()

@@ -1,0 +1,363 @@
+"""A fake Asterisk 20: opens FastAGI sessions exactly as res_agi does.
+
+Used by `fastagi-ctl simulate`, the tests and the bench, and importable by users'
+own tests. It writes the environment block byte for byte as captured from a real
+Asterisk 20.20.1 (shared/asterisk/agi-env-chan_sip.txt), decodes the dialed number
+the way chan_sip does (so `%0A` becomes a raw LF in `agi_dnid`), splits AGI()
+arguments as Asterisk's app parser does, and answers commands like res_agi: GET
+(FULL) VARIABLE with channel functions, SET VARIABLE, EXEC Log, 510/511/520, and the
+HANGUP line after the server's close or a caller hangup. It notes protocol misuse
+a real Asterisk punishes (pipelined commands, CRLF).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+MAX_EXTEN = 79  # AST_MAX_EXTENSION - 1: chan_sip cuts the decoded user part here
+_channel_ids = itertools.count(0x32)
+
+
+@dataclass
+class Call:
+    """One guest call as Asterisk sees it when the dialplan reaches AGI()."""
+
+    source: str = "127.0.0.6"  # the packet's source address (what CHANNEL(recvip) says)
+    source_port: int = 5060
+    exten: str = "7001"  # the dialed user part, already URL-decoded (use `Call.from_uri`)
+    channel_type: str = "SIP"  # SIP | PJSIP | Local
+    agi_args: str = ""  # the AGI() arguments after the URL, before expansion
+    callerid: str = "anonymous-scanner"
+    calleridname: str = "lab caller"
+    context: str = "from-sip-external"
+    priority: int = 6
+    uniqueid: str = ""
+    threadid: str = "140459785762496"
+    hangup_after: float | None = None  # the caller hangs up this many seconds in
+
+    @classmethod
+    def from_uri_user(cls, user: str, **kwargs: object) -> Call:
+        """A call whose Request-URI user part is `user`, percent-decoded and cut by chan_sip."""
+        return cls(exten=unquote(user)[:MAX_EXTEN], **kwargs)  # type: ignore[arg-type]
+
+    def channel_name(self, serial: int) -> str:
+        if self.channel_type == "Local":
+            return f"Local/{self.exten}@agi-local-{serial:08x};2"
+        return f"{self.channel_type}/{self.source}-{serial:08x}"
+
+    def remote_addr(self) -> str:
+        host = self.source
+        if isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address):
+            host = f"[{host}]"
+        return f"{host}:{self.source_port}"
+
+    def functions(self) -> dict[str, str]:
+        """What `${...}` channel functions evaluate to on this channel."""
+        sip = self.channel_type == "SIP"
+        pjsip = self.channel_type == "PJSIP"
+        return {
+            "CHANNEL(recvip)": self.source if sip else "",
+            "CHANNEL(peerip)": self.source if sip else "",
+            "CHANNEL(recvport)": str(self.source_port) if sip else "",
+            "CHANNEL(pjsip,remote_addr)": self.remote_addr() if pjsip else "",
+            "SIPCHANINFO(recvip)": "",  # removed in Asterisk 13
+            "EXTEN": self.exten,
+        }
+
+
+def separate_args(text: str) -> list[str]:
+    """Split AGI()'s argument string like Asterisk's app parser: commas separate,
+    double quotes and parentheses group (quotes are removed), backslash escapes."""
+    args, current, quoted, depth, escaped = [], [], False, 0, False
+    for char in text:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif quoted:
+            current.append(char)
+        elif char == "(":
+            depth += 1
+            current.append(char)
+        elif char == ")" and depth:
+            depth -= 1
+            current.append(char)
+        elif char == "," and depth == 0:
+            args.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    args.append("".join(current))
+    return args
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """Substitute `${NAME}` the way pbx_substitute_variables does for our functions."""
+    return re.sub(r"\$\{([^{}]*)\}", lambda m: variables.get(m.group(1), ""), text)
+
+
+def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
+    """The env block as res_agi writes it, in the two segments seen on the wire."""
+    script = url.split("/", 3)[3] if url.count("/") >= 3 else ""
+    lines = [("agi_network", "yes")]
+    if script:
+        lines.append(("agi_network_script", script))
+    uniqueid = call.uniqueid or f"{int(time.time())}.{serial}"
+    lines += [
+        ("agi_request", url),
+        ("agi_channel", call.channel_name(serial)),
+        ("agi_language", "en"),
+        ("agi_type", call.channel_type),
+        ("agi_uniqueid", uniqueid),
+        ("agi_version", "20.20.1"),
+        ("agi_callerid", call.callerid),
+        ("agi_calleridname", call.calleridname),
+        ("agi_callingpres", "0"),
+        ("agi_callingani2", "0"),
+        ("agi_callington", "0"),
+        ("agi_callingtns", "0"),
+        ("agi_dnid", call.exten),
+        ("agi_rdnis", "unknown"),
+        ("agi_context", call.context),
+    ]
+    first = "".join(f"{k}: {v}\n" for k, v in lines)
+    tail = [
+        ("agi_extension", call.exten),
+        ("agi_priority", str(call.priority)),
+        ("agi_enhanced", "0.0"),
+        ("agi_accountcode", ""),
+        ("agi_threadid", call.threadid),
+    ]
+    if call.agi_args:
+        expanded = expand(call.agi_args, call.functions())
+        for n, arg in enumerate(separate_args(expanded), start=1):
+            tail.append((f"agi_arg_{n}", arg))
+    second = "".join(f"{k}: {v}\n" for k, v in tail) + "\n"
+    return first.encode(), second.encode()
+
+
+def split_words(line: str) -> list[str]:
+    """res_agi's parse_args: words split on spaces, double quotes group and vanish."""
+    words, current, quoted, started = [], [], False, False
+    for char in line:
+        if char == '"':
+            quoted = not quoted
+            started = True
+        elif char == " " and not quoted:
+            if started:
+                words.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(char)
+            started = True
+    if started:
+        words.append("".join(current))
+    return words
+
+
+DEAD_FORBIDDEN = {"ANSWER", "CHANNEL STATUS", "STREAM FILE", "HANGUP"}
+USAGE = {
+    "GET VARIABLE": [
+        "Returns <literal>0</literal> if <replaceable>variablename</replaceable> is not set.",
+        "Example return code: 200 result=1 (testvariable)",
+    ],
+    "SET VARIABLE": ["Sets a variable to the current channel."],
+    "GET FULL VARIABLE": ["Evaluates <replaceable>expression</replaceable>."],
+    "EXEC": [
+        "Executes <replaceable>application</replaceable> with given <replaceable>"
+        "options</replaceable>."
+    ],
+}
+
+
+@dataclass
+class CallResult:
+    """What the dialplan would see after AGI() returns, and what the log would hold."""
+
+    variables: dict[str, str] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+    agistatus: str = "SUCCESS"
+    seconds: float = 0.0
+    pipelined: int = 0  # commands that arrived behind another one (Asterisk would stall)
+    crlf: int = 0
+    callid: str = "C-00000000"
+
+
+class FakeAsterisk:
+    """Plays Asterisk's side of FastAGI sessions against a server."""
+
+    def __init__(self, hold_limit: float = 30.0) -> None:
+        self.hold_limit = hold_limit  # a real Asterisk waits forever; the emulator does not
+
+    async def call(self, target: str, call: Call | None = None) -> CallResult:
+        call = call or Call()
+        parts = urlsplit(target)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 4573
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            return await self._dialogue(reader, writer, target, call)
+        finally:
+            writer.close()
+
+    async def _dialogue(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        url: str,
+        call: Call,
+    ) -> CallResult:
+        started = time.monotonic()
+        serial = next(_channel_ids)
+        result = CallResult(callid=f"C-{serial:08x}")
+        first, second = environment_block(call, url, serial)
+        writer.write(first)
+        await writer.drain()
+        writer.write(second)
+        await writer.drain()
+        variables = dict(call.functions())
+        dead = False
+        hangup_at = started + call.hangup_after if call.hangup_after is not None else None
+        while time.monotonic() - started < self.hold_limit:
+            timeout = self.hold_limit - (time.monotonic() - started)
+            if hangup_at is not None and not dead:
+                timeout = max(0.0, min(timeout, hangup_at - time.monotonic()))
+            try:
+                raw = await asyncio.wait_for(reader.readuntil(b"\n"), timeout)
+            except TimeoutError:
+                if hangup_at is not None and not dead and time.monotonic() >= hangup_at:
+                    dead = True
+                    result.agistatus = "HANGUP"
+                    await self._write(writer, "HANGUP\n")
+                    continue
+                break
+            except (asyncio.IncompleteReadError, ConnectionError):
+                # The server closed: AGISIGHUP=yes makes Asterisk write HANGUP, then close.
+                await self._write(writer, "HANGUP\n")
+                break
+            if reader._buffer:  # a real Asterisk would not read these until the next write
+                result.pipelined += 1
+            line = raw[:-1].decode("utf-8", errors="replace")
+            if line.endswith("\r"):
+                result.crlf += 1
+            result.commands.append(line)
+            if line.lower().startswith("failure"):
+                result.agistatus = "FAILURE"
+                await self._write(writer, "HANGUP\n")
+                break
+            answer = self._execute(line, call, variables, result, dead)
+            if answer == "HANGUP-COMMAND":
+                dead = True
+                result.agistatus = "HANGUP"
+                await self._write(writer, "200 result=1\n")
+                await self._write(writer, "HANGUP\n")
+                continue
+            await self._write(writer, answer)
+        result.seconds = time.monotonic() - started
+        return result
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, text: str) -> None:
+        try:
+            writer.write(text.encode())
+            await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def _execute(
+        self, line: str, call: Call, variables: dict[str, str], result: CallResult, dead: bool
+    ) -> str:
+        words = split_words(line)
+        upper = [w.upper() for w in words]
+        for size in (3, 2, 1):
+            name = " ".join(upper[:size])
+            if name in _HANDLERS or name in DEAD_FORBIDDEN:
+                break
+        else:
+            return "510 Invalid or unknown command\n"
+        if dead and name in DEAD_FORBIDDEN:
+            return "511 Command Not Permitted on a dead channel or intercept routine\n"
+        if name == "HANGUP":
+            return "HANGUP-COMMAND"
+        if name not in _HANDLERS:
+            return "200 result=0\n"
+        args = words[size:]
+        answer = _HANDLERS[name](args, call, variables, result)
+        if answer is None:
+            usage = USAGE.get(name, [""])
+            body = "\n".join(usage)
+            return (
+                "520-Invalid command syntax.  Proper usage follows:\n"
+                f"{body}\n520 End of proper usage.\n"
+            )
+        return answer
+
+
+def _get_variable(args, call, variables, result):
+    if not args:
+        return None
+    value = variables.get(args[0])
+    if value is None or (args[0].startswith("CHANNEL(") and value == ""):
+        return "200 result=0\n"
+    return f"200 result=1 ({value})\n"
+
+
+def _get_full_variable(args, call, variables, result):
+    if not args:
+        return None
+    return f"200 result=1 ({expand(args[0], variables)})\n"
+
+
+def _set_variable(args, call, variables, result):
+    if len(args) < 2:
+        return None
+    variables[args[0]] = result.variables[args[0]] = args[1]
+    return "200 result=1\n"
+
+
+def _exec(args, call, variables, result):
+    if not args:
+        return None
+    app, options = args[0], (args[1] if len(args) > 1 else "")
+    if app.lower() != "log":
+        return "200 result=-2\n"
+    level, _, message = options.partition(",")
+    stamp = time.strftime("%b %e %T")
+    result.log.append(
+        f"[{stamp}] {level.upper()}[{call.threadid[-4:]}][{result.callid}] "
+        f"Ext. {call.exten}: {message}"
+    )
+    return "200 result=0\n"
+
+
+def _verbose(args, call, variables, result):
+    return "200 result=1\n" if args else None
+
+
+def _noop(args, call, variables, result):
+    return "200 result=0\n"
+
+
+def _channel_status(args, call, variables, result):
+    return "200 result=4\n"
+
+
+_HANDLERS = {
+    "GET VARIABLE": _get_variable,
+    "GET FULL VARIABLE": _get_full_variable,
+    "SET VARIABLE": _set_variable,
+    "EXEC": _exec,
+    "VERBOSE": _verbose,
+    "NOOP": _noop,
+    "CHANNEL STATUS": _channel_status,
+    "ANSWER": _noop,
+}

@@ -1,0 +1,130 @@
+"""The screening decision for one guest call: whose call it is, and what it gets.
+
+The caller's address never comes from attacker text. For `SIP` and `PJSIP` channels
+(`agi_type` precedes the dialed number in the environment, so it cannot be forged)
+it comes from Asterisk's own answer to our nonce resync; the optional SOURCE argument
+is used only for channel types with no address of their own, and only when the
+environment arrived clean. Then: `ignore`, the seed's NOTICE line, one atomic store
+step, and the channel variables the dialplan acts on. Never touches a firewall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
+from fastagi.agi import AGISession, Environment
+from fastagi.store import Store, StoreError
+
+log = logging.getLogger("fastagi.screening")
+
+# Where Asterisk keeps the packet's source address, by agi_type.
+ADDRESS_EXPRESSIONS = {
+    "SIP": "${CHANNEL(recvip)}",
+    "PJSIP": "${CHANNEL(pjsip,remote_addr)}",
+}
+NOTICE = "Incoming SIP connection from unknown peer failed for {ip} - Unknown connection from peer"
+
+
+class ScreeningError(Exception):
+    """This call cannot be screened; the message goes to SCREEN_ERROR."""
+
+
+@dataclass
+class Outcome:
+    """What the dialplan will see in SCREEN_RESULT / SCREEN_COUNT / SCREEN_BAN_UNTIL."""
+
+    result: str
+    count: int | None = None
+    ban_until: float | None = None
+    error: str = ""
+    address: IPAddress | None = None
+
+
+def escape(text: str, limit: int = 200) -> str:
+    """Attacker text made safe for one log line: control characters shown as escapes."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+async def caller_address(session: AGISession, env: Environment) -> IPAddress:
+    """Resync the session and return the caller's true address (the security rule)."""
+    channel_type = env.get("agi_type")
+    expression = ADDRESS_EXPRESSIONS.get(channel_type)
+    answer = await session.resync(expression or "")
+    if expression:
+        try:
+            return parse_address(answer)
+        except AddressError:
+            raise ScreeningError(f"no caller address from Asterisk for {channel_type}") from None
+    # No network address of its own (Local, unknown drivers): SOURCE, if trustworthy.
+    if session.stray or env.duplicates or env.malformed:
+        raise ScreeningError("SOURCE argument untrusted: the environment was tampered with")
+    args = env.args
+    if not args or not args[0]:
+        raise ScreeningError(f"no SOURCE argument for a {channel_type or 'typeless'} channel")
+    try:
+        return parse_address(args[0])
+    except AddressError:
+        raise ScreeningError("SOURCE argument is not an IP address") from None
+
+
+class Screener:
+    """Applies the `[screening]` rules to one session."""
+
+    def __init__(
+        self,
+        store: Store,
+        ignore: AddressSet,
+        log_notice: bool,
+        redis_budget: float,
+    ) -> None:
+        self.store = store
+        self.ignore = ignore
+        self.log_notice = log_notice
+        self.redis_budget = redis_budget
+
+    async def screen(self, session: AGISession, env: Environment) -> Outcome:
+        try:
+            address = await caller_address(session, env)
+        except ScreeningError as error:
+            return Outcome("ERROR", error=str(error))
+        exten = escape(env.get("agi_extension"))
+        if session.stray:
+            log.warning(
+                "injection attempt from %s: %d stray lines before the resync answer, "
+                "dialed %r, first stray %r",
+                address,
+                len(session.stray),
+                exten,
+                escape(session.stray[0]),
+            )
+        ip = str(address)
+        if address in self.ignore:
+            log.info("Ext. %s: call from %s ignored (in screening.ignore)", exten, ip)
+            return Outcome("IGNORED", address=address)
+        notice = NOTICE.format(ip=ip)
+        log.info("Ext. %s: %s", exten, notice)
+        verdict_task = asyncio.ensure_future(self._count(ip, bool(session.stray)))
+        try:
+            if self.log_notice:
+                await session.exec_app("Log", f"NOTICE,{notice}")
+        finally:
+            outcome = await verdict_task
+        outcome.address = address
+        return outcome
+
+    async def _count(self, ip: str, injected: bool) -> Outcome:
+        try:
+            async with asyncio.timeout(self.redis_budget):
+                verdict = await self.store.screen(ip)
+                if injected:
+                    await self.store.note("injections")
+        except (StoreError, TimeoutError) as error:
+            reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"
+            log.error("call from %s not counted: %s", ip, reason)
+            return Outcome("ERROR", error="store unavailable")
+        if verdict.result == "BANNED":
+            return Outcome("BANNED", verdict.count, verdict.ban_until)
+        return Outcome("COUNTED", verdict.count)

@@ -1,0 +1,187 @@
+"""The FastAGI server: sockets, who may connect, how many at once, deadlines, routes.
+
+One asyncio loop serves every session (measured against threads in bench/). Each
+session ends within `session_timeout` whatever Asterisk, the caller or Redis does:
+res_agi has no read timeout, so a server that waits holds the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from fastagi.addresses import AddressError, AddressSet, parse_address
+from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment, read_environment
+from fastagi.screening import Outcome, Screener
+
+log = logging.getLogger("fastagi.server")
+
+# Reserved at the end of every session to tell Asterisk the result.
+ANSWER_RESERVE = 0.25
+
+Route = Callable[[AGISession, Environment], Awaitable[Outcome]]
+
+
+@dataclass
+class ServerStats:
+    """Counters for `status` and /metrics."""
+
+    sessions: int = 0
+    active: int = 0
+    refused_busy: int = 0
+    refused_client: int = 0
+    timeouts: int = 0
+    protocol_errors: int = 0
+    injections: int = 0
+    results: dict[str, int] = field(default_factory=dict)
+
+
+class Observer:
+    """Receives one call per finished session; metrics.py plugs in here."""
+
+    def session_done(self, route: str, outcome: Outcome | None, seconds: float) -> None:
+        pass
+
+    def refused(self, why: str) -> None:
+        pass
+
+
+class FastAGIServer:
+    def __init__(
+        self,
+        screener: Screener,
+        allowed_clients: AddressSet,
+        max_sessions: int,
+        session_timeout: float,
+        observer: Observer | None = None,
+    ) -> None:
+        self.routes: dict[str, Route] = {"screen": screener.screen}
+        self.allowed_clients = allowed_clients
+        self.max_sessions = max_sessions
+        self.session_timeout = session_timeout
+        self.observer = observer or Observer()
+        self.stats = ServerStats()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, host: str, port: int) -> list[tuple[str, int]]:
+        self._server = await asyncio.start_server(
+            self._accept, host, port, limit=MAX_LINE, backlog=1024, reuse_address=True
+        )
+        return [s.getsockname()[:2] for s in self._server.sockets]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._session(reader, writer)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _client_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        peer = writer.get_extra_info("peername")
+        if not peer:
+            return False
+        try:
+            return parse_address(peer[0]) in self.allowed_clients
+        except AddressError:
+            return False
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._client_allowed(writer):
+            self.stats.refused_client += 1
+            self.observer.refused("client")
+            log.warning("refused FastAGI client %s: not in allowed_clients", _peer(writer))
+            writer.transport.abort()
+            return
+        if self.stats.active >= self.max_sessions:
+            # Answered and closed at once: Asterisk still executes a buffered command.
+            self.stats.refused_busy += 1
+            self.observer.refused("busy")
+            writer.write(b"SET VARIABLE SCREEN_RESULT ERROR\n")
+            writer.transport.close()
+            return
+        _quickack(writer)
+        self.stats.active += 1
+        self.stats.sessions += 1
+        started = time.monotonic()
+        session = AGISession(reader, writer)
+        route, outcome = "", None
+        try:
+            async with asyncio.timeout(self.session_timeout):
+                route, outcome = await self._run(session)
+        except TimeoutError:
+            self.stats.timeouts += 1
+            log.warning("session from %s ended at session_timeout", _peer(writer))
+        except AGIProtocolError as error:
+            self.stats.protocol_errors += 1
+            log.info("session from %s ended: %s", _peer(writer), error)
+        except (ConnectionError, OSError) as error:
+            log.info("session from %s ended: %s", _peer(writer), error)
+        finally:
+            self.stats.active -= 1
+            if session.stray:
+                self.stats.injections += 1
+            if outcome is not None:
+                self.stats.results[outcome.result] = self.stats.results.get(outcome.result, 0) + 1
+            self.observer.session_done(route, outcome, time.monotonic() - started)
+            with contextlib.suppress(Exception):
+                await session.close()
+
+    async def _run(self, session: AGISession) -> tuple[str, Outcome]:
+        env = await read_environment(session.reader)
+        route = env.route
+        handler = self.routes.get(route)
+        if handler is None:
+            await session.resync()
+            outcome = Outcome("ERROR", error="unknown route")
+            log.warning("unknown route %r", route[:64])
+        else:
+            outcome = await handler(session, env)
+        await self._answer(session, outcome)
+        return route, outcome
+
+    async def _answer(self, session: AGISession, outcome: Outcome) -> None:
+        await session.set_variable("SCREEN_RESULT", outcome.result)
+        if outcome.count is not None:
+            await session.set_variable("SCREEN_COUNT", outcome.count)
+        if outcome.ban_until:
+            await session.set_variable("SCREEN_BAN_UNTIL", int(outcome.ban_until))
+        if outcome.error:
+            await session.set_variable("SCREEN_ERROR", outcome.error)
+        if outcome.result == "BANNED" and outcome.address is not None:
+            log.warning(
+                "%s banned until %d (count %s)",
+                outcome.address,
+                int(outcome.ban_until or 0),
+                outcome.count,
+            )
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _quickack(writer: asyncio.StreamWriter) -> None:
+    """Ack Asterisk's line-by-line writes at once: without it a 520 answer or the
+    HANGUP after our own command waits ~40 ms for a delayed ACK (agi-timing.txt)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)

@@ -1,0 +1,259 @@
+"""The shared store: counts, bans and ban events in Redis, one atomic script per step.
+
+Knows nothing of AGI. Every PBX of a cluster talks to the same Redis; the embedded
+`memory://` mode runs the same redis-py calls and the same Lua against an in-process
+fakeredis server (see embedded.py). Any Redis trouble becomes one `StoreError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from fastagi import lua
+from fastagi.config import RedisConfig, ScreeningConfig
+from fastagi.keys import Keys
+
+EVENTS_MAXLEN = 10_000  # agents further behind than this do a full reconcile
+UNBAN_BATCH = 500
+
+
+class StoreError(Exception):
+    """Redis is unreachable, slow or refused the step; the message says which."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The screening rules the Lua step applies, in seconds."""
+
+    threshold: int
+    window: float
+    ban_time: float
+    ban_time_factor: float
+    ban_time_max: float
+
+    @classmethod
+    def from_config(cls, screening: ScreeningConfig) -> Policy:
+        return cls(
+            screening.threshold,
+            screening.window,
+            screening.ban_time,
+            screening.ban_time_factor,
+            screening.ban_time_max,
+        )
+
+    @property
+    def history_ms(self) -> int:
+        """How long a ban record outlives its ban, so repeat offenders escalate."""
+        return int(self.ban_time_max * 1000)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one screened call got: COUNTED or BANNED, the count, the ban end (unix s)."""
+
+    result: str
+    count: int
+    ban_until: float
+
+
+def redis_client(config: RedisConfig) -> aioredis.Redis:
+    """A redis-py client for redis://, rediss://, unix:// or Sentinel, with short timeouts.
+
+    One retry only: a stale pooled connection after a Redis restart is replaced at
+    once, while a Redis that is really down fails fast and the call fails open.
+    """
+    options: dict[str, Any] = {
+        "socket_timeout": config.timeout,
+        "socket_connect_timeout": config.timeout,
+        "retry": Retry(NoBackoff(), 1),
+        "health_check_interval": 30,
+    }
+    if config.sentinels:
+        hosts = []
+        for entry in config.sentinels:
+            host, _, port = entry.rpartition(":")
+            hosts.append((host.strip("[]"), int(port)))
+        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": config.timeout}, **options)
+        return sentinel.master_for(config.sentinel_service, **options)
+    return aioredis.from_url(config.url, **options)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Store:
+    """Counts, bans and events for one cluster (one Redis, one key prefix)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, policy: Policy, pbx_id: str) -> None:
+        self.redis = client
+        self.keys = keys
+        self.policy = policy
+        self.pbx_id = pbx_id
+        self._screen = client.register_script(lua.SCREEN)
+        self._ban = client.register_script(lua.BAN)
+        self._unban = client.register_script(lua.UNBAN)
+
+    async def _call(self, what: str, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except (RedisError, OSError) as error:
+            raise StoreError(f"Redis {what} failed: {error or type(error).__name__}") from None
+
+    def _step_keys(self, ip: str) -> list[str]:
+        k = self.keys
+        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats]
+
+    async def screen(self, ip: str, reason: str = "threshold") -> Verdict:
+        """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide."""
+        p = self.policy
+        args = [
+            ip,
+            p.threshold,
+            int(p.window * 1000),
+            int(p.ban_time * 1000),
+            p.ban_time_factor,
+            int(p.ban_time_max * 1000),
+            self.pbx_id,
+            reason,
+            secrets.token_hex(8),
+            EVENTS_MAXLEN,
+            p.history_ms,
+        ]
+        result, count, until = await self._call(
+            "screening step", self._screen(keys=self._step_keys(ip), args=args)
+        )
+        return Verdict(_text(result), int(count), int(until) / 1000.0)
+
+    async def ban(self, ip: str, duration: float | None, reason: str) -> float:
+        """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
+        p = self.policy
+        args = [
+            ip,
+            int((duration or 0) * 1000),
+            int(p.ban_time * 1000),
+            p.ban_time_factor,
+            int(p.ban_time_max * 1000),
+            self.pbx_id,
+            reason,
+            EVENTS_MAXLEN,
+            p.history_ms,
+        ]
+        until = await self._call("ban", self._ban(keys=self._step_keys(ip), args=args))
+        return int(until) / 1000.0
+
+    async def unban(self, ips: Iterable[str]) -> list[str]:
+        """Lift these bans everywhere and reset their counts; the addresses that were banned."""
+        lifted: list[str] = []
+        batch = list(ips)
+        for start in range(0, len(batch), UNBAN_BATCH):
+            chunk = batch[start : start + UNBAN_BATCH]
+            k = self.keys
+            keys = [k.banned, k.counted, k.events, k.stats]
+            for ip in chunk:
+                keys += [k.count(ip), k.record(ip)]
+            result = await self._call(
+                "unban", self._unban(keys=keys, args=[self.pbx_id, EVENTS_MAXLEN, *chunk])
+            )
+            lifted += [_text(ip) for ip in result]
+        return lifted
+
+    async def unban_all(self) -> list[str]:
+        return await self.unban(list(await self.banned()))
+
+    async def banned(self) -> dict[str, float]:
+        """The ban list: address -> ban end (unix s), expired entries left out."""
+        now_ms = int(time.time() * 1000)
+        rows = await self._call(
+            "ban list read",
+            self.redis.zrangebyscore(self.keys.banned, f"({now_ms}", "+inf", withscores=True),
+        )
+        return {_text(ip): score / 1000.0 for ip, score in rows}
+
+    async def counted(self) -> dict[str, int]:
+        """Addresses counted in their current window, with their counts."""
+        now_ms = int(time.time() * 1000)
+        ips = await self._call(
+            "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
+        )
+        ips = [_text(ip) for ip in ips]
+        if not ips:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ip in ips:
+                pipe.zcard(self.keys.count(ip))
+            counts = await self._call("counts read", pipe.execute())
+        return {ip: int(n) for ip, n in zip(ips, counts, strict=True) if n}
+
+    async def record(self, ip: str) -> dict[str, str]:
+        """Everything we know of one address: its ban record (possibly empty)."""
+        raw = await self._call("record read", self.redis.hgetall(self.keys.record(ip)))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def count(self, ip: str) -> int:
+        now_ms = int(time.time() * 1000)
+        window_start = now_ms - int(self.policy.window * 1000)
+        return int(
+            await self._call(
+                "count read", self.redis.zcount(self.keys.count(ip), window_start, "+inf")
+            )
+        )
+
+    async def totals(self) -> dict[str, int]:
+        raw = await self._call("totals read", self.redis.hgetall(self.keys.stats))
+        return {_text(k): int(v) for k, v in raw.items()}
+
+    async def note(self, counter: str) -> None:
+        """Bump a cluster-wide counter (e.g. injection attempts) for `status`."""
+        await self._call("counter update", self.redis.hincrby(self.keys.stats, counter, 1))
+
+    async def events_after(
+        self, last_id: str, block_ms: int | None = None, count: int = 1000
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Ban/unban events after `last_id`, waiting up to `block_ms` for the first."""
+        reply = await self._call(
+            "event read",
+            self.redis.xread({self.keys.events: last_id}, count=count, block=block_ms),
+        )
+        events = []
+        for _stream, entries in reply or []:
+            for event_id, fields in entries:
+                events.append((_text(event_id), {_text(k): _text(v) for k, v in fields.items()}))
+        return events
+
+    async def first_event_id(self) -> str | None:
+        """The oldest event still kept; an agent whose last id is older missed some."""
+        rows = await self._call("event read", self.redis.xrange(self.keys.events, count=1))
+        return _text(rows[0][0]) if rows else None
+
+    async def last_event_id(self) -> str:
+        rows = await self._call("event read", self.redis.xrevrange(self.keys.events, count=1))
+        return _text(rows[0][0]) if rows else "0-0"
+
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        """Record that this PBX's agent is alive, for `status` ("agents seen")."""
+        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": time.time()})
+        await self._call("heartbeat", self.redis.hset(self.keys.agents, self.pbx_id, payload))
+
+    async def agents(self) -> dict[str, dict[str, Any]]:
+        raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
+        return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    async def ping(self) -> None:
+        await self._call("ping", self.redis.ping())
+
+    async def close(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.aclose()
