@@ -45,7 +45,8 @@ def parse_address(text: str) -> IPAddress:
 
 
 def _is_port(text: str) -> bool:
-    return text.startswith(":") and text[1:].isascii() and text[1:].isdigit() and len(text) <= 6
+    digits = text[1:]
+    return text.startswith(":") and digits.isascii() and digits.isdigit() and int(digits) < 65536
 
 
 def parse_network(text: str) -> IPNetwork:

@@ -53,6 +53,8 @@ class Agent:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="firewall")
         self._next_sync = 0.0
         self._next_heartbeat = 0.0
+        self._stopping = False
+        self._task: asyncio.Task | None = None
 
     async def _firewall(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -149,14 +151,24 @@ class Agent:
         await self.expire()
         await self.heartbeat()
 
+    def stop(self) -> None:
+        """Stop applying; bans stay in the firewall. A flag as well as a cancel, since
+        redis-py can swallow a cancellation that races with its own timeouts."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         retry = 0.2
         try:
-            while True:
+            while not self._stopping:
                 try:
                     await self.step()
                     retry = 0.2
                 except (StoreError, FirewallError) as error:
+                    if self._stopping:
+                        break
                     log.error("agent: %s; retrying in %.1fs", error, retry)
                     self._next_sync = 0.0  # after any gap, reconcile in full
                     try:

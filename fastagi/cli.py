@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from fastagi import config as configuration
 from fastagi.addresses import AddressError, IPAddress, parse_address
+from fastagi.agent import Agent
 from fastagi.config import Config, ConfigError, parse_duration
 from fastagi.embedded import SOCKET_NAME, EmbeddedError, EmbeddedRedis, reachable
 from fastagi.keys import Keys
@@ -86,16 +87,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Command-line flags that override a config key, by the variable that carries them.
+FLAG_OVERRIDES = {
+    "FASTAGI_SERVER_LISTEN": ("listen", "--listen"),
+    "FASTAGI_REDIS_URL": ("redis", "--redis"),
+    "FASTAGI_FIREWALL_BACKEND": ("firewall", "--firewall"),
+}
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    flags = {
+        variable: (getattr(args, attribute, None), flag)
+        for variable, (attribute, flag) in FLAG_OVERRIDES.items()
+    }
+    environ = dict(os.environ)
+    environ.update({variable: value for variable, (value, _) in flags.items() if value})
+    try:
+        return configuration.load(args.config, environ)
+    except ConfigError as error:
+        message = str(error)
+        for variable, (value, flag) in flags.items():
+            if value and message.startswith(f"{variable}:"):
+                raise ConfigError(flag + message[len(variable) :]) from None
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        overrides = {
-            "FASTAGI_SERVER_LISTEN": getattr(args, "listen", None),
-            "FASTAGI_REDIS_URL": getattr(args, "redis", None),
-            "FASTAGI_FIREWALL_BACKEND": getattr(args, "firewall", None),
-        }
-        environ = {**os.environ, **{k: v for k, v in overrides.items() if v}}
-        config = configuration.load(args.config, environ)
+        config = _load_config(args)
         return asyncio.run(args.func(args, config))
     except (ConfigError, UsageError, AddressError) as error:
         print(f"fastagi-ctl: {error}", file=sys.stderr)
@@ -272,9 +292,9 @@ def render_status(status: dict[str, Any]) -> str:
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    address = str(_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
     async with client_store(config) as store:
-        if args.ip:
-            address = str(_address(args.ip, config, refuse_ignored=False))
+        if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
             report: dict[str, Any] = {
@@ -409,33 +429,30 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     server = FastAGIServer(
         screener, server_cfg.allowed_clients, server_cfg.max_sessions, server_cfg.session_timeout
     )
-    agent_task = None
+    agent = None
     try:
         bound = await server.start(*server_cfg.listen)
         if not args.no_agent:
-            agent_task = await _start_agent(config, store)
+            agent = await _start_agent(config, store)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s)",
             where,
             _redacted(config.redis.url),
             config.firewall.backend,
-            "" if agent_task else ", no agent",
+            "" if agent else ", no agent",
         )
         await _until_signalled()
     finally:
         await server.stop()
-        if agent_task is not None:
-            agent_task.cancel()
-            await asyncio.gather(agent_task, return_exceptions=True)
+        await _stop_agent(agent)
         await store.close()
         if embedded is not None:
             embedded.stop()
     return 0
 
 
-async def _start_agent(config: Config, store: Store) -> asyncio.Task | None:
-    from fastagi.agent import Agent
+async def _start_agent(config: Config, store: Store) -> tuple[Agent, asyncio.Task]:
     from fastagi.firewall import create
 
     embedded = config.redis.url.startswith("memory://")
@@ -446,7 +463,14 @@ async def _start_agent(config: Config, store: Store) -> asyncio.Task | None:
         config.screening.ignore,
         block_ms=None if embedded else max(10, int(config.redis.timeout * 600)),
     )
-    return asyncio.create_task(agent.run(), name="agent")
+    return agent, asyncio.create_task(agent.run(), name="agent")
+
+
+async def _stop_agent(running: tuple[Agent, asyncio.Task] | None) -> None:
+    if running is not None:
+        agent, task = running
+        agent.stop()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
@@ -454,13 +478,11 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
     if config.redis.url.startswith("memory://"):
         raise UsageError("agent needs a shared Redis ([redis] url); with memory:// use serve")
     store = make_store(config, redis_client(config.redis))
-    task = await _start_agent(config, store)
+    agent = await _start_agent(config, store)
     try:
         await _until_signalled()
     finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await _stop_agent(agent)
         await store.close()
     return 0
 

@@ -40,11 +40,13 @@ class Call:
     uniqueid: str = ""
     threadid: str = "140459785762496"
     hangup_after: float | None = None  # the caller hangs up this many seconds in
+    dnid: str | None = None  # the dialed number uncut (only ${EXTEN} is cut at 79)
 
     @classmethod
     def from_uri_user(cls, user: str, **kwargs: object) -> Call:
         """A call whose Request-URI user part is `user`, percent-decoded and cut by chan_sip."""
-        return cls(exten=unquote(user)[:MAX_EXTEN], **kwargs)  # type: ignore[arg-type]
+        dialed = unquote(user)
+        return cls(exten=dialed[:MAX_EXTEN], dnid=dialed, **kwargs)  # type: ignore[arg-type]
 
     def channel_name(self, serial: int) -> str:
         if self.channel_type == "Local":
@@ -73,7 +75,8 @@ class Call:
 
 def separate_args(text: str) -> list[str]:
     """Split AGI()'s argument string like Asterisk's app parser: commas separate,
-    double quotes and parentheses group (quotes are removed), backslash escapes."""
+    double quotes, parentheses and square brackets group (quotes are removed),
+    backslash escapes."""
     args, current, quoted, depth, escaped = [], [], False, 0, False
     for char in text:
         if escaped:
@@ -85,10 +88,10 @@ def separate_args(text: str) -> list[str]:
             quoted = not quoted
         elif quoted:
             current.append(char)
-        elif char == "(":
+        elif char in "([":
             depth += 1
             current.append(char)
-        elif char == ")" and depth:
+        elif char in ")]" and depth:
             depth -= 1
             current.append(char)
         elif char == "," and depth == 0:
@@ -125,7 +128,7 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
         ("agi_callingani2", "0"),
         ("agi_callington", "0"),
         ("agi_callingtns", "0"),
-        ("agi_dnid", call.exten),
+        ("agi_dnid", call.exten if call.dnid is None else call.dnid),
         ("agi_rdnis", "unknown"),
         ("agi_context", call.context),
     ]

@@ -7,6 +7,7 @@ fakeredis server (see embedded.py). Any Redis trouble becomes one `StoreError`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -27,6 +28,7 @@ from fastagi.keys import Keys
 
 EVENTS_MAXLEN = 10_000  # agents further behind than this do a full reconcile
 UNBAN_BATCH = 500
+POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 
 
 class StoreError(Exception):
@@ -80,14 +82,18 @@ def redis_client(config: RedisConfig) -> aioredis.Redis:
         "retry": Retry(NoBackoff(), 1),
         "health_check_interval": 30,
     }
-    if config.sentinels:
-        hosts = []
-        for entry in config.sentinels:
-            host, _, port = entry.rpartition(":")
-            hosts.append((host.strip("[]"), int(port)))
-        sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": config.timeout}, **options)
-        return sentinel.master_for(config.sentinel_service, **options)
-    return aioredis.from_url(config.url, **options)
+    if not config.sentinels:
+        # Bounded, and waiting for a free connection rather than failing at the cap.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            config.url, max_connections=POOL_SIZE, timeout=config.timeout, **options
+        )
+        return aioredis.Redis(connection_pool=pool)
+    hosts = []
+    for entry in config.sentinels:
+        host, _, port = entry.rpartition(":")
+        hosts.append((host.strip("[]"), int(port)))
+    sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": config.timeout}, **options)
+    return sentinel.master_for(config.sentinel_service, **options)
 
 
 def _text(value: Any) -> str:
@@ -255,5 +261,6 @@ class Store:
         await self._call("ping", self.redis.ping())
 
     async def close(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.redis.aclose()
+        # Bounded: a pool whose blocking XREAD was cancelled can wait on its lock forever.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self.redis.aclose(), 1.0)

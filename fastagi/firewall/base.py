@@ -3,8 +3,9 @@
 Shaped like crowdsec's firewall bouncer: set up our own chain/table/set, add and
 delete bans in batches, replace the whole list at once (reconcile), list, tear down.
 A backend knows nothing of AGI or Redis; the agent drives it from the ban list.
-Every method blocks (libiptc, libnftables, ipset): the agent calls them from one
-worker thread, never from the loop that answers Asterisk.
+`until` may be math.inf for a ban with no end. Every method blocks (libiptc,
+libnftables, ipset): the agent calls them from one worker thread, never from the
+loop that answers Asterisk.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ class Firewall(Protocol):
 
     def list(self) -> dict[IPAddress, float | None]:
         """Addresses banned now, with their expiry when the backend knows it."""
+
+    def expire(self, now: float | None = None) -> list[IPAddress]:
+        """Lift bans whose time has passed where the kernel cannot (iptables, dry-run).
+
+        Kernel-timeout backends (nftables, ipset) return [] at once. The agent calls this
+        every second or so, so bans expire even while Redis is unreachable.
+        """
 
     def teardown(self) -> None:
         """Remove our chain/table/set and hook; used by tests and `agent --teardown`."""

@@ -1,0 +1,148 @@
+"""Small helpers the backends share: port specs, families, timeouts."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .base import CheckResult, FirewallError, IPAddress
+
+PROTOCOLS = ("udp", "tcp")
+_PORT_RE = re.compile(r"^(\d{1,5})(?:[-:](\d{1,5}))?/(udp|tcp)$")
+
+
+@dataclass(frozen=True)
+class PortSpec:
+    """One `ports` entry: a port or an inclusive range, for one protocol."""
+
+    first: int
+    last: int
+    proto: str
+
+    def nft(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    def iptables(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}:{self.last}"
+
+
+def parse_ports(ports: Iterable[str] | str) -> list[PortSpec] | None:
+    """None for "all", else the list of port specs; FirewallError names a bad entry."""
+    if isinstance(ports, str):
+        if ports.strip().lower() in ("all", "", "*"):
+            return None
+        ports = [p for p in ports.split(",")]
+    specs: list[PortSpec] = []
+    for raw in ports:
+        entry = str(raw).strip().lower()
+        if entry == "all":
+            return None
+        match = _PORT_RE.match(entry)
+        if not match:
+            raise FirewallError(
+                f"firewall.ports: {raw!r} is not 'all' or PORT/PROTO such as '5060/udp' "
+                f"(PROTO is udp or tcp, PORT may be a range 10000-20000)"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2) or first)
+        if not (1 <= first <= last <= 65535):
+            raise FirewallError(f"firewall.ports: {raw!r} is not a port in 1-65535")
+        spec = PortSpec(first, last, match.group(3))
+        if spec not in specs:
+            specs.append(spec)
+    return specs or None
+
+
+def ports_by_proto(specs: list[PortSpec]) -> dict[str, list[PortSpec]]:
+    out: dict[str, list[PortSpec]] = {}
+    for spec in specs:
+        out.setdefault(spec.proto, []).append(spec)
+    return out
+
+
+def as_address(value: object) -> IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        address = value
+    else:
+        try:
+            address = ipaddress.ip_address(str(value))
+        except ValueError as exc:
+            raise FirewallError(f"not an IP address: {value!r}") from exc
+    # An IPv4-mapped IPv6 address is the IPv4 peer; ban it where IPv4 traffic is matched.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def normalise(bans: Mapping[IPAddress, float]) -> dict[IPAddress, float]:
+    return {as_address(a): float(u) for a, u in bans.items()}
+
+
+def split_live(
+    bans: Mapping[IPAddress, float], now: float | None = None
+) -> tuple[dict[IPAddress, float], list[IPAddress]]:
+    """(bans still running, addresses whose time has already passed)."""
+    now = time.time() if now is None else now
+    live: dict[IPAddress, float] = {}
+    past: list[IPAddress] = []
+    for address, until in normalise(bans).items():
+        if until > now:
+            live[address] = until
+        else:
+            past.append(address)
+    return live, past
+
+
+def remaining_ms(until: float, now: float, cap_ms: int | None = None) -> int | None:
+    """Milliseconds left, at least 1; None for a ban with no end."""
+    if math.isinf(until):
+        return None
+    ms = max(1, math.ceil((until - now) * 1000))
+    if cap_ms is not None:
+        ms = min(ms, cap_ms)
+    return ms
+
+
+def tool_check(what: str, argv: list[str]) -> tuple[CheckResult, str]:
+    """Run a `--version`-style command; (result, its output)."""
+    if shutil.which(argv[0]) is None:
+        return CheckResult(what, False, f"{argv[0]} not found in PATH (apt install {argv[0]})"), ""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CheckResult(what, False, f"{' '.join(argv)} failed: {exc}"), ""
+    out = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        last = out.splitlines()[-1] if out else f"exit {proc.returncode}"
+        return CheckResult(what, False, permission_hint(f"{' '.join(argv)}: {last}")), out
+    return CheckResult(what, True, out.splitlines()[0] if out else ""), out
+
+
+def permission_hint(message: str) -> str:
+    """Add the fix to a permission error."""
+    if "ermission" in message or "not permitted" in message:
+        return f"{message} (run as root or with CAP_NET_ADMIN)"
+    return message
+
+
+def run(argv: list[str], stdin: str | None = None, timeout: float = 60) -> str:
+    """Run a firewall tool; FirewallError with its stderr when it fails."""
+    try:
+        proc = subprocess.run(
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except FileNotFoundError as exc:
+        raise FirewallError(f"{argv[0]} not found in PATH: install it") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise FirewallError(f"{argv[0]} did not finish within {timeout}s") from exc
+    if proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        detail = " | ".join(err[:3]) or f"exit {proc.returncode}"
+        raise FirewallError(f"{' '.join(argv[:3])} failed: {detail}")
+    return proc.stdout

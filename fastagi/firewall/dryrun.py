@@ -1,0 +1,106 @@
+"""The dry-run backend: logs what it would do and keeps the list in memory.
+
+The newcomers' default (no root, no firewall touched) and what most tests run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+
+from ._common import as_address, parse_ports, split_live
+from .base import CheckResult, FirewallSettings, FirewallStats, IPAddress
+
+log = logging.getLogger("fastagi.firewall")
+
+
+class DryRunFirewall:
+    name = "dry-run"
+
+    def __init__(self, settings: FirewallSettings | None = None) -> None:
+        self.settings = settings or FirewallSettings()
+        self._ports = parse_ports(self.settings.ports)
+        self._bans: dict[IPAddress, float] = {}
+        self._lock = threading.Lock()
+        self._stats = FirewallStats(backend=self.name)
+        self._ready = False
+
+    def setup(self) -> None:
+        hooks = "INPUT and FORWARD" if self.settings.forward else "INPUT"
+        ports = "all ports" if self._ports is None else ", ".join(map(str, self.settings.ports))
+        log.info(
+            "dry-run: would create chain %s hooked from %s for %s",
+            self.settings.chain,
+            hooks,
+            ports,
+        )
+        self._ready = True
+
+    def add(self, bans: Mapping[IPAddress, float]) -> None:
+        live, past = split_live(bans)
+        with self._lock:
+            for address, until in live.items():
+                log.info("dry-run: would ban %s until %s", address, _when(until))
+                self._bans[address] = until
+            self._stats.adds += len(live)
+            for address in past:
+                self._bans.pop(address, None)
+
+    def delete(self, addresses: Iterable[IPAddress]) -> None:
+        with self._lock:
+            for address in map(as_address, addresses):
+                if self._bans.pop(address, None) is not None:
+                    log.info("dry-run: would lift the ban on %s", address)
+                    self._stats.deletes += 1
+
+    def set(self, bans: Mapping[IPAddress, float]) -> None:
+        live, _ = split_live(bans)
+        with self._lock:
+            gone = self._bans.keys() - live.keys()
+            new = live.keys() - self._bans.keys()
+            log.info(
+                "dry-run: would set the ban list to %d addresses (+%d -%d)",
+                len(live),
+                len(new),
+                len(gone),
+            )
+            self._stats.adds += len(new)
+            self._stats.deletes += len(gone)
+            self._bans = dict(live)
+
+    def expire(self, now: float | None = None) -> list[IPAddress]:
+        now = time.time() if now is None else now
+        with self._lock:
+            due = [a for a, until in self._bans.items() if until <= now]
+            for address in due:
+                del self._bans[address]
+                log.info("dry-run: ban on %s expired, would lift it", address)
+            self._stats.deletes += len(due)
+        return due
+
+    def list(self) -> dict[IPAddress, float | None]:
+        self.expire()
+        with self._lock:
+            return dict(self._bans)
+
+    def teardown(self) -> None:
+        log.info("dry-run: would remove chain %s and its jump", self.settings.chain)
+        with self._lock:
+            self._bans.clear()
+        self._ready = False
+
+    def check(self) -> list[CheckResult]:
+        return [CheckResult("firewall dry-run", True, "bans are logged, no firewall is changed")]
+
+    def stats(self) -> FirewallStats:
+        with self._lock:
+            self._stats.size = len(self._bans)
+            return FirewallStats(**{**self._stats.__dict__, "extra": dict(self._stats.extra)})
+
+
+def _when(until: float) -> str:
+    if until == float("inf"):
+        return "forever"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))

@@ -1,0 +1,435 @@
+"""The iptables backend, through python-iptables (libiptc).
+
+    -N FASTAGI
+    -A FASTAGI -s 192.0.2.9/32 -j DROP                  one rule per banned address
+    -I INPUT -j FASTAGI                                 ports "all": one jump
+    -I INPUT -p udp -m multiport --dports 5060 -j FASTAGI   else one jump per protocol
+    (the same in ip6tables; FORWARD too with firewall.forward)
+
+Things to know before choosing it:
+- libiptc writes the LEGACY x_tables. On hosts whose `iptables` command is the nf_tables
+  variant (Debian 11+, Ubuntu 21.04+, RHEL 8+: `iptables -V` says "(nf_tables)") the bans
+  still drop packets, but `iptables -L` does not show them: use `iptables-legacy -L FASTAGI
+  -n`. The nftables backend is the native choice there; check() and setup() say so.
+- One rule per address, and libiptc copies the whole table on every commit: fine up to a
+  few thousand bans (5,000 load in about a second); for more use ipset or nftables.
+- iptables has no timeouts: expiry is kept here, in memory, and expire() lifts due bans
+  (the agent calls it every second); after a restart the agent's set() restores it.
+- python-iptables has no locking: our writes are serialised by a lock and by the
+  /run/xtables.lock that `iptables-legacy -w` uses, and each call is one commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from ._common import as_address, parse_ports, permission_hint, ports_by_proto, split_live
+from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+
+log = logging.getLogger("fastagi.firewall")
+
+SCALE_LIMIT = 5000  # rules per family beyond which commits get slow (libiptc copies tables)
+XTABLES_LOCK = "/run/xtables.lock"
+HOOKS = ("INPUT", "FORWARD")
+
+
+def _iptc() -> Any:
+    """python-iptables, imported only when this backend is used."""
+    try:
+        import iptc  # type: ignore[import-untyped]
+    except Exception as exc:  # ImportError, or XTablesError when libxtables is missing
+        raise FirewallError(
+            f"iptables backend: python-iptables cannot be loaded ({exc}); "
+            "pip install python-iptables and apt install iptables"
+        ) from exc
+    return iptc
+
+
+def host_iptables_variant() -> str:
+    """'nf_tables', 'legacy' or '' (no iptables command), from `iptables -V`."""
+    try:
+        out = subprocess.run(
+            ["iptables", "-V"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    if "nf_tables" in out:
+        return "nf_tables"
+    return "legacy" if out else ""
+
+
+class IptablesFirewall:
+    name = "iptables"
+
+    def __init__(self, settings: FirewallSettings | None = None) -> None:
+        self.settings = settings or FirewallSettings(backend="iptables")
+        self.chain = self.settings.chain
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,27}", self.chain):
+            raise FirewallError(
+                f"firewall.chain: {self.chain!r} is not a usable chain name "
+                "(letters, digits, _ and -, at most 28 characters)"
+            )
+        self._ports = parse_ports(self.settings.ports)
+        self._lock = threading.Lock()
+        self._bans: dict[IPAddress, float] = {}  # expiry, kept here: iptables has none
+        self._present: dict[int, set[IPAddress]] = {4: set(), 6: set()}  # rules in our chain
+        self._stats = FirewallStats(backend=self.name)
+        self._loaded = False  # _present read from the kernel yet?
+
+    # -- libiptc plumbing -----------------------------------------------------------------
+    def _table(self, version: int) -> Any:
+        iptc = _iptc()
+        try:
+            if version == 4:
+                table = iptc.Table(iptc.Table.FILTER)
+            else:
+                table = iptc.Table6(iptc.Table6.FILTER)
+            table.autocommit = False
+            table.refresh()
+        except iptc.IPTCError as exc:
+            family = "ip6tables" if version == 6 else "iptables"
+            raise FirewallError(
+                _explain(f"iptables: cannot open the {family} filter table", exc)
+            ) from exc
+        return table
+
+    def _rule(self, version: int) -> Any:
+        iptc = _iptc()
+        return iptc.Rule() if version == 4 else iptc.Rule6()
+
+    def _ban_rule(self, version: int, address: IPAddress) -> Any:
+        rule = self._rule(version)
+        rule.src = f"{address}/{address.max_prefixlen}"
+        rule.target = rule.create_target("DROP")
+        return rule
+
+    def _jump_rules(self, version: int) -> list[Any]:
+        if self._ports is None:
+            rule = self._rule(version)
+            rule.target = rule.create_target(self.chain)
+            return [rule]
+        rules = []
+        for proto, specs in ports_by_proto(self._ports).items():
+            rule = self._rule(version)
+            rule.protocol = proto
+            match = rule.create_match("multiport")
+            match.dports = ",".join(s.iptables() for s in specs)
+            rule.target = rule.create_target(self.chain)
+            rules.append(rule)
+        return rules
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Our lock, plus the xtables lock `iptables-legacy -w` honours (bounded wait)."""
+        with self._lock:
+            fd = None
+            try:
+                fd = os.open(XTABLES_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+            except OSError:
+                fd = None  # not root or no /run: our own lock still serialises us
+            try:
+                if fd is not None:
+                    deadline = time.monotonic() + 5
+                    while True:
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            if time.monotonic() > deadline:
+                                raise FirewallError(
+                                    f"iptables: {XTABLES_LOCK} held by another process for 5s"
+                                ) from None
+                            time.sleep(0.02)
+                yield
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _commit(self, version: int, change: Any) -> None:
+        """Open the table, apply change(table), commit; retry when another writer raced us."""
+        iptc = _iptc()
+        for attempt in range(3):
+            table = self._table(version)
+            try:
+                change(table)
+                table.commit()
+                return
+            except iptc.IPTCError as exc:
+                if "temporarily unavailable" in str(exc) and attempt < 2:
+                    continue  # EAGAIN: the table changed under us; redo from a fresh copy
+                self._stats.errors += 1
+                raise FirewallError(_explain("iptables: commit failed", exc)) from exc
+            finally:
+                with contextlib.suppress(Exception):
+                    table.close()
+
+    def _read_sources(self, version: int) -> set[IPAddress]:
+        iptc = _iptc()
+        table = self._table(version)
+        try:
+            if not table.is_chain(self.chain):
+                return set()
+            found = set()
+            for rule in iptc.Chain(table, self.chain).rules:
+                with contextlib.suppress(ValueError):
+                    found.add(ipaddress.ip_interface(_cidr(rule.src)).ip)
+            return found
+        finally:
+            with contextlib.suppress(Exception):
+                table.close()
+
+    # -- the interface ----------------------------------------------------------------------
+    def setup(self) -> None:
+        iptc = _iptc()
+        if host_iptables_variant() == "nf_tables":
+            log.warning(
+                "iptables backend: this host's iptables command is the nf_tables variant; "
+                "python-iptables writes the legacy tables, so bans are seen with "
+                "`iptables-legacy -L %s -n`, not `iptables -L`. Consider firewall.backend = "
+                '"nftables".',
+                self.chain,
+            )
+        hooks = HOOKS if self.settings.forward else HOOKS[:1]
+
+        def change(version: int) -> Any:
+            def apply(table: Any) -> None:
+                if not table.is_chain(self.chain):
+                    table.create_chain(self.chain)
+                # rewrite our jumps: exactly the wanted ones, first in each hook
+                for hook in HOOKS:
+                    chain = iptc.Chain(table, hook)
+                    for rule in list(chain.rules):
+                        if rule.target and rule.target.name == self.chain:
+                            chain.delete_rule(rule)
+                    if hook in hooks:
+                        for rule in reversed(self._jump_rules(version)):
+                            chain.insert_rule(rule)
+
+            return apply
+
+        with self._writing():
+            for version in (4, 6):
+                self._commit(version, change(version))
+                self._present[version] = self._read_sources(version)
+            self._loaded = True
+        log.info(
+            "iptables: chain %s ready (%d bans already there)",
+            self.chain,
+            sum(len(p) for p in self._present.values()),
+        )
+
+    def add(self, bans: Mapping[IPAddress, float]) -> None:
+        live, past = split_live(bans)
+        if past:
+            self.delete(past)
+        if not live:
+            return
+        with self._writing():
+            if not self._loaded:  # add() before setup(): learn what is there, no duplicates
+                for version in (4, 6):
+                    self._present[version] = self._read_sources(version)
+                self._loaded = True
+            for version in (4, 6):
+                new = [a for a in live if a.version == version and a not in self._present[version]]
+                if new:
+
+                    def apply(table: Any, new: list[IPAddress] = new, v: int = version) -> None:
+                        chain = _iptc().Chain(table, self.chain)
+                        for address in new:
+                            chain.append_rule(self._ban_rule(v, address))
+
+                    self._commit(version, apply)
+                    self._present[version].update(new)
+            self._bans.update(live)
+            self._stats.adds += len(live)
+
+    def delete(self, addresses: Iterable[IPAddress]) -> None:
+        gone = {as_address(a) for a in addresses}
+        if not gone:
+            return
+        iptc = _iptc()
+        with self._writing():
+            for version in (4, 6):
+                mine = [a for a in gone if a.version == version]
+                if not mine:
+                    continue
+
+                def apply(table: Any, mine: list[IPAddress] = mine, v: int = version) -> None:
+                    if not table.is_chain(self.chain):
+                        return
+                    chain = iptc.Chain(table, self.chain)
+                    for address in mine:
+                        for _ in range(4):  # bounded: a duplicate rule goes too
+                            try:
+                                chain.delete_rule(self._ban_rule(v, address))
+                            except iptc.IPTCError:
+                                break  # not there
+
+                self._commit(version, apply)
+                self._present[version].difference_update(mine)
+            for address in gone:
+                self._bans.pop(address, None)
+            self._stats.deletes += len(gone)
+
+    def set(self, bans: Mapping[IPAddress, float]) -> None:
+        live, _ = split_live(bans)
+        iptc = _iptc()
+        with self._writing():
+            for version in (4, 6):
+                wanted = [a for a in live if a.version == version]
+
+                def apply(table: Any, wanted: list[IPAddress] = wanted, v: int = version) -> None:
+                    if not table.is_chain(self.chain):
+                        raise FirewallError(f"iptables: chain {self.chain} is missing: run setup")
+                    chain = iptc.Chain(table, self.chain)
+                    chain.flush()
+                    for address in wanted:
+                        chain.append_rule(self._ban_rule(v, address))
+
+                self._commit(version, apply)
+                before = self._present[version]
+                self._present[version] = set(wanted)
+                self._stats.adds += len(set(wanted) - before)
+                self._stats.deletes += len(before - set(wanted))
+            self._bans = dict(live)
+        if len(live) > SCALE_LIMIT:
+            log.warning(
+                "iptables: %d bans as one rule each is slow; use ipset or nftables", len(live)
+            )
+
+    def expire(self, now: float | None = None) -> list[IPAddress]:
+        now = time.time() if now is None else now
+        with self._lock:
+            due = [a for a, until in self._bans.items() if until <= now]
+        if due:
+            self.delete(due)
+            log.info("iptables: %d bans expired and lifted", len(due))
+        return due
+
+    def list(self) -> dict[IPAddress, float | None]:
+        out: dict[IPAddress, float | None] = {}
+        with self._lock:
+            for version in (4, 6):
+                for address in self._read_sources(version):
+                    out[address] = self._bans.get(address)
+        return out
+
+    def teardown(self) -> None:
+        iptc = _iptc()
+
+        def apply(table: Any) -> None:
+            for hook in HOOKS:
+                chain = iptc.Chain(table, hook)
+                for rule in list(chain.rules):
+                    if rule.target and rule.target.name == self.chain:
+                        chain.delete_rule(rule)
+            if table.is_chain(self.chain):
+                iptc.Chain(table, self.chain).flush()
+                table.delete_chain(self.chain)
+
+        with self._writing():
+            for version in (4, 6):
+                self._commit(version, apply)
+                self._present[version] = set()
+            self._bans.clear()
+        log.info("iptables: chain %s and its jumps removed", self.chain)
+
+    def check(self) -> list[CheckResult]:
+        results = []
+        try:
+            iptc = _iptc()
+            results.append(
+                CheckResult(
+                    "python-iptables", True, f"loaded from {os.path.dirname(iptc.__file__)}"
+                )
+            )
+        except FirewallError as exc:
+            return [CheckResult("python-iptables", False, str(exc))]
+        for version in (4, 6):
+            what = f"ip{'6' if version == 6 else ''}tables (legacy, libiptc) filter table"
+            try:
+                table = self._table(version)
+                here = table.is_chain(self.chain)
+                table.close()
+                size = len(self._read_sources(version)) if here else 0
+                detail = (
+                    f"chain {self.chain} present, {size} bans"
+                    if here
+                    else f"works; chain {self.chain} not created yet"
+                )
+                ok = size <= SCALE_LIMIT
+                if not ok:
+                    detail += (
+                        f"; more than {SCALE_LIMIT} one-rule bans make every change "
+                        "slow: use the ipset or nftables backend"
+                    )
+                results.append(CheckResult(what, ok, detail))
+            except FirewallError as exc:
+                results.append(CheckResult(what, False, str(exc)))
+        variant = host_iptables_variant()
+        if variant == "nf_tables":
+            results.append(
+                CheckResult(
+                    "iptables variant",
+                    True,
+                    "warning: the host's iptables command is nf_tables; our bans live in the "
+                    f"legacy tables (see them with `iptables-legacy -L {self.chain} -n`, not "
+                    '`iptables -L`); firewall.backend = "nftables" is the native choice here',
+                )
+            )
+        elif variant == "legacy":
+            results.append(
+                CheckResult("iptables variant", True, "legacy: `iptables -L` shows our chain")
+            )
+        results.append(
+            CheckResult(
+                "iptables scale",
+                True,
+                f"one rule per address: fine up to ~{SCALE_LIMIT} bans; expiry is kept in memory",
+            )
+        )
+        return results
+
+    def stats(self) -> FirewallStats:
+        with self._lock:
+            size = sum(len(p) for p in self._present.values())
+            return FirewallStats(
+                self.name,
+                size,
+                self._stats.adds,
+                self._stats.deletes,
+                self._stats.errors,
+                {"chain": self.chain, "variant": "legacy (libiptc)"},
+            )
+
+
+def _cidr(src: str) -> str:
+    """python-iptables gives '192.0.2.9/255.255.255.255' or '2001:db8::9/128'."""
+    address, _, mask = src.partition("/")
+    if mask and "." in mask:
+        mask = str(ipaddress.IPv4Network(f"0.0.0.0/{mask}").prefixlen)
+    return f"{address}/{mask}" if mask else address
+
+
+def _explain(what: str, exc: Exception) -> str:
+    text = str(exc)
+    if "ermission" in text or "not permitted" in text:
+        return permission_hint(f"{what}: {text}")
+    if "does not exist" in text or "Table does not exist" in text or "ENOENT" in text:
+        return f"{what}: {text} (the kernel has no legacy ip_tables: use the nftables backend)"
+    if "No chain/target/match" in text:
+        return f"{what}: {text} (our chain is missing: the agent creates it at start, setup)"
+    return f"{what}: {text}"
+
+
+__all__ = ["IptablesFirewall", "host_iptables_variant"]

@@ -1,0 +1,73 @@
+"""Test helpers: an in-process FastAGI server on a free port, on either store."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import fakeredis
+import fakeredis.aioredis
+
+from fastagi import config as configuration
+from fastagi.cli import make_store
+from fastagi.emulator import Call, CallResult, FakeAsterisk
+from fastagi.screening import Screener
+from fastagi.server import FastAGIServer
+from fastagi.store import Store, redis_client
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Running:
+    target: str
+    store: Store
+    server: FastAGIServer
+    config: configuration.Config
+
+    async def call(self, call: Call | None = None, route: str = "screen") -> CallResult:
+        base = self.target.rsplit("/", 1)[0]
+        return await FakeAsterisk(hold_limit=self.config.server.session_timeout + 5).call(
+            f"{base}/{route}", call or Call(source="203.0.113.7")
+        )
+
+
+def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Config:
+    environ = {"FASTAGI_REDIS_URL": redis_url, "FASTAGI_SCREENING_PBX_ID": "pbx-test"}
+    for key, value in overrides.items():
+        environ[f"FASTAGI_{key.upper()}"] = value
+    return configuration.load(None, environ)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    redis_url: str = "memory://", **overrides: str
+) -> AsyncIterator[Running]:
+    """A server on a free port; memory:// gives a private in-process fakeredis."""
+    config = settings(redis_url, **overrides)
+    if redis_url.startswith("memory://"):
+        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    else:
+        client = redis_client(config.redis)
+    store = make_store(config, client)
+    budget = min(config.server.session_timeout / 2, 3 * config.redis.timeout)
+    screener = Screener(store, config.screening.ignore, config.screening.log_notice, budget)
+    server = FastAGIServer(
+        screener,
+        config.server.allowed_clients,
+        config.server.max_sessions,
+        config.server.session_timeout,
+    )
+    host, port = (await server.start("127.0.0.1", 0))[0]
+    try:
+        yield Running(f"agi://{host}:{port}/screen", store, server, config)
+    finally:
+        await server.stop()
+        await store.close()
+

@@ -1,0 +1,73 @@
+"""Run `fastagi-ctl` as real processes, the way an admin does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from tests.harness import free_port
+
+
+def ctl(*args: str, env: Mapping[str, str] | None = None, timeout: float = 30,
+        stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastagi.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=_env(env), input=stdin,
+    )
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTAGI_")}
+    env.update(extra or {})
+    return env
+
+
+class Service:
+    """`fastagi-ctl serve` in the background on a free port."""
+
+    def __init__(self, env: Mapping[str, str], *args: str, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.env = {**env, "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{self.port}"}
+        self.log = log
+        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastagi.cli", "serve", *args],
+            env=_env(self.env), stdout=out, stderr=out,
+        )
+        self._wait_listening()
+
+    @property
+    def target(self) -> str:
+        return f"agi://127.0.0.1:{self.port}/screen"
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("serve did not start listening")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

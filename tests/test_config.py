@@ -1,0 +1,67 @@
+"""Config parsing: durations, overrides, defaults (the embedded mode)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastagi.addresses import AddressError, parse_address
+from fastagi.config import ConfigError, load, parse_duration
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("250ms", 0.25), ("30s", 30), ("10m", 600), ("1h", 3600), ("1d", 86400),
+    ("1w", 604800), ("45", 45), (90, 90), ("1.5h", 5400),
+])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1y", "-5s", "0", "abc", "1 h m", True])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults_are_the_embedded_mode():
+    config = load(None, {})
+    assert config.redis.url == "memory://"
+    assert config.firewall.backend == "dry-run"
+    assert config.server.listen == ("127.0.0.1", 4573)
+    assert config.screening.threshold == 5 and config.screening.window == 600
+
+
+def test_file_then_environment_override(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('[screening]\nthreshold = 7\nignore = ["10.0.0.0/8"]\n')
+    config = load(str(path), {"FASTAGI_SCREENING_THRESHOLD": "9",
+                              "FASTAGI_FIREWALL_PORTS": '["5060/udp", "5061/tcp"]'})
+    assert config.screening.threshold == 9
+    assert parse_address("10.1.2.3") in config.screening.ignore
+    assert config.firewall.ports == ("5060/udp", "5061/tcp")
+
+
+def test_config_from_environment_variable_path(tmp_path):
+    path = tmp_path / "f.toml"
+    path.write_text('[redis]\nurl = "redis://10.0.0.5:6379/0"\n')
+    assert load(None, {"FASTAGI_CONFIG": str(path)}).redis.url == "redis://10.0.0.5:6379/0"
+
+
+def test_inconsistent_values_are_refused():
+    with pytest.raises(ConfigError, match="ban_time_max"):
+        load(None, {"FASTAGI_SCREENING_BAN_TIME": "2w"})
+
+
+@pytest.mark.parametrize("text,canonical", [
+    ("203.0.113.9", "203.0.113.9"), ("203.0.113.9:5060", "203.0.113.9"),
+    ("[2001:db8::9]:5060", "2001:db8::9"), ("2001:DB8::9", "2001:db8::9"),
+    ("::ffff:203.0.113.9", "203.0.113.9"), ("[::ffff:203.0.113.9]:5060", "203.0.113.9"),
+])
+def test_addresses_have_one_spelling(text, canonical):
+    assert str(parse_address(text)) == canonical
+
+
+@pytest.mark.parametrize("text", ["", "1.2.3", "203.0.113.9:99999", "[2001:db8::9",
+                                  "fe80::1%eth0", "a" * 100, "1.2.3.4:5:6", "203.0.113.9:"])
+def test_garbage_addresses_are_refused(text):
+    with pytest.raises(AddressError):
+        parse_address(text)
