@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fastagi.addresses import AddressError, AddressSet, parse_network
-from fastagi.firewall.base import FirewallSettings
+from fastagi.firewall._common import parse_ports
+from fastagi.firewall.base import FirewallError, FirewallSettings
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
@@ -127,10 +128,10 @@ def _ports(value: Any) -> tuple[str, ...] | str:
     if value == "all":
         return "all"
     ports = _string_list(value)
-    for port in ports:
-        number, _, proto = port.partition("/")
-        if not number.isdigit() or not 0 < int(number) < 65536 or proto not in ("udp", "tcp"):
-            raise ValueError(f"{port!r} is not PORT/udp or PORT/tcp")
+    try:
+        parse_ports(ports)  # the backends' own parser: one definition of a valid entry
+    except FirewallError as error:
+        raise ValueError(str(error).removeprefix("firewall.ports: ")) from None
     return ports
 
 
