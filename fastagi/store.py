@@ -83,9 +83,10 @@ def redis_client(config: RedisConfig) -> aioredis.Redis:
         "health_check_interval": 30,
     }
     if not config.sentinels:
-        # Bounded, and waiting for a free connection rather than failing at the cap.
+        # Bounded, and waiting for a free connection rather than failing at the cap;
+        # the caller's deadline (the screening step's budget) bounds that wait.
         pool = aioredis.BlockingConnectionPool.from_url(
-            config.url, max_connections=POOL_SIZE, timeout=config.timeout, **options
+            config.url, max_connections=POOL_SIZE, timeout=None, **options
         )
         return aioredis.Redis(connection_pool=pool)
     hosts = []
