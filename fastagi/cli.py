@@ -265,8 +265,10 @@ def render_status(status: dict[str, Any]) -> str:
         f"|  |- Currently counted: {status['counted']['current']}",
         f"|  |- Total calls:       {status['calls']}",
         f"|  |- Injection attempts: {status['injections']}",
-        "|  `- Counted IP list:   "
-        + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"]),
+        (
+            "|  `- Counted IP list:   "
+            + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
+        ).rstrip(),
         "|- Actions",
         f"|  |- Currently banned: {status['banned']['current']}",
         f"|  |- Total banned:     {status['banned']['total']}",

@@ -37,7 +37,7 @@ end
 # KEYS: count, record, banned, counted, events, stats
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
 #       member (unique per call), events_maxlen, history_ms
-# Returns {result, count, ban_until_ms}
+# Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
     _COMMON
     + """
@@ -51,7 +51,7 @@ local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
 if ban_until then
   local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
   redis.call('HSET', KEYS[2], 'last_seen', int(now))
-  return {'BANNED', count, ban_until}
+  return {'BANNED', count, ban_until, 0}
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
 redis.call('ZADD', KEYS[1], int(now), ARGV[9])
@@ -63,10 +63,10 @@ if count >= threshold then
                         ARGV[10], tonumber(ARGV[11]))
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[4], ip)
-  return {'BANNED', count, ban_until}
+  return {'BANNED', count, ban_until, 1}
 end
 redis.call('ZADD', KEYS[4], int(now + window), ip)
-return {'COUNTED', count, 0}
+return {'COUNTED', count, 0, 0}
 """
 )
 

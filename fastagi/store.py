@@ -63,11 +63,13 @@ class Policy:
 
 @dataclass(frozen=True)
 class Verdict:
-    """What one screened call got: COUNTED or BANNED, the count, the ban end (unix s)."""
+    """What one screened call got: COUNTED or BANNED, the count, the ban end (unix s),
+    and whether this very call made the ban (the others met an existing one)."""
 
     result: str
     count: int
     ban_until: float
+    new_ban: bool = False
 
 
 def redis_client(config: RedisConfig) -> aioredis.Redis:
@@ -139,10 +141,10 @@ class Store:
             EVENTS_MAXLEN,
             p.history_ms,
         ]
-        result, count, until = await self._call(
+        result, count, until, new_ban = await self._call(
             "screening step", self._screen(keys=self._step_keys(ip), args=args)
         )
-        return Verdict(_text(result), int(count), int(until) / 1000.0)
+        return Verdict(_text(result), int(count), int(until) / 1000.0, bool(new_ban))
 
     async def ban(self, ip: str, duration: float | None, reason: str) -> float:
         """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
