@@ -16,6 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.store import Store, StoreError
@@ -24,6 +26,11 @@ log = logging.getLogger("fastagi.agent")
 
 HEARTBEAT_INTERVAL = 5.0
 RETRY_MAX = 5.0
+FULL_EVERY = 10  # every 10th periodic sync rewrites the whole list anyway
+EXPIRE_TICK = 0.5  # seconds between local expiry checks while Redis is away
+BAN_LIST_PAGE = 5000  # ban list entries per Redis read
+MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
+UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-applied
 
 
 def _event_id(text: str) -> tuple[int, int]:
@@ -52,6 +59,11 @@ class Agent:
         self.applied_total = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="firewall")
         self._next_sync = 0.0
+        self._syncs_since_full = 0
+        self._full_due = True  # at start and after any gap: rewrite in full
+        self._diff_due = False  # the periodic check found the list and firewall apart
+        self._check: asyncio.Task | None = None
+        self.full_reconciles = 0
         self._next_heartbeat = 0.0
         self._stopping = False
         self._task: asyncio.Task | None = None
@@ -74,16 +86,113 @@ class Agent:
             wanted[address] = until
         return wanted
 
-    async def reconcile(self) -> None:
-        """Make the firewall equal the ban list; also restores a flushed chain/table."""
+    async def reconcile(self, full: bool = True) -> None:
+        """Make the firewall equal the ban list; also restores a flushed chain/table.
+
+        A full reconcile reads the whole list and rewrites it (set()): at start, after
+        any gap, when the backend finds our chain/table/set damaged, and every
+        FULL_EVERY syncs for a backend whose intact() cannot see the entries (nftables).
+        The periodic one is cheap at any size: setup() (restores our chain/hooks), the
+        backend's intact() check, and one ZCOUNT; only when the count differs from what
+        this agent applied is the list read and the difference added or deleted.
+        """
         last_id = await self.store.last_event_id()
-        wanted = self._wanted(await self.store.banned())
+        if not full and self._syncs_since_full + 1 >= FULL_EVERY:
+            full = not getattr(self.firewall, "intact_sees_entries", False)
+        if not full and not await self._intact():
+            log.warning(
+                "%s: our chain/table/set was changed behind our back; restoring", self.firewall.name
+            )
+            full = True
+        wanted: dict[IPAddress, float] | None = None
+        if full or not await self._count_matches():
+            wanted = self._wanted(await self._ban_list())
         await self._firewall("setup")
-        await self._firewall("set", wanted)
-        self.applied = wanted
-        self.last_id = last_id
+        if full and wanted is not None:
+            await self._firewall("set", wanted)
+            self._syncs_since_full = 0
+            self.full_reconciles += 1
+        else:
+            if wanted is not None:
+                await self._apply_difference(wanted)
+            self._syncs_since_full += 1
+        if wanted is not None:
+            self.applied = wanted
+            self.last_id = last_id  # events after it are applied (again) next
         self._next_sync = time.monotonic() + self.sync_interval
-        log.info("reconciled: %d bans on %s", len(wanted), self.firewall.name)
+        log.log(
+            logging.INFO if full else logging.DEBUG,
+            "reconciled (%s): %d bans on %s",
+            "full" if full else ("difference" if wanted is not None else "checked"),
+            len(self.applied),
+            self.firewall.name,
+        )
+
+    async def _count_matches(self) -> bool:
+        """The ban list holds as many running bans as we applied (one ZCOUNT): with the
+        event stream unbroken (_missed_events), nothing to read then."""
+        now = time.time()
+        try:
+            count = await self.store.redis.zcount(
+                self.store.keys.banned, f"({int(now * 1000)}", "+inf"
+            )
+        except (RedisError, OSError) as error:
+            reason = error or type(error).__name__
+            raise StoreError(f"Redis ban list count failed: {reason}") from None
+        return int(count) == sum(1 for until in self.applied.values() if until > now)
+
+    async def _ban_list(self) -> dict[str, float]:
+        """store.banned(), read in pages: one 100,000-entry reply takes longer to read and
+        parse than redis.timeout (250 ms), which made every reconcile of a big list fail.
+        Pages follow the score (the ban end) with an offset among equal scores, so
+        entries added or removed meanwhile shift nothing already read."""
+        redis, key = self.store.redis, self.store.keys.banned
+        low, offset = f"({int(time.time() * 1000)}", 0
+        out: dict[str, float] = {}
+        for _ in range(MAX_PAGES):
+            try:
+                rows = await redis.zrangebyscore(
+                    key, low, "+inf", start=offset, num=BAN_LIST_PAGE, withscores=True
+                )
+            except (RedisError, OSError) as error:
+                raise StoreError(
+                    f"Redis ban list read failed: {error or type(error).__name__}"
+                ) from None
+            for ip, score in rows:
+                out[ip.decode() if isinstance(ip, bytes) else str(ip)] = score / 1000.0
+            if len(rows) < BAN_LIST_PAGE:
+                return out
+            last = f"{int(rows[-1][1])}"
+            ties = sum(1 for _, score in rows if f"{int(score)}" == last)
+            if ties == len(rows) and low == last:
+                offset += ties  # a whole page with one ban end: go on within it
+            else:
+                low, offset = last, ties
+        raise StoreError("Redis ban list read: more than MAX_PAGES pages")
+
+    async def _intact(self) -> bool:
+        check = getattr(self.firewall, "intact", None)
+        if check is None:
+            return False  # a backend without the cheap check: always rewrite in full
+        try:
+            return bool(await self._firewall("intact", dict(self.applied)))
+        except FirewallError as error:
+            log.warning("%s: intact check failed (%s)", self.firewall.name, error)
+            return False
+
+    async def _apply_difference(self, wanted: dict[IPAddress, float]) -> None:
+        gone = [address for address in self.applied if address not in wanted]
+        new = {
+            address: until
+            for address, until in wanted.items()
+            if address not in self.applied or abs(self.applied[address] - until) > UNTIL_TOLERANCE
+        }
+        if gone:
+            await self._firewall("delete", gone)
+        if new:
+            await self._firewall("add", new)
+        if gone or new:
+            log.info("resync: %d bans added, %d lifted (events missed)", len(new), len(gone))
 
     async def _missed_events(self) -> bool:
         if self.last_id == "0-0":
@@ -141,8 +250,17 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
-        if time.monotonic() >= self._next_sync or await self._missed_events():
-            await self.reconcile()
+        if self._full_due or await self._missed_events():
+            await self.reconcile(full=True)
+            self._full_due = False
+        elif self._diff_due:
+            self._diff_due = False
+            await self.reconcile(full=False)
+        elif time.monotonic() >= self._next_sync and self._check is None:
+            # the periodic check runs beside the event loop below, so a ban arriving
+            # meanwhile waits for one firewall call at most, not for the whole check
+            self._next_sync = time.monotonic() + self.sync_interval
+            self._check = asyncio.create_task(self._periodic_check())
         events = await self.store.events_after(self.last_id, block_ms=self.block_ms)
         if events:
             await self.apply(events)
@@ -150,6 +268,47 @@ class Agent:
             await asyncio.sleep(self.poll_interval)
         await self.expire()
         await self.heartbeat()
+
+    async def _periodic_check(self) -> None:
+        """Every sync_interval: setup() (restores our chain/hooks), the backend's cheap
+        intact() check and one ZCOUNT. Anything off makes the main loop reconcile."""
+        try:
+            if self._syncs_since_full + 1 >= FULL_EVERY and not getattr(
+                self.firewall, "intact_sees_entries", False
+            ):
+                self._full_due = True
+                return
+            intact = await self._intact()
+            await self._firewall("setup")
+            if not intact:
+                log.warning(
+                    "%s: our chain/table/set was changed behind our back; restoring",
+                    self.firewall.name,
+                )
+                self._full_due = True
+            elif not await self._count_matches():
+                self._diff_due = True
+            else:
+                self._syncs_since_full += 1
+        except (StoreError, FirewallError) as error:
+            log.error("agent: periodic check: %s", error)
+            self._full_due = True
+        finally:
+            self._check = None
+
+    async def _wait_expiring(self, seconds: float) -> None:
+        """Wait before a retry, lifting due bans meanwhile: with Redis away for minutes,
+        a ban still ends on time (within EXPIRE_TICK), not at the next retry."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping:
+            try:
+                await self.expire()
+            except FirewallError as error:
+                log.error("agent: local expiry failed: %s", error)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, EXPIRE_TICK))
 
     def stop(self) -> None:
         """Stop applying; bans stay in the firewall. A flag as well as a cancel, since
@@ -170,12 +329,11 @@ class Agent:
                     if self._stopping:
                         break
                     log.error("agent: %s; retrying in %.1fs", error, retry)
-                    self._next_sync = 0.0  # after any gap, reconcile in full
-                    try:
-                        await self.expire()
-                    except FirewallError as expire_error:
-                        log.error("agent: local expiry failed: %s", expire_error)
-                    await asyncio.sleep(retry)
+                    self._full_due = True  # after any gap, reconcile in full
+                    await self._wait_expiring(retry)
                     retry = min(retry * 2, RETRY_MAX)
         finally:
+            if self._check is not None:
+                self._check.cancel()
+                await asyncio.gather(self._check, return_exceptions=True)
             self._worker.shutdown(wait=False, cancel_futures=True)

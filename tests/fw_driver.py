@@ -54,6 +54,17 @@ def serve() -> None:
                 result = getattr(fw, op)(
                     {ipaddress.ip_address(a): _decode_until(u) for a, u in arg.items()}
                 )
+            elif op == "intact":
+                result = fw.intact(
+                    {ipaddress.ip_address(a): _decode_until(u) for a, u in arg.items()}
+                )
+            elif op == "bulk_intact":  # intact() against what bulk_set loaded
+                count, seconds = arg
+                base = int(ipaddress.IPv4Address("10.0.0.0"))
+                now = time.time()
+                bans = {ipaddress.IPv4Address(base + i): now + seconds for i in range(count)}
+                started = time.perf_counter()
+                result = fw.intact(bans)
             elif op == "delete":
                 result = fw.delete([ipaddress.ip_address(a) for a in arg])
             elif op == "expire":
@@ -134,6 +145,9 @@ class FirewallDriver:
 
     def expire(self, now: float | None = None) -> list[str]:
         return self.call("expire", now)
+
+    def intact(self, bans: dict[str, float]) -> bool:
+        return self.call("intact", {str(a): _encode_until(u) for a, u in bans.items()})
 
     def list(self) -> dict[str, float | None]:
         return {a: _decode_until(u) for a, u in self.call("list").items()}

@@ -75,10 +75,20 @@ def netns_unavailable_reason() -> str | None:
 
 
 def _sh(
-    argv: Sequence[str], check: bool = True, timeout: float = 30, input: str | None = None
+    argv: Sequence[str],
+    check: bool = True,
+    timeout: float = 30,
+    input: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=timeout, input=input, check=False
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        check=False,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise RuntimeError(
@@ -175,10 +185,13 @@ class Namespace:
         check: bool = True,
         timeout: float = 30,
         input: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run one command inside the namespace (a string goes through `sh -c`)."""
+        """Run one command inside the namespace (a string goes through `sh -c`).
+
+        `env` replaces the environment (default: this process's)."""
         argv = ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
-        return _sh(self.argv(argv), check=check, timeout=timeout, input=input)
+        return _sh(self.argv(argv), check=check, timeout=timeout, input=input, env=env)
 
     def spawn(
         self,
@@ -260,6 +273,81 @@ class Namespace:
         for echo in self.echoes:
             echo.close()
         self.echoes.clear()
+
+
+class NamespaceRedis:
+    """A real redis-server inside a namespace (normally core), listening on that
+    namespace's addresses and on a Unix socket, which this process (in the root
+    namespace) can use directly: sockets in the filesystem know no network namespace."""
+
+    def __init__(self, ns: Namespace, workdir: str, port: int = 6379) -> None:
+        self.ns = ns
+        self.workdir = workdir
+        self.port = port
+        self.socket_path = os.path.join(workdir, "redis.sock")
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, family: int = 4) -> str:
+        host = self.ns.ipv4 if family == 4 else f"[{self.ns.ipv6}]"
+        return f"redis://{host}:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    def start(self, timeout: float = 10) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        argv = [
+            server,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.ns.ipv4,
+            self.ns.ipv6,
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--unixsocket",
+            self.socket_path,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            self.workdir,
+        ]
+        self.proc = self.ns.spawn(argv)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            try:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(0.5)
+                    probe.connect(self.socket_path)
+                    probe.sendall(b"PING\r\n")
+                    if probe.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not answer within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: Redis is gone at once, as when its host dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=10)
 
 
 class Topology:

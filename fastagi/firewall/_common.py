@@ -146,3 +146,17 @@ def run(argv: list[str], stdin: str | None = None, timeout: float = 60) -> str:
         detail = " | ".join(err[:3]) or f"exit {proc.returncode}"
         raise FirewallError(f"{' '.join(argv[:3])} failed: {detail}")
     return proc.stdout
+
+
+INTACT_SLACK = 1.5  # seconds around a ban's end where it may or may not be there yet
+
+
+def expected_bounds(
+    expected: Mapping[IPAddress, float], now: float | None = None
+) -> tuple[set[IPAddress], set[IPAddress]]:
+    """(addresses that must be in the firewall, addresses that may be), for intact():
+    a ban ending within INTACT_SLACK of now may already be gone (kernel timeout)."""
+    now = time.time() if now is None else now
+    may = {as_address(a) for a in expected}
+    must = {as_address(a) for a, until in expected.items() if until > now + INTACT_SLACK}
+    return must, may

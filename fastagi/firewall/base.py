@@ -81,6 +81,12 @@ class Firewall(Protocol):
         every second or so, so bans expire even while Redis is unreachable.
         """
 
+    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+        """A cheap check (no full read-back where the backend can avoid it) that our
+        chain/table/set still exists and still holds `expected` (what the agent put
+        there). False makes the agent rewrite the whole list with set(). Optional: the
+        agent treats a backend without it as never intact."""
+
     def teardown(self) -> None:
         """Remove our chain/table/set and hook; used by tests and `agent --teardown`."""
 

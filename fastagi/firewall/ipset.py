@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from ._common import (
+    INTACT_SLACK,
     as_address,
     parse_ports,
     permission_hint,
@@ -45,6 +46,7 @@ HOOKS = ("INPUT", "FORWARD")
 
 class IpsetFirewall:
     name = "ipset"
+    intact_sees_entries = True  # intact() checks the entries too: no periodic rewrite
 
     def __init__(self, settings: FirewallSettings | None = None) -> None:
         self.settings = settings or FirewallSettings(backend="ipset")
@@ -60,6 +62,7 @@ class IpsetFirewall:
         self._lock = threading.Lock()
         self._known: dict[IPAddress, float] = {}
         self._stats = FirewallStats(backend=self.name)
+        self._announced = False  # setup() runs every sync: say it at INFO once
 
     # -- helpers -------------------------------------------------------------------------
     def _ipset(self, script: str) -> None:
@@ -136,7 +139,14 @@ class IpsetFirewall:
                             run([tool, "-w", "-I", hook, "1", "-j", self.chain])
                     else:
                         self._drop_jumps(tool, hook)
-        log.info("ipset: sets %s, %s and chain %s ready", self.sets[4], self.sets[6], self.chain)
+        log.log(
+            logging.DEBUG if self._announced else logging.INFO,
+            "ipset: sets %s, %s and chain %s ready",
+            self.sets[4],
+            self.sets[6],
+            self.chain,
+        )
+        self._announced = True
 
     def _drop_jumps(self, tool: str, hook: str) -> None:
         for _ in range(16):  # bounded: a jump inserted twice by hand goes too
@@ -215,6 +225,25 @@ class IpsetFirewall:
                     until = math.inf if seconds == 0 else now + seconds
                 out[address] = until
         return out
+
+    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+        """Both sets exist and hold as many entries as we put there (headers only)."""
+        now = time.time() + INTACT_SLACK
+        low, high = {4: 0, 6: 0}, {4: 0, 6: 0}
+        for address, until in expected.items():  # addresses from the agent: parsed already
+            version = address.version
+            high[version] += 1
+            if until > now:
+                low[version] += 1
+        for version, name in self.sets.items():
+            try:
+                header = run(["ipset", "list", "-t", name])
+            except FirewallError:
+                return False
+            found = re.search(r"^Number of entries:\s*(\d+)", header, re.MULTILINE)
+            if found is None or not low[version] <= int(found.group(1)) <= high[version]:
+                return False
+        return True
 
     def teardown(self) -> None:
         with self._lock:

@@ -27,13 +27,21 @@ import ipaddress
 import logging
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from ._common import as_address, parse_ports, permission_hint, ports_by_proto, split_live
+from ._common import (
+    as_address,
+    expected_bounds,
+    parse_ports,
+    permission_hint,
+    ports_by_proto,
+    split_live,
+)
 from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
 
 log = logging.getLogger("fastagi.firewall")
@@ -41,6 +49,7 @@ log = logging.getLogger("fastagi.firewall")
 SCALE_LIMIT = 5000  # rules per family beyond which commits get slow (libiptc copies tables)
 XTABLES_LOCK = "/run/xtables.lock"
 HOOKS = ("INPUT", "FORWARD")
+_BAN_LINE = re.compile(r"^-A \S+ -s (\S+) -j DROP$", re.MULTILINE)
 
 
 def _iptc() -> Any:
@@ -70,6 +79,7 @@ def host_iptables_variant() -> str:
 
 class IptablesFirewall:
     name = "iptables"
+    intact_sees_entries = True  # intact() checks the entries too: no periodic rewrite
 
     def __init__(self, settings: FirewallSettings | None = None) -> None:
         self.settings = settings or FirewallSettings(backend="iptables")
@@ -84,6 +94,7 @@ class IptablesFirewall:
         self._bans: dict[IPAddress, float] = {}  # expiry, kept here: iptables has none
         self._present: dict[int, set[IPAddress]] = {4: set(), 6: set()}  # rules in our chain
         self._stats = FirewallStats(backend=self.name)
+        self._announced = False  # setup() runs every sync: say it at INFO once
         self._loaded = False  # _present read from the kernel yet?
 
     # -- libiptc plumbing -----------------------------------------------------------------
@@ -174,6 +185,32 @@ class IptablesFirewall:
                     table.close()
 
     def _read_sources(self, version: int) -> set[IPAddress]:
+        """The addresses banned in our chain. Through `iptables-legacy -S` when that
+        command exists (C: 5,000 rules in ~20 ms, where python-iptables takes 2 s to
+        turn them into objects), else through libiptc."""
+        tool = shutil.which("iptables-legacy" if version == 4 else "ip6tables-legacy")
+        if tool is not None:
+            try:
+                proc = subprocess.run(
+                    [tool, "-w", "2", "-S", self.chain],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                proc = None
+            if proc is not None and proc.returncode == 0:
+                found = set()
+                for match in _BAN_LINE.finditer(proc.stdout):
+                    with contextlib.suppress(ValueError):
+                        found.add(ipaddress.ip_interface(match.group(1)).ip)
+                return found
+            if proc is not None and "No chain" in (proc.stderr or ""):
+                return set()
+        return self._read_sources_libiptc(version)
+
+    def _read_sources_libiptc(self, version: int) -> set[IPAddress]:
         iptc = _iptc()
         table = self._table(version)
         try:
@@ -191,7 +228,7 @@ class IptablesFirewall:
     # -- the interface ----------------------------------------------------------------------
     def setup(self) -> None:
         iptc = _iptc()
-        if host_iptables_variant() == "nf_tables":
+        if not self._announced and host_iptables_variant() == "nf_tables":
             log.warning(
                 "iptables backend: this host's iptables command is the nf_tables variant; "
                 "python-iptables writes the legacy tables, so bans are seen with "
@@ -220,13 +257,18 @@ class IptablesFirewall:
         with self._writing():
             for version in (4, 6):
                 self._commit(version, change(version))
+        # read back outside the xtables lock: `iptables-legacy -S` waits for it
+        with self._lock:
+            for version in (4, 6):
                 self._present[version] = self._read_sources(version)
             self._loaded = True
-        log.info(
+        log.log(
+            logging.DEBUG if self._announced else logging.INFO,
             "iptables: chain %s ready (%d bans already there)",
             self.chain,
             sum(len(p) for p in self._present.values()),
         )
+        self._announced = True
 
     def add(self, bans: Mapping[IPAddress, float]) -> None:
         live, past = split_live(bans)
@@ -237,7 +279,7 @@ class IptablesFirewall:
         with self._writing():
             if not self._loaded:  # add() before setup(): learn what is there, no duplicates
                 for version in (4, 6):
-                    self._present[version] = self._read_sources(version)
+                    self._present[version] = self._read_sources_libiptc(version)
                 self._loaded = True
             for version in (4, 6):
                 new = [a for a in live if a.version == version and a not in self._present[version]]
@@ -323,6 +365,22 @@ class IptablesFirewall:
                 for address in self._read_sources(version):
                     out[address] = self._bans.get(address)
         return out
+
+    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+        """Our chain exists in both families and holds exactly the expected addresses."""
+        must, may = expected_bounds(expected)
+        with self._lock:
+            present: set[IPAddress] = set()
+            for version in (4, 6):
+                table = self._table(version)
+                try:
+                    if not table.is_chain(self.chain):
+                        return False
+                finally:
+                    with contextlib.suppress(Exception):
+                        table.close()
+                present |= self._read_sources(version)
+        return must <= present <= may
 
     def teardown(self) -> None:
         iptc = _iptc()

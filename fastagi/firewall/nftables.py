@@ -50,6 +50,7 @@ class _Libnftables:
     """The few libnftables calls we need, through ctypes (Debian: libnftables1)."""
 
     JSON = 1 << 4
+    TERSE = 1 << 11  # NFT_CTX_OUTPUT_TERSE: sets without their elements
 
     def __init__(self, soname: str = "libnftables.so.1") -> None:
         lib = ctypes.CDLL(soname)
@@ -71,7 +72,9 @@ class _Libnftables:
         self._lib = lib
         self.where = f"libnftables ({soname})"
 
-    def run(self, script: str, json_output: bool = False, check_only: bool = False) -> str:
+    def run(
+        self, script: str, json_output: bool = False, check_only: bool = False, terse: bool = False
+    ) -> str:
         # A fresh context per call: its cache never outlives a transaction, and a context
         # made in one network namespace is never reused from another.
         lib = self._lib
@@ -81,8 +84,9 @@ class _Libnftables:
         try:
             lib.nft_ctx_buffer_output(ctx)
             lib.nft_ctx_buffer_error(ctx)
-            if json_output:
-                lib.nft_ctx_output_set_flags(ctx, lib.nft_ctx_output_get_flags(ctx) | self.JSON)
+            flags = (self.JSON if json_output else 0) | (self.TERSE if terse else 0)
+            if flags:
+                lib.nft_ctx_output_set_flags(ctx, lib.nft_ctx_output_get_flags(ctx) | flags)
             if check_only:
                 lib.nft_ctx_set_dry_run(ctx, True)
             rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
@@ -108,10 +112,14 @@ class _NftCommand:
         self.path = path
         self.where = f"nft command ({path})"
 
-    def run(self, script: str, json_output: bool = False, check_only: bool = False) -> str:
+    def run(
+        self, script: str, json_output: bool = False, check_only: bool = False, terse: bool = False
+    ) -> str:
         argv = [self.path]
         if json_output:
             argv.append("-j")
+        if terse:
+            argv.append("-t")
         if check_only:
             argv.append("-c")
         argv += ["-f", "-"]
@@ -171,6 +179,7 @@ class NftablesFirewall:
         self._nft: _Libnftables | _NftCommand | None = None
         self._known: dict[IPAddress, float] = {}  # what we put there, for stats()
         self._stats = FirewallStats(backend=self.name)
+        self._announced = False  # setup() runs every sync: say it at INFO once
 
     # -- transport ---------------------------------------------------------------------
     def _run(self, script: str, json_output: bool = False, check_only: bool = False) -> str:
@@ -243,12 +252,14 @@ class NftablesFirewall:
     def setup(self) -> None:
         with self._lock:
             self._run("\n".join(self._base_script()) + "\n")
-        log.info(
+        log.log(
+            logging.DEBUG if self._announced else logging.INFO,
             "nftables: table inet %s ready (hooks: %s, ports: %s)",
             self.table,
             "input, forward" if self.settings.forward else "input",
             "all" if self._ports is None else ", ".join(map(str, self.settings.ports)),
         )
+        self._announced = True
 
     def add(self, bans: Mapping[IPAddress, float]) -> None:
         now = time.time()
@@ -319,6 +330,28 @@ class NftablesFirewall:
                 except (TypeError, ValueError):
                     continue
         return out
+
+    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+        """Our table and both sets exist, read without their elements (a millisecond at
+        any size; listing or even `get element` makes nft load all 100,000 elements,
+        about a second). A deleted table is caught here; the input chain's rules are
+        rewritten by every setup(); a set flushed by hand is refilled by the agent's
+        periodic full rewrite."""
+        if self._nft is None:
+            self._nft = _transport()
+        try:
+            with self._lock:
+                text = self._nft.run(
+                    f"list sets table inet {self.table}\n", json_output=True, terse=True
+                )
+        except FirewallError:
+            return False
+        names = {
+            item["set"].get("name")
+            for item in json.loads(text or "{}").get("nftables", [])
+            if "set" in item
+        }
+        return {SET4, SET6} <= names
 
     def teardown(self) -> None:
         with self._lock:
