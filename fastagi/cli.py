@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -420,16 +421,30 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from fastagi import metrics as service_metrics
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
     _setup_logging()
     store, embedded = await open_service_store(config)
+    try:
+        metrics = service_metrics.start(config.metrics.listen, store)
+    except OSError as error:
+        await store.close()
+        if embedded is not None:
+            embedded.stop()
+        raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     server_cfg = config.server
     redis_budget = min(server_cfg.session_timeout / 2, 3 * config.redis.timeout)
-    screener = Screener(store, config.screening.ignore, config.screening.log_notice, redis_budget)
+    screener = Screener(
+        store, config.screening.ignore, config.screening.log_notice, redis_budget, metrics
+    )
     server = FastAGIServer(
-        screener, server_cfg.allowed_clients, server_cfg.max_sessions, server_cfg.session_timeout
+        screener,
+        server_cfg.allowed_clients,
+        server_cfg.max_sessions,
+        server_cfg.session_timeout,
+        observer=metrics,
     )
     agent = None
     try:
@@ -448,44 +463,60 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     finally:
         await server.stop()
         await _stop_agent(agent)
+        if metrics is not None:
+            metrics.close()
         await store.close()
         if embedded is not None:
             embedded.stop()
     return 0
 
 
-async def _start_agent(config: Config, store: Store) -> tuple[Agent, asyncio.Task]:
+# The agent waits on the event stream this long per read; its own client's timeout is
+# longer than that (the per-call budget of `redis.timeout` is for Asterisk's sessions).
+AGENT_BLOCK_MS = 500
+
+
+async def _start_agent(
+    config: Config, store: Store | None
+) -> tuple[Agent, asyncio.Task, Store | None]:
+    """The agent, on the service's store (embedded) or on a Redis client of its own."""
     from fastagi.firewall import create
 
-    embedded = config.redis.url.startswith("memory://")
+    own_store = None
+    block_ms = None  # the embedded store cannot block: the agent polls it
+    if not config.redis.url.startswith("memory://"):
+        timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
+        own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
+        block_ms = AGENT_BLOCK_MS
+    assert store is not None
     agent = Agent(
         store,
         create(config.firewall.settings()),
         config.firewall.sync_interval,
         config.screening.ignore,
-        block_ms=None if embedded else max(10, int(config.redis.timeout * 600)),
+        block_ms=block_ms,
     )
-    return agent, asyncio.create_task(agent.run(), name="agent")
+    return agent, asyncio.create_task(agent.run(), name="agent"), own_store
 
 
-async def _stop_agent(running: tuple[Agent, asyncio.Task] | None) -> None:
+async def _stop_agent(running: tuple[Agent, asyncio.Task, Store | None] | None) -> None:
     if running is not None:
-        agent, task = running
+        agent, task, own_store = running
         agent.stop()
         await asyncio.gather(task, return_exceptions=True)
+        if own_store is not None:
+            await own_store.close()
 
 
 async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
-    _setup_logging()
     if config.redis.url.startswith("memory://"):
         raise UsageError("agent needs a shared Redis ([redis] url); with memory:// use serve")
-    store = make_store(config, redis_client(config.redis))
-    agent = await _start_agent(config, store)
+    _setup_logging()
+    agent = await _start_agent(config, None)
     try:
         await _until_signalled()
     finally:
         await _stop_agent(agent)
-        await store.close()
     return 0
 
 

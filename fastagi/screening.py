@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
@@ -41,6 +42,14 @@ class Outcome:
     ban_until: float | None = None
     error: str = ""
     address: IPAddress | None = None
+    new_ban: bool = False  # this call hit the threshold: the ban was issued here
+
+
+class StepObserver:
+    """Told about every store step (its latency, or the Redis error); metrics.py."""
+
+    def store_step(self, seconds: float, error: str = "") -> None:
+        pass
 
 
 def escape(text: str, limit: int = 200) -> str:
@@ -79,11 +88,13 @@ class Screener:
         ignore: AddressSet,
         log_notice: bool,
         redis_budget: float,
+        observer: StepObserver | None = None,
     ) -> None:
         self.store = store
         self.ignore = ignore
         self.log_notice = log_notice
         self.redis_budget = redis_budget
+        self.observer = observer or StepObserver()
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -106,25 +117,43 @@ class Screener:
             return Outcome("IGNORED", address=address)
         notice = NOTICE.format(ip=ip)
         log.info("Ext. %s: %s", exten, notice)
-        verdict_task = asyncio.ensure_future(self._count(ip, bool(session.stray)))
-        try:
-            if self.log_notice:
-                await session.exec_app("Log", f"NOTICE,{notice}")
-        finally:
-            outcome = await verdict_task
+        # The NOTICE goes out first; the store step runs while Asterisk executes it, and
+        # its answer is read afterwards (one command in flight, no extra task). The call
+        # is counted even if Asterisk went away meanwhile.
+        lost: Exception | None = None
+        if self.log_notice:
+            try:
+                await session.start_exec("Log", f"NOTICE,{notice}")
+            except (ConnectionError, OSError) as error:
+                lost = error
+        outcome = await self._count(ip, bool(session.stray))
+        if lost is not None:
+            raise lost
+        if self.log_notice:
+            await session.answer()
         outcome.address = address
         return outcome
 
     async def _count(self, ip: str, injected: bool) -> Outcome:
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.redis_budget):
                 verdict = await self.store.screen(ip)
+                self.observer.store_step(time.perf_counter() - started)
                 if injected:
                     await self.store.note("injections")
         except (StoreError, TimeoutError) as error:
             reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"
+            self.observer.store_step(
+                time.perf_counter() - started,
+                "timeout" if isinstance(error, TimeoutError) else "error",
+            )
             log.error("call from %s not counted: %s", ip, reason)
             return Outcome("ERROR", error="store unavailable")
         if verdict.result == "BANNED":
-            return Outcome("BANNED", verdict.count, verdict.ban_until)
+            # The Lua step answers BANNED both for the call that reaches the threshold
+            # (count == threshold) and for calls from an address already banned (the
+            # ban record's count, past the threshold).
+            new = verdict.count == self.store.policy.threshold
+            return Outcome("BANNED", verdict.count, verdict.ban_until, new_ban=new)
         return Outcome("COUNTED", verdict.count)

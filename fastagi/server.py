@@ -23,6 +23,7 @@ log = logging.getLogger("fastagi.server")
 
 # Reserved at the end of every session to tell Asterisk the result.
 ANSWER_RESERVE = 0.25
+CLIENT_CACHE = 1024  # distinct FastAGI client addresses remembered (a handful of PBXs)
 
 Route = Callable[[AGISession, Environment], Awaitable[Outcome]]
 
@@ -42,9 +43,22 @@ class ServerStats:
 
 
 class Observer:
-    """Receives one call per finished session; metrics.py plugs in here."""
+    """Receives one call per finished session; metrics.py plugs in here.
 
-    def session_done(self, route: str, outcome: Outcome | None, seconds: float) -> None:
+    `ended` says how a session without an outcome ended: "timeout", "protocol" (the
+    peer broke the protocol or closed early) or "connection"; "" when it has one."""
+
+    def session_done(
+        self,
+        route: str,
+        outcome: Outcome | None,
+        seconds: float,
+        injected: bool = False,
+        ended: str = "",
+    ) -> None:
+        pass
+
+    def session_started(self) -> None:
         pass
 
     def refused(self, why: str) -> None:
@@ -68,6 +82,7 @@ class FastAGIServer:
         self.stats = ServerStats()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         self._server = await asyncio.start_server(
@@ -97,10 +112,17 @@ class FastAGIServer:
         peer = writer.get_extra_info("peername")
         if not peer:
             return False
-        try:
-            return parse_address(peer[0]) in self.allowed_clients
-        except AddressError:
-            return False
+        host = peer[0]
+        allowed = self._clients.get(host)
+        if allowed is None:
+            try:
+                allowed = parse_address(host) in self.allowed_clients
+            except AddressError:
+                allowed = False
+            if len(self._clients) >= CLIENT_CACHE:
+                self._clients.clear()
+            self._clients[host] = allowed
+        return allowed
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._client_allowed(writer):
@@ -117,29 +139,35 @@ class FastAGIServer:
             writer.transport.close()
             return
         _quickack(writer)
-        self.stats.active += 1
-        self.stats.sessions += 1
+        stats = self.stats
+        stats.active += 1
+        stats.sessions += 1
+        self.observer.session_started()
         started = time.monotonic()
         session = AGISession(reader, writer)
-        route, outcome = "", None
+        route, outcome, ended = "", None, ""
         try:
             async with asyncio.timeout(self.session_timeout):
                 route, outcome = await self._run(session)
         except TimeoutError:
-            self.stats.timeouts += 1
+            stats.timeouts += 1
+            ended = "timeout"
             log.warning("session from %s ended at session_timeout", _peer(writer))
         except AGIProtocolError as error:
-            self.stats.protocol_errors += 1
+            stats.protocol_errors += 1
+            ended = "protocol"
             log.info("session from %s ended: %s", _peer(writer), error)
         except (ConnectionError, OSError) as error:
+            ended = "connection"
             log.info("session from %s ended: %s", _peer(writer), error)
         finally:
-            self.stats.active -= 1
-            if session.stray:
-                self.stats.injections += 1
+            stats.active -= 1
+            injected = bool(session.stray)
+            if injected:
+                stats.injections += 1
             if outcome is not None:
-                self.stats.results[outcome.result] = self.stats.results.get(outcome.result, 0) + 1
-            self.observer.session_done(route, outcome, time.monotonic() - started)
+                stats.results[outcome.result] = stats.results.get(outcome.result, 0) + 1
+            self.observer.session_done(route, outcome, time.monotonic() - started, injected, ended)
             with contextlib.suppress(Exception):
                 await session.close()
 

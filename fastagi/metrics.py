@@ -1,0 +1,300 @@
+"""Prometheus metrics for one service instance, served on `[metrics] listen`.
+
+Two kinds of numbers:
+- this server's own (sessions by route and result, durations, refusals, injection
+  attempts, the store step's latency and Redis errors, bans issued by its verdicts),
+  kept in a `CollectorRegistry` of this instance only, so tests can run several;
+- the cluster's, read from the store at scrape time with the same queries as
+  `fastagi-ctl status` (total calls, injection attempts, bans, currently banned and
+  counted), so /metrics and `status` tell the same story.
+
+The agent (or anything else applying bans to a firewall) reports through
+`ban_applied`, `ban_lifted` and `firewall_size`, per pbx_id and backend; the
+module-level functions of the same names reach the running service's instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fastagi.screening import Outcome, StepObserver
+from fastagi.server import Observer
+
+if TYPE_CHECKING:
+    from fastagi.store import Store
+
+log = logging.getLogger("fastagi.metrics")
+
+ROUTES = ("screen",)  # anything else is labelled "unknown": route names are peer text
+RESULTS = ("COUNTED", "BANNED", "IGNORED", "ERROR")
+SESSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+SCRAPE_BUDGET = 1.0  # seconds the cluster read may take inside one scrape
+# (metric, key of the store's stats hash, help): the totals `fastagi-ctl status` prints
+CLUSTER_COUNTERS = (
+    (
+        "fastagi_cluster_calls",
+        "calls",
+        "Screened calls counted, cluster-wide (status: Total calls)",
+    ),
+    (
+        "fastagi_cluster_injection_attempts",
+        "injections",
+        "Injection attempts, cluster-wide (status: Injection attempts)",
+    ),
+    (
+        "fastagi_cluster_bans",
+        "bans",
+        "Bans, cluster-wide, manual and fail2ban ones included (status: Total banned)",
+    ),
+    ("fastagi_cluster_unbans", "unbans", "Bans lifted by unban, cluster-wide"),
+)
+
+_active: Metrics | None = None
+
+
+class Metrics(Observer, StepObserver):
+    """The server's Observer and the screener's StepObserver, in one registry."""
+
+    def __init__(self, store: Store | None = None, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sessions = Counter(
+            "fastagi_sessions",
+            "FastAGI sessions that ended, by route and SCREEN_RESULT "
+            "(result 'none': ended without one, see fastagi_sessions_aborted_total)",
+            ["route", "result"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "fastagi_session_duration_seconds",
+            "Time from accept to the last answer",
+            ["route"],
+            buckets=SESSION_BUCKETS,
+            registry=r,
+        )
+        self.active = Gauge("fastagi_sessions_active", "Sessions in progress", registry=r)
+        self.aborted = Counter(
+            "fastagi_sessions_aborted",
+            "Sessions that ended without a result, by why "
+            "(timeout: session_timeout; protocol: bad or early-closed dialogue; connection)",
+            ["reason"],
+            registry=r,
+        )
+        self.refused_total = Counter(
+            "fastagi_sessions_refused",
+            "Connections refused: busy (max_sessions) or client (not in allowed_clients)",
+            ["reason"],
+            registry=r,
+        )
+        self.injections = Counter(
+            "fastagi_injection_attempts",
+            "Sessions with stray lines before the resync "
+            "answer (forged environment or answers in the dialed number)",
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "fastagi_store_step_seconds",
+            "Latency of the one Redis step per screened call",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.redis_errors = Counter(
+            "fastagi_redis_errors",
+            "Store steps that failed (error) or exceeded the "
+            "Redis budget (timeout); the call got SCREEN_RESULT=ERROR",
+            ["kind"],
+            registry=r,
+        )
+        self.bans_issued = Counter(
+            "fastagi_bans_issued",
+            "Bans issued by this server's verdicts (a call that reached the threshold here)",
+            registry=r,
+        )
+        self.fw_applied = Counter(
+            "fastagi_firewall_bans_applied",
+            "Bans put into a firewall by the agent",
+            ["pbx_id", "backend"],
+            registry=r,
+        )
+        self.fw_lifted = Counter(
+            "fastagi_firewall_bans_lifted",
+            "Bans removed from a firewall by the agent (expiry or unban)",
+            ["pbx_id", "backend"],
+            registry=r,
+        )
+        self.fw_size = Gauge(
+            "fastagi_firewall_set_size",
+            "Addresses currently in the firewall set/chain",
+            ["pbx_id", "backend"],
+            registry=r,
+        )
+        # Label children looked up once, not per session.
+        self._sessions = {
+            (route, result): self.sessions.labels(route, result)
+            for route in (*ROUTES, "unknown")
+            for result in (*RESULTS, "none")
+        }
+        self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
+        for reason in ("busy", "client"):
+            self.refused_total.labels(reason)
+        for reason in ("timeout", "protocol", "connection"):
+            self.aborted.labels(reason)
+        for kind in ("error", "timeout"):
+            self.redis_errors.labels(kind)
+        self._routes = {route: route for route in ROUTES}
+        self._http = None
+        if store is not None:
+            self.registry.register(ClusterCollector(store, asyncio.get_running_loop()))
+
+    # -- Observer (server.py) ------------------------------------------------------
+
+    def session_started(self) -> None:
+        self.active.inc()
+
+    def session_done(
+        self,
+        route: str,
+        outcome: Outcome | None,
+        seconds: float,
+        injected: bool = False,
+        ended: str = "",
+    ) -> None:
+        self.active.dec()
+        route = self._routes.get(route, "unknown")
+        result = outcome.result if outcome is not None else "none"
+        counter = self._sessions.get((route, result))
+        (counter or self.sessions.labels(route, result)).inc()
+        self._durations[route].observe(seconds)
+        if injected:
+            self.injections.inc()
+        if ended:
+            self.aborted.labels(ended).inc()
+        if outcome is not None and outcome.new_ban:
+            self.bans_issued.inc()
+
+    def refused(self, why: str) -> None:
+        self.refused_total.labels(why).inc()
+
+    # -- StepObserver (screening.py) -------------------------------------------------
+
+    def store_step(self, seconds: float, error: str = "") -> None:
+        if error:
+            self.redis_errors.labels(error).inc()
+        else:
+            self.store_seconds.observe(seconds)
+
+    # -- hooks for the agent ---------------------------------------------------------
+
+    def ban_applied(self, pbx_id: str, backend: str, count: int = 1) -> None:
+        self.fw_applied.labels(pbx_id, backend).inc(count)
+
+    def ban_lifted(self, pbx_id: str, backend: str, count: int = 1) -> None:
+        self.fw_lifted.labels(pbx_id, backend).inc(count)
+
+    def firewall_size(self, pbx_id: str, backend: str, size: int) -> None:
+        self.fw_size.labels(pbx_id, backend).set(size)
+
+    # -- the endpoint ----------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Start /metrics in a thread; returns the bound address."""
+        global _active
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        _active = self
+        return server.server_address[:2]
+
+    def close(self) -> None:
+        global _active
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if _active is self:
+            _active = None
+
+
+class ClusterCollector(Collector):
+    """Cluster-wide numbers, read at scrape time exactly as `fastagi-ctl status` reads them."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+
+    async def _read(self) -> tuple[dict[str, int], int, int]:
+        store = self.store
+        now_ms = int(time.time() * 1000)
+        totals, banned, counted = await asyncio.gather(
+            store.totals(),
+            store.redis.zcount(store.keys.banned, f"({now_ms}", "+inf"),
+            store.redis.zcount(store.keys.counted, f"({now_ms}", "+inf"),
+        )
+        return totals, int(banned), int(counted)
+
+    def collect(self) -> Iterator:
+        up = GaugeMetricFamily("fastagi_store_up", "1 if the store answered this scrape")
+        try:
+            future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
+            totals, banned, counted = future.result(SCRAPE_BUDGET)
+        except (FutureTimeout, Exception) as error:
+            log.info("metrics: cluster numbers unavailable: %s", error or type(error).__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for name, key, text in CLUSTER_COUNTERS:
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], totals.get(key, 0))
+            yield family
+        yield GaugeMetricFamily(
+            "fastagi_cluster_banned",
+            "Addresses banned now (status: Currently banned)",
+            value=banned,
+        )
+        yield GaugeMetricFamily(
+            "fastagi_cluster_counted",
+            "Addresses counted in their window now (status: Currently counted)",
+            value=counted,
+        )
+
+
+def start(config_listen: str, store: Store | None) -> Metrics | None:
+    """This service's metrics served on `listen` ("host:port"); None when it is empty."""
+    if not config_listen:
+        return None
+    metrics = Metrics(store)
+    host, _, port = config_listen.rpartition(":")
+    where = metrics.serve(host.strip("[]") or "127.0.0.1", int(port))
+    log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+    return metrics
+
+
+def active() -> Metrics | None:
+    """The running service's instance (the one serving /metrics), if any."""
+    return _active
+
+
+def ban_applied(pbx_id: str, backend: str, count: int = 1) -> None:
+    if _active is not None:
+        _active.ban_applied(pbx_id, backend, count)
+
+
+def ban_lifted(pbx_id: str, backend: str, count: int = 1) -> None:
+    if _active is not None:
+        _active.ban_lifted(pbx_id, backend, count)
+
+
+def firewall_size(pbx_id: str, backend: str, size: int) -> None:
+    if _active is not None:
+        _active.firewall_size(pbx_id, backend, size)

@@ -1,0 +1,144 @@
+"""/metrics: the counts a scrape shows are the calls that were made, and `status` agrees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.request
+
+import fakeredis
+import fakeredis.aioredis
+from prometheus_client.parser import text_string_to_metric_families
+
+from fastagi import metrics as service_metrics
+from fastagi.cli import gather_status, make_store
+from fastagi.emulator import Call, FakeAsterisk
+from fastagi.screening import Screener
+from fastagi.server import FastAGIServer
+from tests.harness import free_port, settings
+from tests.procs import Service, ctl
+
+INJECTED = "562%0A200%20result=1%20(203.0.113.9)%0Aagi_arg_3%3A%20203.0.113.9%0A%0A"
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_scrape_counts_sessions_bans_injections_and_matches_status():
+    async def main():
+        config = settings("memory://")
+        store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
+        metrics = service_metrics.Metrics(store)
+        port = free_port()
+        metrics.serve("127.0.0.1", port)
+        screener = Screener(store, config.screening.ignore, True, 0.75, metrics)
+        server = FastAGIServer(screener, config.server.allowed_clients, 64, 5.0, metrics)
+        host, agi_port = (await server.start("127.0.0.1", 0))[0]
+        target = f"agi://{host}:{agi_port}/screen"
+        asterisk = FakeAsterisk(hold_limit=10)
+        try:
+            results = [
+                (await asterisk.call(target, Call(source="203.0.113.7"))).variables
+                for _ in range(6)
+            ]
+            injected = await asterisk.call(
+                target, Call.from_uri_user(INJECTED, source="198.51.100.4")
+            )
+            ignored = await asterisk.call(target, Call(source="127.0.0.9"))
+            unknown = await asterisk.call(f"agi://{host}:{agi_port}/other", Call())
+            # A client outside allowed_clients (127.0.0.1/32): refused at once.
+            _, writer = await asyncio.open_connection(host, agi_port, local_addr=("127.0.0.2", 0))
+            writer.close()
+            await asyncio.sleep(0.1)
+            samples = await asyncio.to_thread(scrape, port)
+            status = await gather_status(store, config)
+        finally:
+            await server.stop()
+            metrics.close()
+            await store.close()
+        return results, injected, ignored, unknown, samples, status
+
+    results, injected, ignored, unknown, samples, status = asyncio.run(main())
+    assert [r["SCREEN_RESULT"] for r in results] == ["COUNTED"] * 4 + ["BANNED"] * 2
+    assert injected.variables["SCREEN_RESULT"] == "COUNTED"
+    assert ignored.variables["SCREEN_RESULT"] == "IGNORED"
+    assert unknown.variables["SCREEN_ERROR"] == "unknown route"
+
+    def sessions(result: str, route: str = "screen") -> float:
+        return value(samples, "fastagi_sessions_total", route=route, result=result)
+
+    assert sessions("COUNTED") == 5 and sessions("BANNED") == 2 and sessions("IGNORED") == 1
+    assert sessions("ERROR", route="unknown") == 1
+    assert value(samples, "fastagi_bans_issued_total") == 1  # the 5th call; the 6th found it
+    assert value(samples, "fastagi_injection_attempts_total") == 1
+    assert value(samples, "fastagi_sessions_refused_total", reason="client") == 1
+    assert value(samples, "fastagi_sessions_refused_total", reason="busy") == 0
+    assert value(samples, "fastagi_session_duration_seconds_count", route="screen") == 8
+    assert value(samples, "fastagi_store_step_seconds_count") == 7
+    assert value(samples, "fastagi_redis_errors_total", kind="error") == 0
+    assert value(samples, "fastagi_sessions_active") == 0
+    # The cluster's numbers, read as `fastagi-ctl status` reads them.
+    assert value(samples, "fastagi_store_up") == 1
+    assert value(samples, "fastagi_cluster_calls_total") == status["calls"] == 7
+    assert value(samples, "fastagi_cluster_bans_total") == status["banned"]["total"] == 1
+    assert value(samples, "fastagi_cluster_banned") == status["banned"]["current"] == 1
+    assert value(samples, "fastagi_cluster_counted") == status["counted"]["current"] == 1
+    assert (
+        value(samples, "fastagi_cluster_injection_attempts_total") == status["injections"] == 1
+    )
+
+
+def test_agent_hooks_reach_the_running_instance():
+    async def main():
+        metrics = service_metrics.Metrics()
+        port = free_port()
+        metrics.serve("127.0.0.1", port)
+        try:
+            service_metrics.ban_applied("pbx-a", "nftables", 3)
+            service_metrics.ban_lifted("pbx-a", "nftables")
+            service_metrics.firewall_size("pbx-a", "nftables", 2)
+            return await asyncio.to_thread(scrape, port)
+        finally:
+            metrics.close()
+
+    samples = asyncio.run(main())
+    labels = {"pbx_id": "pbx-a", "backend": "nftables"}
+    assert value(samples, "fastagi_firewall_bans_applied_total", **labels) == 3
+    assert value(samples, "fastagi_firewall_bans_lifted_total", **labels) == 1
+    assert value(samples, "fastagi_firewall_set_size", **labels) == 2
+    assert service_metrics.active() is None  # closed: the hooks are no-ops again
+    service_metrics.ban_applied("pbx-a", "nftables")
+
+
+def test_fastagi_ctl_serve_metrics_and_status_tell_the_same_story(tmp_path):
+    metrics_port = free_port()
+    env = {
+        "FASTAGI_RUNTIME_DIR": str(tmp_path),
+        "FASTAGI_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "FASTAGI_SCREENING_THRESHOLD": "3",
+    }
+    with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
+        sim = ctl("simulate", "--target", service.target, "--ip", "203.0.113.50",
+                  "--calls", "4", env=service.env)
+        assert sim.returncode == 0, sim.stderr
+        samples = scrape(metrics_port)
+        status = json.loads(ctl("status", "--json", env=service.env).stdout)
+    assert os.path.exists(tmp_path / "serve.log")
+    assert value(samples, "fastagi_sessions_total", route="screen", result="COUNTED") == 2
+    assert value(samples, "fastagi_sessions_total", route="screen", result="BANNED") == 2
+    assert value(samples, "fastagi_bans_issued_total") == 1
+    assert value(samples, "fastagi_cluster_calls_total") == status["calls"] == 4
+    assert value(samples, "fastagi_cluster_bans_total") == status["banned"]["total"] == 1
+    assert value(samples, "fastagi_cluster_banned") == status["banned"]["current"] == 1
