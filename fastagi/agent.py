@@ -18,6 +18,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.store import Store, StoreError
@@ -119,6 +120,7 @@ class Agent:
         if wanted is not None:
             self.applied = wanted
             self.last_id = last_id  # events after it are applied (again) next
+            self._report()
         self._next_sync = time.monotonic() + self.sync_interval
         log.log(
             logging.INFO if full else logging.DEBUG,
@@ -225,6 +227,16 @@ class Agent:
             self.applied.update(adds)
             self.applied_total += len(adds)
             log.info("applied %d bans: %s", len(adds), " ".join(map(str, list(adds)[:10])))
+        self._report(applied=len(adds), lifted=len(deletes))
+
+    def _report(self, applied: int = 0, lifted: int = 0) -> None:
+        """Feed /metrics (a no-op when metrics are off)."""
+        pbx, backend = self.store.pbx_id, self.firewall.name
+        if applied:
+            metrics.ban_applied(pbx, backend, applied)
+        if lifted:
+            metrics.ban_lifted(pbx, backend, lifted)
+        metrics.firewall_size(pbx, backend, len(self.applied))
 
     async def expire(self) -> None:
         """Lift bans whose time is up, with or without Redis."""
@@ -235,6 +247,7 @@ class Agent:
             for address in due:
                 del self.applied[address]
             log.info("expired %d bans", len(due))
+            self._report(lifted=len(due))
 
     async def heartbeat(self) -> None:
         if time.monotonic() < self._next_heartbeat:

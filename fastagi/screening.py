@@ -151,9 +151,5 @@ class Screener:
             log.error("call from %s not counted: %s", ip, reason)
             return Outcome("ERROR", error="store unavailable")
         if verdict.result == "BANNED":
-            # The Lua step answers BANNED both for the call that reaches the threshold
-            # (count == threshold) and for calls from an address already banned (the
-            # ban record's count, past the threshold).
-            new = verdict.count == self.store.policy.threshold
-            return Outcome("BANNED", verdict.count, verdict.ban_until, new_ban=new)
+            return Outcome("BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban)
         return Outcome("COUNTED", verdict.count)
