@@ -93,8 +93,9 @@ class _LeanSession(asyncio.Protocol):
         lines = self.buffer.split(b"\n")
         self.buffer = lines.pop()
         for raw in lines[:64]:
-            self.transport.write(self.owner.answer(raw.decode(), self.call, self.variables,
-                                                   self.result))
+            self.transport.write(
+                self.owner.answer(raw.decode(), self.call, self.variables, self.result)
+            )
 
     def eof_received(self) -> bool:
         self.transport.write(b"HANGUP\n")  # AGISIGHUP=yes: after the server's close
@@ -376,8 +377,7 @@ async def run(args: argparse.Namespace) -> dict:
     report: dict = {"config": vars(args).copy()}
     if args.hold:
         report["hold"] = {
-            t.name: await hold(t, pools[t.name], args.hold, t.pid, args.hold_limit)
-            for t in targets
+            t.name: await hold(t, pools[t.name], args.hold, t.pid, args.hold_limit) for t in targets
         }
         return report
     runs: dict[str, list[dict]] = {t.name: [] for t in targets}
@@ -394,9 +394,7 @@ async def run(args: argparse.Namespace) -> dict:
             if args.rate:
                 result = await open_loop(load, args.rate, args.duration, args.max_in_flight)
             else:
-                result = await closed_loop(
-                    load, args.concurrency, args.duration, args.max_sessions
-                )
+                result = await closed_loop(load, args.concurrency, args.duration, args.max_sessions)
             n = max(1, result["sessions"])
             result["gen_cpu_us"] = 1e6 * (time.process_time() - cpu[2]) / n
             if target.pid:
@@ -426,7 +424,9 @@ async def _flush(url: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--target", action="append", required=True,
+        "--target",
+        action="append",
+        required=True,
         metavar="NAME=agi://HOST:PORT/ROUTE[|addresses=N][|slowloris=N]",
     )
     parser.add_argument("--concurrency", type=int, default=10)
@@ -437,7 +437,10 @@ def main() -> int:
     parser.add_argument("--slowloris", type=int, default=0)
     parser.add_argument("--hold", type=int, default=0)
     parser.add_argument(
-        "--pid", action="append", default=[], metavar="NAME=PID",
+        "--pid",
+        action="append",
+        default=[],
+        metavar="NAME=PID",
         help="server process of target NAME (or `redis`): CPU time per session",
     )
     parser.add_argument("--hold-limit", type=float, default=20.0)

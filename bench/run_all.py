@@ -69,7 +69,10 @@ class Processes:
     def start(self, name: str, argv: list[str], port: int, env: dict | None = None) -> int:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
             cwd=ROOT,
         )
         self.procs[name] = proc
@@ -99,8 +102,14 @@ class Processes:
             self.stop(name)
 
 
-def start_servers(procs: Processes, redis_url: str, tag: str, session_timeout: str,
-                  metrics_port: int | None, uvloop: bool = False) -> dict[str, tuple[str, int]]:
+def start_servers(
+    procs: Processes,
+    redis_url: str,
+    tag: str,
+    session_timeout: str,
+    metrics_port: int | None,
+    uvloop: bool = False,
+) -> dict[str, tuple[str, int]]:
     """ours, pyst2, pano (and ours on uvloop) on free ports, pinned to the server core:
     name -> (url, pid)."""
     servers = {}
@@ -121,26 +130,49 @@ def start_servers(procs: Processes, redis_url: str, tag: str, session_timeout: s
     if uvloop:
         port = free_port()
         env = {**env, "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{port}", "FASTAGI_METRICS_LISTEN": ""}
-        argv = [sys.executable, str(HERE / "serve_variant.py"), "--uvloop", "--", "serve",
-                "--no-agent"]
+        argv = [
+            sys.executable,
+            str(HERE / "serve_variant.py"),
+            "--uvloop",
+            "--",
+            "serve",
+            "--no-agent",
+        ]
         pid = procs.start(f"ours-uvloop{tag}", pinned(SERVER_CORE, *argv), port, env)
         servers["ours+uvloop"] = (f"agi://127.0.0.1:{port}/screen", pid)
     for name, script in (("pyst2", "pyst2_threads.py"), ("pano", "panoramisk_fastagi.py")):
         port = free_port()
-        argv = pinned(SERVER_CORE, sys.executable, str(HERE / "peers" / script),
-                      "--listen", f"127.0.0.1:{port}", "--redis", redis_url)
+        argv = pinned(
+            SERVER_CORE,
+            sys.executable,
+            str(HERE / "peers" / script),
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--redis",
+            redis_url,
+        )
         servers[name] = (f"agi://127.0.0.1:{port}/screen", procs.start(f"{name}{tag}", argv, port))
     return servers
 
 
-def generate(targets: list[tuple[str, str, int]], redis: tuple[str, int], *options: str,
-             timeout: float = 300) -> dict:
-    argv = [sys.executable, str(HERE / "agi_load.py"), "--json", "--flush", redis[0],
-            "--pid", f"redis={redis[1]}", *options]
+def generate(
+    targets: list[tuple[str, str, int]], redis: tuple[str, int], *options: str, timeout: float = 300
+) -> dict:
+    argv = [
+        sys.executable,
+        str(HERE / "agi_load.py"),
+        "--json",
+        "--flush",
+        redis[0],
+        "--pid",
+        f"redis={redis[1]}",
+        *options,
+    ]
     for name, spec, pid in targets:
         argv += ["--target", f"{name}={spec}", "--pid", f"{name}={pid}"]
-    proc = subprocess.run(pinned(GENERATOR_CORE, *argv), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        pinned(GENERATOR_CORE, *argv), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"generator failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout)
@@ -158,7 +190,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1 s runs, 3 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write every result here")
     parser.add_argument(
-        "--uvloop", action="store_true",
+        "--uvloop",
+        action="store_true",
         help="also run ours on uvloop (bench/serve_variant.py; pip install uvloop)",
     )
     args = parser.parse_args()
@@ -173,13 +206,29 @@ def main() -> int:
     results: dict = {}
     try:
         redis_port = free_port()
-        redis_pid = procs.start("redis", pinned(
-            SERVER_CORE, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(workdir)), redis_port)
+        redis_pid = procs.start(
+            "redis",
+            pinned(
+                SERVER_CORE,
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ),
+            redis_port,
+        )
         redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
         metrics_port = free_port()
-        servers = start_servers(procs, redis[0], "", SESSION_TIMEOUT, metrics_port,
-                                uvloop=args.uvloop)
+        servers = start_servers(
+            procs, redis[0], "", SESSION_TIMEOUT, metrics_port, uvloop=args.uvloop
+        )
         all3 = [(name, url, pid) for name, (url, pid) in servers.items()]
         common = ["--repeats", str(args.repeats), "--duration", str(args.duration)]
 
@@ -192,12 +241,23 @@ def main() -> int:
         idle_time = str(max(args.duration, 4.0))  # > session_timeout: the idle ones close
         results["idle"] = generate(
             [("plain", ours_url, ours_pid), ("idle200", ours_url + "|slowloris=200", ours_pid)],
-            redis, "--concurrency", "10", "--repeats", "3", "--duration", idle_time,
+            redis,
+            "--concurrency",
+            "10",
+            "--repeats",
+            "3",
+            "--duration",
+            idle_time,
         )
         results["addresses"] = generate(
-            [("1k", ours_url + "|addresses=1000", ours_pid),
-             ("1M", ours_url + "|addresses=1000000", ours_pid)],
-            redis, "--concurrency", "10", *common,
+            [
+                ("1k", ours_url + "|addresses=1000", ours_pid),
+                ("1M", ours_url + "|addresses=1000000", ours_pid),
+            ],
+            redis,
+            "--concurrency",
+            "10",
+            *common,
         )
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             scraped = r.read().decode()
@@ -205,14 +265,35 @@ def main() -> int:
 
         # (c) fresh instances, sessions held mid-dialogue (ours with a long session_timeout)
         redis_port = free_port()
-        redis_pid = procs.start("redis-rss", pinned(
-            SERVER_CORE, "redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(workdir)), redis_port)
+        redis_pid = procs.start(
+            "redis-rss",
+            pinned(
+                SERVER_CORE,
+                "redis-server",
+                "--port",
+                str(redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ),
+            redis_port,
+        )
         redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
         fresh = start_servers(procs, redis[0], "-rss", "60s", None)
         results["rss"] = generate(
             [(name, url, pid) for name, (url, pid) in fresh.items()],
-            redis, "--hold", "1000", "--hold-limit", "30", "--addresses", "1000000",
+            redis,
+            "--hold",
+            "1000",
+            "--hold-limit",
+            "30",
+            "--addresses",
+            "1000000",
         )
     finally:
         procs.stop_all()
@@ -248,8 +329,10 @@ def render(results: dict, scraped: str, args: argparse.Namespace, elapsed: float
         )
     if "ours+uvloop" in results["C=10"]["targets"]:
         out.append("")
-        out.append("| load | ours on uvloop sess/s | p50 / p99 ms | vs ours | vs pyst2 | vs pano "
-                   "| CPU us/session |")
+        out.append(
+            "| load | ours on uvloop sess/s | p50 / p99 ms | vs ours | vs pyst2 | vs pano "
+            "| CPU us/session |"
+        )
         out.append("|---|---|---|---|---|---|---|")
         for key in ("C=1", "C=10", "C=100", "open"):
             t = results[key]["targets"]
@@ -260,8 +343,10 @@ def render(results: dict, scraped: str, args: argparse.Namespace, elapsed: float
                 f"| {u['rate'] / t['ours']['rate']:.2f}x | {u['rate'] / t['pyst2']['rate']:.2f}x "
                 f"| {u['rate'] / t['pano']['rate']:.2f}x | {u.get('cpu_us', 0):.0f} |"
             )
-    errors = {k: {n: r["errors"] for n, r in results[k]["targets"].items()}
-              for k in ("C=1", "C=10", "C=100", "open")}
+    errors = {
+        k: {n: r["errors"] for n, r in results[k]["targets"].items()}
+        for k in ("C=1", "C=10", "C=100", "open")
+    }
     out.append("")
     out.append(f"errors per cell: {errors}")
     idle = results["idle"]["targets"]
@@ -287,13 +372,16 @@ def render(results: dict, scraped: str, args: argparse.Namespace, elapsed: float
     )
     rss = results["rss"]["hold"]
     out.append(
-        "(c) RSS with 1,000 sessions held mid-dialogue: " + "; ".join(
+        "(c) RSS with 1,000 sessions held mid-dialogue: "
+        + "; ".join(
             f"{name} {h['rss_idle_mb']} MB idle -> {h['rss_held_mb']} MB "
-            f"({h['held']} held, {h['completed']} completed)" for name, h in rss.items()
+            f"({h['held']} held, {h['completed']} completed)"
+            for name, h in rss.items()
         )
     )
     total = sum(
-        float(line.rsplit(" ", 1)[1]) for line in scraped.splitlines()
+        float(line.rsplit(" ", 1)[1])
+        for line in scraped.splitlines()
         if line.startswith("fastagi_sessions_total{")
     )
     out.append(f"ours /metrics: fastagi_sessions_total = {total:.0f} over the whole run")

@@ -16,8 +16,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.firewall.base import Firewall, FirewallError
@@ -29,8 +27,6 @@ HEARTBEAT_INTERVAL = 5.0
 RETRY_MAX = 5.0
 FULL_EVERY = 10  # every 10th periodic sync rewrites the whole list anyway
 EXPIRE_TICK = 0.5  # seconds between local expiry checks while Redis is away
-BAN_LIST_PAGE = 5000  # ban list entries per Redis read
-MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-applied
 
 
@@ -107,7 +103,7 @@ class Agent:
             full = True
         wanted: dict[IPAddress, float] | None = None
         if full or not await self._count_matches():
-            wanted = self._wanted(await self._ban_list())
+            wanted = self._wanted(await self.store.banned())
         await self._firewall("setup")
         if full and wanted is not None:
             await self._firewall("set", wanted)
@@ -134,43 +130,8 @@ class Agent:
         """The ban list holds as many running bans as we applied (one ZCOUNT): with the
         event stream unbroken (_missed_events), nothing to read then."""
         now = time.time()
-        try:
-            count = await self.store.redis.zcount(
-                self.store.keys.banned, f"({int(now * 1000)}", "+inf"
-            )
-        except (RedisError, OSError) as error:
-            reason = error or type(error).__name__
-            raise StoreError(f"Redis ban list count failed: {reason}") from None
-        return int(count) == sum(1 for until in self.applied.values() if until > now)
-
-    async def _ban_list(self) -> dict[str, float]:
-        """store.banned(), read in pages: one 100,000-entry reply takes longer to read and
-        parse than redis.timeout (250 ms), which made every reconcile of a big list fail.
-        Pages follow the score (the ban end) with an offset among equal scores, so
-        entries added or removed meanwhile shift nothing already read."""
-        redis, key = self.store.redis, self.store.keys.banned
-        low, offset = f"({int(time.time() * 1000)}", 0
-        out: dict[str, float] = {}
-        for _ in range(MAX_PAGES):
-            try:
-                rows = await redis.zrangebyscore(
-                    key, low, "+inf", start=offset, num=BAN_LIST_PAGE, withscores=True
-                )
-            except (RedisError, OSError) as error:
-                raise StoreError(
-                    f"Redis ban list read failed: {error or type(error).__name__}"
-                ) from None
-            for ip, score in rows:
-                out[ip.decode() if isinstance(ip, bytes) else str(ip)] = score / 1000.0
-            if len(rows) < BAN_LIST_PAGE:
-                return out
-            last = f"{int(rows[-1][1])}"
-            ties = sum(1 for _, score in rows if f"{int(score)}" == last)
-            if ties == len(rows) and low == last:
-                offset += ties  # a whole page with one ban end: go on within it
-            else:
-                low, offset = last, ties
-        raise StoreError("Redis ban list read: more than MAX_PAGES pages")
+        count = await self.store.banned_count()
+        return count == sum(1 for until in self.applied.values() if until > now)
 
     async def _intact(self) -> bool:
         check = getattr(self.firewall, "intact", None)

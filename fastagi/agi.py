@@ -191,9 +191,11 @@ class AGISession(AGI):
 
         `send` then other work then `answer` overlaps that work with Asterisk's."""
         answer = await self._answer_lines()
-        if answer.lstrip().startswith("520") and not answer.startswith("520-"):
-            # pyst2 strips the line, and its 520 branch reads on until a line starting
-            # `520`: past the end of a lone `520...` line it would loop forever.
+        match = re_code.search(answer.strip())
+        code = int(match.group(1)) if match and match.group(1) else None
+        if code == 520 and not answer.startswith("520-"):
+            # The code as pyst2 reads it (`0520` is 520): its 520 branch reads on until a
+            # line starting `520`, past the end of a lone line: it would loop forever.
             raise AGIProtocolError("520 answer without its usage block")
         try:
             if answer.startswith("200 "):

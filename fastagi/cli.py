@@ -139,6 +139,7 @@ def make_store(config: Config, client: Any) -> Store:
         Keys(config.redis.key_prefix),
         Policy.from_config(config.screening),
         configuration.pbx_id(config),
+        wait=(config.redis.wait_replicas, config.redis.wait_timeout),
     )
 
 

@@ -56,18 +56,40 @@ def _host_port(value: Any) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            value = int(str(value))
-        except ValueError:
-            raise ValueError(f"{value!r} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{value} must be at least 1")
-    return value
+def _sentinels(value: Any) -> tuple[str, ...]:
+    """Sentinel addresses, each HOST:PORT (an entry without a port would only fail
+    later, inside redis-py, with a traceback)."""
+    entries = _string_list(value)
+    for entry in entries:
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{entry!r} is not HOST:PORT")
+    return entries
+
+
+def _whole(minimum: int) -> Callable[[Any], int]:
+    """A parser of whole numbers of at least `minimum` (a TOML bool is not one)."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            try:
+                value = int(str(value))
+            except ValueError:
+                raise ValueError(f"{value!r} is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
+_positive_int = _whole(1)
+_count = _whole(0)
 
 
 def _factor(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -172,8 +194,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "url": (_redis_url, "memory://"),
         "key_prefix": (_string, "fastagi:"),
         "timeout": (parse_duration, "250ms"),
-        "sentinels": (_string_list, []),
+        "sentinels": (_sentinels, []),
         "sentinel_service": (_string, "mymaster"),
+        # Durability across a failover: after a step that bans, WAIT for this many
+        # replicas to have the ban (0: do not wait), at most wait_timeout.
+        "wait_replicas": (_count, 0),
+        "wait_timeout": (parse_duration, "100ms"),
     },
     "firewall": {
         "backend": (_backend, "dry-run"),
@@ -216,6 +242,8 @@ class RedisConfig:
     timeout: float
     sentinels: tuple[str, ...]
     sentinel_service: str
+    wait_replicas: int = 0
+    wait_timeout: float = 0.1
 
 
 @dataclass(frozen=True)

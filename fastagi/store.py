@@ -8,8 +8,10 @@ fakeredis server (see embedded.py). Any Redis trouble becomes one `StoreError`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterable
@@ -17,17 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never retries a coroutine
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
 
+log = logging.getLogger("fastagi.store")
+
 EVENTS_MAXLEN = 10_000  # agents further behind than this do a full reconcile
 UNBAN_BATCH = 500
+BAN_LIST_PAGE = 5000  # ban list entries per Redis read
+MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 
 
@@ -106,11 +112,25 @@ def _text(value: Any) -> str:
 class Store:
     """Counts, bans and events for one cluster (one Redis, one key prefix)."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, policy: Policy, pbx_id: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        policy: Policy,
+        pbx_id: str,
+        wait: tuple[int, float] | None = None,
+    ) -> None:
         self.redis = client
         self.keys = keys
         self.policy = policy
         self.pbx_id = pbx_id
+        # (replicas, timeout s): after a step that bans, WAIT until that many replicas
+        # hold it, so a failover (which promotes a replica) cannot lose the ban.
+        replicas, wait_timeout = wait or (0, 0.1)
+        self.wait_replicas = int(replicas)
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
+        self.unreplicated_bans = 0  # bans WAIT could not confirm (logged)
+        self.unreplicated_recent: collections.deque[str] = collections.deque(maxlen=1000)
         self._screen = client.register_script(lua.SCREEN)
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
@@ -141,10 +161,48 @@ class Store:
             EVENTS_MAXLEN,
             p.history_ms,
         ]
-        result, count, until, new_ban = await self._call(
-            "screening step", self._screen(keys=self._step_keys(ip), args=args)
-        )
+        if not self.wait_replicas:
+            result, count, until, new_ban = await self._call(
+                "screening step", self._screen(keys=self._step_keys(ip), args=args)
+            )
+            return Verdict(_text(result), int(count), int(until) / 1000.0, bool(new_ban))
+        # WAIT counts the writes of its own connection: one connection for both.
+        async with self._one_connection("screening step") as conn:
+            result, count, until, new_ban = await self._call(
+                "screening step", self._screen(keys=self._step_keys(ip), args=args, client=conn)
+            )
+            if _text(result) == "BANNED":
+                # Every BANNED answer, not only the new ban: a step retried after a
+                # timeout answers "already banned" for a ban that may not have reached
+                # a replica yet.
+                await self._replicated(conn, ip)
         return Verdict(_text(result), int(count), int(until) / 1000.0, bool(new_ban))
+
+    @contextlib.asynccontextmanager
+    async def _one_connection(self, what: str):
+        """A client pinned to one pooled connection; releasing it cannot raise past us."""
+        conn = self.redis.client()
+        try:
+            yield conn
+        finally:
+            try:
+                await conn.aclose()
+            except (RedisError, OSError) as error:
+                raise StoreError(f"Redis {what} failed: {error or type(error).__name__}") from None
+
+    async def _replicated(self, conn: aioredis.Redis, ip: str) -> None:
+        """WAIT until `wait_replicas` replicas hold this connection's writes (the ban)."""
+        acked = await self._call("WAIT", conn.wait(self.wait_replicas, self.wait_timeout_ms))
+        if int(acked) < self.wait_replicas:
+            self.unreplicated_bans += 1
+            self.unreplicated_recent.append(ip)
+            log.warning(
+                "ban of %s reached %d of %d replicas within %d ms: a failover now could lose it",
+                ip,
+                int(acked),
+                self.wait_replicas,
+                self.wait_timeout_ms,
+            )
 
     async def ban(self, ip: str, duration: float | None, reason: str) -> float:
         """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
@@ -160,7 +218,14 @@ class Store:
             EVENTS_MAXLEN,
             p.history_ms,
         ]
-        until = await self._call("ban", self._ban(keys=self._step_keys(ip), args=args))
+        if not self.wait_replicas:
+            until = await self._call("ban", self._ban(keys=self._step_keys(ip), args=args))
+            return int(until) / 1000.0
+        async with self._one_connection("ban") as conn:
+            until = await self._call(
+                "ban", self._ban(keys=self._step_keys(ip), args=args, client=conn)
+            )
+            await self._replicated(conn, ip)
         return int(until) / 1000.0
 
     async def unban(self, ips: Iterable[str]) -> list[str]:
@@ -183,13 +248,46 @@ class Store:
         return await self.unban(list(await self.banned()))
 
     async def banned(self) -> dict[str, float]:
-        """The ban list: address -> ban end (unix s), expired entries left out."""
+        """The ban list: address -> ban end (unix s), expired entries left out.
+
+        Read in pages: one 100,000-entry reply takes longer than `redis.timeout` to
+        read and parse. Pages follow the score (the ban end) with an offset among
+        equal scores, so entries added or removed meanwhile shift nothing already read.
+        """
+        low, offset = f"({int(time.time() * 1000)}", 0
+        out: dict[str, float] = {}
+        for _ in range(MAX_PAGES):
+            rows = await self._call(
+                "ban list read",
+                self.redis.zrangebyscore(
+                    self.keys.banned,
+                    low,
+                    "+inf",
+                    start=offset,
+                    num=BAN_LIST_PAGE,
+                    withscores=True,
+                ),
+            )
+            for ip, score in rows:
+                out[_text(ip)] = score / 1000.0
+            if len(rows) < BAN_LIST_PAGE:
+                return out
+            last = f"{int(rows[-1][1])}"
+            ties = sum(1 for _, score in rows if f"{int(score)}" == last)
+            if ties == len(rows) and low == last:
+                offset += ties  # a whole page with one ban end: go on within it
+            else:
+                low, offset = last, ties
+        raise StoreError(f"Redis ban list read: more than {MAX_PAGES} pages")
+
+    async def banned_count(self) -> int:
+        """How many bans are running, in one ZCOUNT."""
         now_ms = int(time.time() * 1000)
-        rows = await self._call(
-            "ban list read",
-            self.redis.zrangebyscore(self.keys.banned, f"({now_ms}", "+inf", withscores=True),
+        return int(
+            await self._call(
+                "ban list count", self.redis.zcount(self.keys.banned, f"({now_ms}", "+inf")
+            )
         )
-        return {_text(ip): score / 1000.0 for ip, score in rows}
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""

@@ -46,9 +46,7 @@ def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Co
 
 
 @contextlib.asynccontextmanager
-async def running_server(
-    redis_url: str = "memory://", **overrides: str
-) -> AsyncIterator[Running]:
+async def running_server(redis_url: str = "memory://", **overrides: str) -> AsyncIterator[Running]:
     """A server on a free port; memory:// gives a private in-process fakeredis."""
     config = settings(redis_url, **overrides)
     if redis_url.startswith("memory://"):
@@ -70,4 +68,3 @@ async def running_server(
     finally:
         await server.stop()
         await store.close()
-

@@ -13,11 +13,16 @@ from pathlib import Path
 from tests.harness import free_port
 
 
-def ctl(*args: str, env: Mapping[str, str] | None = None, timeout: float = 30,
-        stdin: str | None = None) -> subprocess.CompletedProcess:
+def ctl(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 30, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fastagi.cli", *args],
-        capture_output=True, text=True, timeout=timeout, env=_env(env), input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(env),
+        input=stdin,
     )
 
 
@@ -37,7 +42,9 @@ class Service:
         out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastagi.cli", "serve", *args],
-            env=_env(self.env), stdout=out, stderr=out,
+            env=_env(self.env),
+            stdout=out,
+            stderr=out,
         )
         self._wait_listening()
 

@@ -120,5 +120,4 @@ def test_agent_that_missed_trimmed_events_reconciles(redis_url):
         await store.close()
         return _ips(firewall)
 
-    assert asyncio.run(main()) == {"198.51.100.6", "198.51.100.7", "198.51.100.8",
-                                   "198.51.100.9"}
+    assert asyncio.run(main()) == {"198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9"}

@@ -19,25 +19,31 @@ def _one_line(result) -> str:
 
 @pytest.fixture
 def embedded(tmp_path):
-    env = {"FASTAGI_RUNTIME_DIR": str(tmp_path / "run"),
-           "FASTAGI_SCREENING_THRESHOLD": "3", "FASTAGI_SCREENING_PBX_ID": "pbx-a"}
+    env = {
+        "FASTAGI_RUNTIME_DIR": str(tmp_path / "run"),
+        "FASTAGI_SCREENING_THRESHOLD": "3",
+        "FASTAGI_SCREENING_PBX_ID": "pbx-a",
+    }
     with Service(env, log=tmp_path / "serve.log") as service:
         yield service
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["ban", "1.2.3"], "not an IP address"),
-    (["ban", "203.0.113.5", "--for", "ten minutes"], "--for"),
-    (["ban", "127.0.0.9"], "screening.ignore"),
-    (["ban", "::1"], "screening.ignore"),
-    (["unban"], "--all"),
-    (["unban", "203.0.113.5", "garbage"], "not an IP address"),
-    (["status", "999.1.1.1"], "not an IP address"),
-    (["simulate", "--ip", "nope"], "--ip"),
-    (["serve", "--firewall", "pf"], "--firewall: unknown backend 'pf'"),
-    (["serve", "--listen", "localhost"], "--listen"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["ban", "1.2.3"], "not an IP address"),
+        (["ban", "203.0.113.5", "--for", "ten minutes"], "--for"),
+        (["ban", "127.0.0.9"], "screening.ignore"),
+        (["ban", "::1"], "screening.ignore"),
+        (["unban"], "--all"),
+        (["unban", "203.0.113.5", "garbage"], "not an IP address"),
+        (["status", "999.1.1.1"], "not an IP address"),
+        (["simulate", "--ip", "nope"], "--ip"),
+        (["serve", "--firewall", "pf"], "--firewall: unknown backend 'pf'"),
+        (["serve", "--listen", "localhost"], "--listen"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(args, fragment, tmp_path):
     result = ctl(*args, env={"FASTAGI_RUNTIME_DIR": str(tmp_path)})
     assert result.returncode == 2
@@ -45,17 +51,20 @@ def test_bad_input_exits_2_with_one_line(args, fragment, tmp_path):
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("toml,fragment", [
-    ("[screening]\nthreshold = 'abc'\n", "screening.threshold"),
-    ("[screening]\nwindow = '10 minutes'\n", "screening.window"),
-    ("[screening]\nignore = ['10.0.0.0/33']\n", "screening.ignore"),
-    ("[screening]\nmaxretry = 3\n", "screening.maxretry: unknown key"),
-    ("[jail]\nx = 1\n", "[jail]: unknown section"),
-    ("[redis]\nurl = 'http://x'\n", "redis.url"),
-    ("[server]\nmax_sessions = 0\n", "server.max_sessions"),
-    ("[firewall]\nports = ['5060/sctp']\n", "firewall.ports"),
-    ("not toml at all = = =\n", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "toml,fragment",
+    [
+        ("[screening]\nthreshold = 'abc'\n", "screening.threshold"),
+        ("[screening]\nwindow = '10 minutes'\n", "screening.window"),
+        ("[screening]\nignore = ['10.0.0.0/33']\n", "screening.ignore"),
+        ("[screening]\nmaxretry = 3\n", "screening.maxretry: unknown key"),
+        ("[jail]\nx = 1\n", "[jail]: unknown section"),
+        ("[redis]\nurl = 'http://x'\n", "redis.url"),
+        ("[server]\nmax_sessions = 0\n", "server.max_sessions"),
+        ("[firewall]\nports = ['5060/sctp']\n", "firewall.ports"),
+        ("not toml at all = = =\n", "not valid TOML"),
+    ],
+)
 def test_bad_config_exits_2_naming_the_key(toml, fragment, tmp_path):
     path = tmp_path / "fastagi.toml"
     path.write_text(toml)
@@ -91,8 +100,7 @@ def test_embedded_mode_across_shells(embedded):
     sim = ctl("simulate", "--ip", "203.0.113.40", "--calls", "2", env=env)
     assert sim.returncode == 0, sim.stderr
     assert "SCREEN_RESULT=COUNTED" in sim.stdout and "SCREEN_COUNT=2" in sim.stdout
-    assert ctl("ban", "203.0.113.41", "--for", "10m", "--reason", "manual",
-               env=env).returncode == 0
+    assert ctl("ban", "203.0.113.41", "--for", "10m", "--reason", "manual", env=env).returncode == 0
     status = ctl("status", "--json", env=env)
     assert status.returncode == 0
     report = json.loads(status.stdout)
@@ -126,7 +134,10 @@ def test_unban_all_and_ipv6(embedded):
         assert ctl("ban", ip, env=env).returncode == 0
     report = json.loads(ctl("status", "--json", env=env).stdout)
     assert sorted(b["ip"] for b in report["banned"]["list"]) == [
-        "2001:db8::41", "2001:db8::42", "203.0.113.44"]
+        "2001:db8::41",
+        "2001:db8::42",
+        "203.0.113.44",
+    ]
     result = ctl("unban", "--all", env=env)
     assert result.returncode == 0 and "3 bans lifted" in result.stdout
     assert json.loads(ctl("status", "--json", env=env).stdout)["banned"]["current"] == 0

@@ -8,10 +8,20 @@ from fastagi.addresses import AddressError, parse_address
 from fastagi.config import ConfigError, load, parse_duration
 
 
-@pytest.mark.parametrize("text,seconds", [
-    ("250ms", 0.25), ("30s", 30), ("10m", 600), ("1h", 3600), ("1d", 86400),
-    ("1w", 604800), ("45", 45), (90, 90), ("1.5h", 5400),
-])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("10m", 600),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("1w", 604800),
+        ("45", 45),
+        (90, 90),
+        ("1.5h", 5400),
+    ],
+)
 def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -33,8 +43,10 @@ def test_defaults_are_the_embedded_mode():
 def test_file_then_environment_override(tmp_path):
     path = tmp_path / "f.toml"
     path.write_text('[screening]\nthreshold = 7\nignore = ["10.0.0.0/8"]\n')
-    config = load(str(path), {"FASTAGI_SCREENING_THRESHOLD": "9",
-                              "FASTAGI_FIREWALL_PORTS": '["5060/udp", "5061/tcp"]'})
+    config = load(
+        str(path),
+        {"FASTAGI_SCREENING_THRESHOLD": "9", "FASTAGI_FIREWALL_PORTS": '["5060/udp", "5061/tcp"]'},
+    )
     assert config.screening.threshold == 9
     assert parse_address("10.1.2.3") in config.screening.ignore
     assert config.firewall.ports == ("5060/udp", "5061/tcp")
@@ -51,17 +63,34 @@ def test_inconsistent_values_are_refused():
         load(None, {"FASTAGI_SCREENING_BAN_TIME": "2w"})
 
 
-@pytest.mark.parametrize("text,canonical", [
-    ("203.0.113.9", "203.0.113.9"), ("203.0.113.9:5060", "203.0.113.9"),
-    ("[2001:db8::9]:5060", "2001:db8::9"), ("2001:DB8::9", "2001:db8::9"),
-    ("::ffff:203.0.113.9", "203.0.113.9"), ("[::ffff:203.0.113.9]:5060", "203.0.113.9"),
-])
+@pytest.mark.parametrize(
+    "text,canonical",
+    [
+        ("203.0.113.9", "203.0.113.9"),
+        ("203.0.113.9:5060", "203.0.113.9"),
+        ("[2001:db8::9]:5060", "2001:db8::9"),
+        ("2001:DB8::9", "2001:db8::9"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
+        ("[::ffff:203.0.113.9]:5060", "203.0.113.9"),
+    ],
+)
 def test_addresses_have_one_spelling(text, canonical):
     assert str(parse_address(text)) == canonical
 
 
-@pytest.mark.parametrize("text", ["", "1.2.3", "203.0.113.9:99999", "[2001:db8::9",
-                                  "fe80::1%eth0", "a" * 100, "1.2.3.4:5:6", "203.0.113.9:"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "1.2.3",
+        "203.0.113.9:99999",
+        "[2001:db8::9",
+        "fe80::1%eth0",
+        "a" * 100,
+        "1.2.3.4:5:6",
+        "203.0.113.9:",
+    ],
+)
 def test_garbage_addresses_are_refused(text):
     with pytest.raises(AddressError):
         parse_address(text)

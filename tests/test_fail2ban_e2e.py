@@ -30,8 +30,10 @@ def _fastagi_ctl() -> str:
 
 def _line(ip: str) -> str:
     stamp = time.strftime("%b %e %T")
-    return (f"[{stamp}] NOTICE[28502] chan_sip.c: Registration from '<sip:100@127.0.0.1>' "
-            f"failed for '{ip}:5060' - Wrong password\n")
+    return (
+        f"[{stamp}] NOTICE[28502] chan_sip.c: Registration from '<sip:100@127.0.0.1>' "
+        f"failed for '{ip}:5060' - Wrong password\n"
+    )
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:
@@ -70,7 +72,8 @@ def test_fail2ban_bans_reach_the_shared_list_and_its_unban_lifts_them(tmp_path, 
     )
     server = subprocess.Popen(
         [SERVER, "-f", "-x", "-c", str(conf), "-s", str(sock), "-p", str(pid)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     env = {"FASTAGI_CONFIG": str(fastagi_toml)}
     try:
@@ -84,13 +87,13 @@ def test_fail2ban_bans_reach_the_shared_list_and_its_unban_lifts_them(tmp_path, 
         status = json.loads(ctl("status", "198.51.100.77", "--json", env=env).stdout)
         assert status["history"]["reason"] == f"f2b-{JAIL}"
         assert 590 <= status["until"] - time.time() <= 601
-        unban = [CLIENT, "-c", str(conf), "-s", str(sock), "set", JAIL, "unbanip",
-                 "198.51.100.77"]
+        unban = [CLIENT, "-c", str(conf), "-s", str(sock), "set", JAIL, "unbanip", "198.51.100.77"]
         assert subprocess.run(unban, capture_output=True, timeout=30).returncode == 0
         assert _wait(lambda: _banned(env) == [])
     finally:
-        subprocess.run([CLIENT, "-c", str(conf), "-s", str(sock), "stop"],
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            [CLIENT, "-c", str(conf), "-s", str(sock), "stop"], capture_output=True, timeout=30
+        )
         try:
             server.wait(15)
         except subprocess.TimeoutExpired:

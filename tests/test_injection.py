@@ -29,7 +29,7 @@ SECTIONS = {
     4: "558%22quote",
     5: "556%0D%0A[Nov%2024%2022",
     7: "562%0A200%20result=1%20(203.0.113.9)%0Aagi_arg_3%3A%20203.0.113.9"
-       "%0A%0A200%20result=1%20(203.0.113.9)",
+    "%0A%0A200%20result=1%20(203.0.113.9)",
 }
 # Variants derived from them: several forged lines, forged answers after the blank
 # line, forged keys that precede agi_dnid in a real block, HANGUP and 520 lookalikes.
@@ -49,8 +49,9 @@ def test_captured_bytes_of_sections_2_and_7_are_what_the_emulator_sends():
         (2, "127.0.0.15", 0x4A, "1795558206.88", "inject-section2.bin"),
         (7, "127.0.0.18", 0x4E, "1795558274.92", "inject-section7.bin"),
     ]:
-        call = Call.from_uri_user(SECTIONS[section], source=peer, agi_args=SEED_ARGS,
-                                  uniqueid=unique)
+        call = Call.from_uri_user(
+            SECTIONS[section], source=peer, agi_args=SEED_ARGS, uniqueid=unique
+        )
         port = 4573 if section == 2 else 4577
         first, second = environment_block(call, f"agi://127.0.0.1:{port}/screen", serial)
         assert (first + second).startswith((DATA / name).read_bytes())
@@ -74,18 +75,25 @@ async def _screen_all(srv, calls):
     return [await srv.call(call) for call in calls]
 
 
-@pytest.mark.parametrize("channel_type,source", [
-    ("SIP", "192.0.2.17"), ("PJSIP", "192.0.2.18"), ("PJSIP", "2001:db8::18"),
-])
+@pytest.mark.parametrize(
+    "channel_type,source",
+    [
+        ("SIP", "192.0.2.17"),
+        ("PJSIP", "192.0.2.18"),
+        ("PJSIP", "2001:db8::18"),
+    ],
+)
 def test_every_captured_injection_counts_only_the_true_caller(channel_type, source):
     users = list(SECTIONS.values()) + VARIANTS
     repeats = 5
 
     async def main():
         async with running_server(SCREENING_THRESHOLD="1000") as srv:
-            calls = [Call.from_uri_user(u, source=source, channel_type=channel_type,
-                                        agi_args=SEED_ARGS)
-                     for u in users for _ in range(repeats)]
+            calls = [
+                Call.from_uri_user(u, source=source, channel_type=channel_type, agi_args=SEED_ARGS)
+                for u in users
+                for _ in range(repeats)
+            ]
             results = await _screen_all(srv, calls)
             return results, await srv.store.counted(), await srv.store.totals(), srv
 
@@ -104,8 +112,11 @@ def test_forged_source_argument_on_a_local_channel_is_refused():
 
     async def main():
         async with running_server() as srv:
-            call = Call.from_uri_user("9%0Aagi_arg_1%3A%20203.0.113.9%0A%0A",
-                                      channel_type="Local", agi_args="192.0.2.30,${EXTEN}")
+            call = Call.from_uri_user(
+                "9%0Aagi_arg_1%3A%20203.0.113.9%0A%0A",
+                channel_type="Local",
+                agi_args="192.0.2.30,${EXTEN}",
+            )
             return await srv.call(call), await srv.store.counted()
 
     result, counted = asyncio.run(main())
@@ -116,8 +127,10 @@ def test_forged_source_argument_on_a_local_channel_is_refused():
 def test_injected_threshold_worth_of_calls_bans_the_caller_not_the_forged_address():
     async def main():
         async with running_server(SCREENING_THRESHOLD="3") as srv:
-            calls = [Call.from_uri_user(SECTIONS[7], source="192.0.2.19", agi_args=SEED_ARGS)
-                     for _ in range(3)]
+            calls = [
+                Call.from_uri_user(SECTIONS[7], source="192.0.2.19", agi_args=SEED_ARGS)
+                for _ in range(3)
+            ]
             results = await _screen_all(srv, calls)
             return results, await srv.store.banned()
 
@@ -127,20 +140,43 @@ def test_injected_threshold_worth_of_calls_bans_the_caller_not_the_forged_addres
 
 
 DIALED = st.lists(
-    st.sampled_from([*"0123456789+*#abc .:", "\n", "\r", ",", '"', "(", ")", "%",
-                     "200 result=1 (", "agi_arg_1: ", "203.0.113.9", "HANGUP", "\n\n"]),
+    st.sampled_from(
+        [
+            *"0123456789+*#abc .:",
+            "\n",
+            "\r",
+            ",",
+            '"',
+            "(",
+            ")",
+            "%",
+            "200 result=1 (",
+            "agi_arg_1: ",
+            "203.0.113.9",
+            "HANGUP",
+            "\n\n",
+        ]
+    ),
     max_size=40,
 ).map("".join)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(dialed=DIALED, channel_type=st.sampled_from(["SIP", "PJSIP"]))
 def test_any_dialed_number_counts_exactly_the_caller(dialed, channel_type):
     async def main():
         async with running_server(SCREENING_THRESHOLD="1000") as srv:
-            call = Call(exten=dialed[:79], dnid=dialed, source="192.0.2.77",
-                        channel_type=channel_type, agi_args=SEED_ARGS)
+            call = Call(
+                exten=dialed[:79],
+                dnid=dialed,
+                source="192.0.2.77",
+                channel_type=channel_type,
+                agi_args=SEED_ARGS,
+            )
             result = await srv.call(call)
             return result, await srv.store.counted()
 

@@ -95,9 +95,7 @@ def test_scrape_counts_sessions_bans_injections_and_matches_status():
     assert value(samples, "fastagi_cluster_bans_total") == status["banned"]["total"] == 1
     assert value(samples, "fastagi_cluster_banned") == status["banned"]["current"] == 1
     assert value(samples, "fastagi_cluster_counted") == status["counted"]["current"] == 1
-    assert (
-        value(samples, "fastagi_cluster_injection_attempts_total") == status["injections"] == 1
-    )
+    assert value(samples, "fastagi_cluster_injection_attempts_total") == status["injections"] == 1
 
 
 def test_agent_hooks_reach_the_running_instance():
@@ -130,8 +128,16 @@ def test_fastagi_ctl_serve_metrics_and_status_tell_the_same_story(tmp_path):
         "FASTAGI_SCREENING_THRESHOLD": "3",
     }
     with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
-        sim = ctl("simulate", "--target", service.target, "--ip", "203.0.113.50",
-                  "--calls", "4", env=service.env)
+        sim = ctl(
+            "simulate",
+            "--target",
+            service.target,
+            "--ip",
+            "203.0.113.50",
+            "--calls",
+            "4",
+            env=service.env,
+        )
         assert sim.returncode == 0, sim.stderr
         samples = scrape(metrics_port)
         status = json.loads(ctl("status", "--json", env=service.env).stdout)

@@ -23,8 +23,9 @@ SEED_NOTICE = (
 
 def _shape(line: str) -> str:
     """A log line without its date, thread id and call id."""
-    return re.sub(r"^\[[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d\] (\w+)\[\d+\]\[C-[0-9a-f]{8}\]",
-                  r"\1", line)
+    return re.sub(
+        r"^\[[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d\] (\w+)\[\d+\]\[C-[0-9a-f]{8}\]", r"\1", line
+    )
 
 
 def test_emulator_writes_the_captured_environment_block_byte_for_byte():
@@ -56,7 +57,11 @@ def test_threshold_bans_and_later_calls_are_banned_at_once():
 
     results, banned = asyncio.run(main())
     assert [r.variables["SCREEN_RESULT"] for r in results] == [
-        "COUNTED", "COUNTED", "BANNED", "BANNED"]
+        "COUNTED",
+        "COUNTED",
+        "BANNED",
+        "BANNED",
+    ]
     assert [r.variables["SCREEN_COUNT"] for r in results] == ["1", "2", "3", "4"]
     until = int(results[2].variables["SCREEN_BAN_UNTIL"])
     assert abs(until - (time.time() + 3600)) < 5
@@ -68,8 +73,10 @@ def test_threshold_bans_and_later_calls_are_banned_at_once():
 def test_repeat_offender_ban_time_grows_by_the_factor_and_is_capped():
     async def main():
         async with running_server(
-            SCREENING_THRESHOLD="1", SCREENING_BAN_TIME="1h",
-            SCREENING_BAN_TIME_FACTOR="3", SCREENING_BAN_TIME_MAX="5h",
+            SCREENING_THRESHOLD="1",
+            SCREENING_BAN_TIME="1h",
+            SCREENING_BAN_TIME_FACTOR="3",
+            SCREENING_BAN_TIME_MAX="5h",
         ) as srv:
             lengths = []
             for _ in range(4):
@@ -87,8 +94,9 @@ def test_repeat_offender_ban_time_grows_by_the_factor_and_is_capped():
 
 def test_ignored_addresses_are_never_counted():
     async def main():
-        async with running_server(SCREENING_IGNORE='["203.0.113.0/24", "2001:db8:1::/48"]',
-                                  SCREENING_THRESHOLD="1") as srv:
+        async with running_server(
+            SCREENING_IGNORE='["203.0.113.0/24", "2001:db8:1::/48"]', SCREENING_THRESHOLD="1"
+        ) as srv:
             v4 = await srv.call(Call(source="203.0.113.200"))
             v6 = await srv.call(Call(source="2001:db8:1::7", channel_type="PJSIP"))
             return v4, v6, await srv.store.banned(), await srv.store.counted()
@@ -109,15 +117,15 @@ def test_pjsip_ipv6_address_comes_from_remote_addr_without_port_or_brackets():
     result, counted = asyncio.run(main())
     assert result.variables["SCREEN_RESULT"] == "COUNTED"
     assert counted == {"2001:db8::9": 1}
-    assert result.log[0].endswith(
-        "failed for 2001:db8::9 - Unknown connection from peer")
+    assert result.log[0].endswith("failed for 2001:db8::9 - Unknown connection from peer")
 
 
 def test_source_argument_is_used_only_for_channels_without_an_address():
     async def main():
         async with running_server() as srv:
-            local = await srv.call(Call(channel_type="Local", exten="5550001",
-                                        agi_args="192.0.2.44:5060,${EXTEN}"))
+            local = await srv.call(
+                Call(channel_type="Local", exten="5550001", agi_args="192.0.2.44:5060,${EXTEN}")
+            )
             # On a SIP channel, a SOURCE argument is ignored: Asterisk's answer wins.
             sip = await srv.call(Call(source="192.0.2.45", agi_args="198.51.100.99"))
             missing = await srv.call(Call(channel_type="Local"))
@@ -147,8 +155,9 @@ def test_unknown_route_sets_error_and_counts_nothing():
 def test_caller_hangup_mid_session_is_still_counted():
     async def main():
         async with running_server() as srv:
-            return await srv.call(Call(source="192.0.2.51", hangup_after=0.0)), \
-                await srv.store.counted()
+            return await srv.call(
+                Call(source="192.0.2.51", hangup_after=0.0)
+            ), await srv.store.counted()
 
     result, counted = asyncio.run(main())
     assert result.agistatus == "HANGUP"
@@ -200,8 +209,10 @@ def test_sessions_over_max_sessions_are_answered_and_closed_at_once():
 def test_no_command_is_pipelined_or_ends_in_crlf(channel_type):
     async def main():
         async with running_server(SCREENING_THRESHOLD="2") as srv:
-            return [await srv.call(Call(source="192.0.2.60", channel_type=channel_type))
-                    for _ in range(3)]
+            return [
+                await srv.call(Call(source="192.0.2.60", channel_type=channel_type))
+                for _ in range(3)
+            ]
 
     for result in asyncio.run(main()):
         assert result.pipelined == 0 and result.crlf == 0
@@ -216,8 +227,14 @@ def test_emulator_answers_like_asterisk():
         while (line := await reader.readline()) != b"\n":
             lines.append(line)
         answers = []
-        for command in [b"FOOBAR\n", b"GET VARIABLE CHANNEL(recvip)\n", b"GET VARIABLE\n",
-                        b"HANGUP\n", b"ANSWER\n", b'EXEC Log "NOTICE,hi there"\n']:
+        for command in [
+            b"FOOBAR\n",
+            b"GET VARIABLE CHANNEL(recvip)\n",
+            b"GET VARIABLE\n",
+            b"HANGUP\n",
+            b"ANSWER\n",
+            b'EXEC Log "NOTICE,hi there"\n',
+        ]:
             writer.write(command)
             answer = await reader.readline()
             if answer.startswith(b"520-"):

@@ -32,8 +32,7 @@ def test_half_env_block_then_silence_is_closed_by_session_timeout():
 
 def test_500_idle_connections_all_closed_by_session_timeout_while_calls_are_served():
     async def main():
-        async with running_server(SERVER_SESSION_TIMEOUT="2s",
-                                  SERVER_MAX_SESSIONS="600") as srv:
+        async with running_server(SERVER_SESSION_TIMEOUT="2s", SERVER_MAX_SESSIONS="600") as srv:
             port = int(srv.target.split(":")[2].split("/")[0])
             idle = []
             for _ in range(500):
@@ -42,7 +41,8 @@ def test_500_idle_connections_all_closed_by_session_timeout_while_calls_are_serv
             served = [await srv.call(Call(source="192.0.2.81")) for _ in range(20)]
             serve_time = time.monotonic() - started
             closed = await asyncio.gather(
-                *(asyncio.wait_for(reader.read(), 4) for reader, _ in idle))
+                *(asyncio.wait_for(reader.read(), 4) for reader, _ in idle)
+            )
             all_closed_after = time.monotonic() - started
             for _, writer in idle:
                 writer.close()

@@ -15,15 +15,24 @@ from tests.procs import Service
 
 def test_two_servers_200_concurrent_sessions_make_exactly_one_ban(redis_url, tmp_path):
     # atomicity, not latency: a generous Redis budget so a loaded CI machine cannot fail it
-    env = {"FASTAGI_REDIS_URL": redis_url, "FASTAGI_SCREENING_THRESHOLD": "50",
-           "FASTAGI_REDIS_TIMEOUT": "1s",
-           "FASTAGI_SERVER_MAX_SESSIONS": "512", "FASTAGI_SCREENING_PBX_ID": "pbx"}
-    with Service({**env, "FASTAGI_SCREENING_PBX_ID": "pbx1"}, "--no-agent") as one, \
-            Service({**env, "FASTAGI_SCREENING_PBX_ID": "pbx2"}, "--no-agent") as two:
+    env = {
+        "FASTAGI_REDIS_URL": redis_url,
+        "FASTAGI_SCREENING_THRESHOLD": "50",
+        "FASTAGI_REDIS_TIMEOUT": "1s",
+        "FASTAGI_SERVER_MAX_SESSIONS": "512",
+        "FASTAGI_SCREENING_PBX_ID": "pbx",
+    }
+    with (
+        Service({**env, "FASTAGI_SCREENING_PBX_ID": "pbx1"}, "--no-agent") as one,
+        Service({**env, "FASTAGI_SCREENING_PBX_ID": "pbx2"}, "--no-agent") as two,
+    ):
+
         async def main():
             emulator = FakeAsterisk(hold_limit=20)
-            calls = [emulator.call((one, two)[n % 2].target, Call(source="198.51.100.200"))
-                     for n in range(200)]
+            calls = [
+                emulator.call((one, two)[n % 2].target, Call(source="198.51.100.200"))
+                for n in range(200)
+            ]
             return await asyncio.gather(*calls)
 
         results = asyncio.run(main())
@@ -45,8 +54,9 @@ def test_two_servers_200_concurrent_sessions_make_exactly_one_ban(redis_url, tmp
 
 def test_redis_stopped_mid_run_fails_open_fast_and_recovers_without_restart(own_redis):
     async def main():
-        async with running_server(own_redis.url, SERVER_SESSION_TIMEOUT="2s",
-                                  REDIS_TIMEOUT="200ms") as srv:
+        async with running_server(
+            own_redis.url, SERVER_SESSION_TIMEOUT="2s", REDIS_TIMEOUT="200ms"
+        ) as srv:
             before = await srv.call(Call(source="192.0.2.70"))
             own_redis.stop()
             outage = []
@@ -72,14 +82,16 @@ def test_hung_redis_still_answers_asterisk_within_session_timeout(own_redis):
     """A Redis that accepts but never answers (SIGSTOP) must not hold the call."""
 
     async def main():
-        async with running_server(own_redis.url, SERVER_SESSION_TIMEOUT="1500ms",
-                                  REDIS_TIMEOUT="200ms") as srv:
+        async with running_server(
+            own_redis.url, SERVER_SESSION_TIMEOUT="1500ms", REDIS_TIMEOUT="200ms"
+        ) as srv:
             await srv.call(Call(source="192.0.2.71"))
             own_redis.proc.send_signal(19)  # SIGSTOP
             try:
                 started = time.monotonic()
                 results = await asyncio.gather(
-                    *(srv.call(Call(source="192.0.2.71")) for _ in range(20)))
+                    *(srv.call(Call(source="192.0.2.71")) for _ in range(20))
+                )
                 took = time.monotonic() - started
             finally:
                 own_redis.proc.send_signal(18)  # SIGCONT

@@ -1,0 +1,242 @@
+"""Table-driven bad input: every config key with a wrong value, unknown keys and
+sections, and bad command lines for every subcommand. Each one: `fastagi-ctl` exits 2
+with exactly one line on stderr naming the culprit, no traceback, nothing changed.
+
+Every row is a real `fastagi-ctl` process (run 8 at a time). The store URL points at a
+closed port, so a command that wrongly went ahead would exit 1, not 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastagi import cli
+from fastagi.config import SCHEMA
+from tests.harness import free_port
+
+# key -> wrong values (TOML literals). Each parser gets a wrong type and, where it has
+# a format, a bad value of the right type.
+BAD_DURATION = ['"soon"', "-5", "0", '"1y"', "true", '"10 minutes"', "[1]"]
+BAD_NETS = ["5", '"not-a-cidr"', '["10.0.0.0/33"]', '["192.0.2.0/24", 7]', '["::1/129"]', "{}"]
+BAD_VALUES: dict[str, list[str]] = {
+    "server.listen": ["5", '"no-port"', '"127.0.0.1:99999"', "[]", '"127.0.0.1:http"'],
+    "server.allowed_clients": BAD_NETS,
+    "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]"],
+    "server.session_timeout": BAD_DURATION,
+    "server.runtime_dir": ["5", "true", '["/tmp"]'],
+    "screening.threshold": ['"five"', "0", "false", "2.5"],
+    "screening.window": BAD_DURATION,
+    "screening.ban_time": BAD_DURATION,
+    "screening.ban_time_factor": ['"double"', "0.5", "101", "true", "[2]"],
+    "screening.ban_time_max": BAD_DURATION,
+    "screening.ignore": BAD_NETS,
+    "screening.pbx_id": ["5", "true", '["a"]'],
+    "screening.log_notice": ['"maybe"', "5", "[true]"],
+    "redis.url": ['"http://10.0.0.5"', "5", '"10.0.0.5:6379"', "true"],
+    "redis.key_prefix": ["5", "true"],
+    "redis.timeout": BAD_DURATION,
+    "redis.sentinels": ["5", "[5]", '["no-port"]', '["10.0.0.5:"]', '["10.0.0.5:99999"]'],
+    "redis.sentinel_service": ["5", "[]"],
+    "redis.wait_replicas": ['"all"', "-1", "true", "1.5"],
+    "redis.wait_timeout": BAD_DURATION,
+    "firewall.backend": ['"ufw"', "5", '["nftables"]'],
+    "firewall.chain": ['"bad chain!"', "5", '""', '"' + "C" * 40 + '"'],
+    "firewall.ports": ['"5060"', '["5060/sctp"]', '["99999/udp"]', "5", '["x/tcp"]'],
+    "firewall.forward": ['"sometimes"', "2"],
+    "firewall.sync_interval": BAD_DURATION,
+    "metrics.listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
+}
+
+
+def test_the_table_covers_every_schema_key():
+    assert set(BAD_VALUES) == {f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys}
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTAGI_")}
+    env["FASTAGI_RUNTIME_DIR"] = str(tmp / "run")
+    env["FASTAGI_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens
+    return env
+
+
+def _ctl(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """A real `fastagi-ctl` process: (exit code, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastagi.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    return proc.returncode, proc.stderr
+
+
+def _main(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`fastagi.cli.main` in this process (the same code, ~100x cheaper than a process):
+    (exit code, stderr). Any exception escaping main is a failure of the row."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli.main(args)
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except BaseException:
+                return -1, "Traceback (in process)\n" + traceback.format_exc()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return code, err.getvalue()
+
+
+def _check_all(rows, env: dict[str, str], runner=_main) -> None:
+    """rows: (label, argv, text the single stderr line must contain[, env changes])."""
+    results = []
+    if runner is _ctl:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda row: _ctl(row[1], {**env, **_extra(row)}), rows))
+    else:
+        results = [_main(row[1], {**env, **_extra(row)}) for row in rows]
+    failures = []
+    for row, (code, stderr) in zip(rows, results, strict=True):
+        label, argv, needle = row[:3]
+        lines = stderr.splitlines()
+        if code != 2 or len(lines) != 1 or needle not in lines[0] or "Traceback" in stderr:
+            failures.append(f"{label}: argv={argv} exit={code} stderr={stderr[-600:]!r}")
+    assert not failures, f"{len(failures)} of {len(rows)} rows:\n" + "\n".join(failures)
+    print(f"\nbad input: {len(rows)} rows, each exit 2 with one stderr line")
+
+
+def _extra(row) -> dict[str, str]:
+    return row[3] if len(row) > 3 else {}
+
+
+def _key_rows(tmp_path: Path):
+    rows = []
+    for n, (dotted, values) in enumerate(BAD_VALUES.items()):
+        section, key = dotted.split(".")
+        for m, value in enumerate(values):
+            path = tmp_path / f"bad-{n}-{m}.toml"
+            path.write_text(f"[{section}]\n{key} = {value}\n")
+            # A bad redis.url must not be hidden by the closed-port override.
+            extra = {"FASTAGI_REDIS_URL": ""} if dotted == "redis.url" else {}
+            rows.append((f"{dotted} = {value}", ["--config", str(path), "status"], dotted, extra))
+    return rows
+
+
+def test_every_key_with_a_bad_value_in_the_file_exits_2_naming_it(tmp_path):
+    env = _env(tmp_path)
+    rows = _key_rows(tmp_path)
+    _check_all([r[:3] for r in rows if not r[3]], env)
+    env_without_url = {k: v for k, v in env.items() if k != "FASTAGI_REDIS_URL"}
+    _check_all([r[:3] for r in rows if r[3]], env_without_url)
+
+
+def test_one_bad_key_per_section_as_real_processes(tmp_path):
+    """The in-process rows above, sampled as real `fastagi-ctl` processes."""
+    env = {k: v for k, v in _env(tmp_path).items() if k != "FASTAGI_REDIS_URL"}
+    seen, rows = set(), []
+    for row in _key_rows(tmp_path):
+        section = row[2].split(".")[0]
+        if section not in seen:
+            seen.add(section)
+            rows.append(row[:3])
+    _check_all(rows, env, runner=_ctl)
+
+
+def test_every_key_with_a_bad_environment_override_exits_2_naming_the_variable(tmp_path):
+    env = {k: v for k, v in _env(tmp_path).items() if k != "FASTAGI_REDIS_URL"}
+    rows = []
+    for dotted, values in BAD_VALUES.items():
+        section, key = dotted.split(".")
+        variable = f"FASTAGI_{section.upper()}_{key.upper()}"
+        for value in values[:2]:
+            rows.append((f"{variable}={value}", ["status"], variable, {variable: value}))
+    _check_all(rows, env)
+
+
+def test_unknown_sections_keys_and_broken_files_exit_2(tmp_path):
+    cases = {
+        "[server]\nlisten_port = 4573\n": "server.listen_port",
+        '[redis]\nhost = "10.0.0.5"\n': "redis.host",
+        "[screenin]\nthreshold = 5\n": "[screenin]",
+        "[fail2ban]\nmaxretry = 5\n": "[fail2ban]",
+        "threshold = 5\n": "threshold",  # a top-level key: not a section
+        "[screening]\nthreshold = \n": "not valid TOML",
+        "[screening\nthreshold = 5\n": "not valid TOML",
+        "[screening]\nthreshold = 5\nthreshold = 6\n": "not valid TOML",
+        '[screening]\nban_time = "1h"\nban_time_max = "10m"\n': "screening.ban_time_max",
+        '[redis]\ntimeout = "10s"\n': "redis.timeout",
+    }
+    rows = []
+    for n, (text, needle) in enumerate(cases.items()):
+        path = tmp_path / f"c{n}.toml"
+        path.write_text(text)
+        rows.append((text.strip(), ["--config", str(path), "status"], needle))
+    (tmp_path / "latin1.toml").write_bytes(b'[screening]\npbx_id = "\xe9"\n')
+    rows.append(
+        ("latin-1 file", ["--config", str(tmp_path / "latin1.toml"), "status"], "latin1.toml")
+    )
+    rows.append(("missing file", ["--config", str(tmp_path / "nope.toml"), "status"], "nope.toml"))
+    rows.append(("a directory", ["--config", str(tmp_path), "status"], str(tmp_path)))
+    _check_all(rows, _env(tmp_path))
+
+
+CLI_ROWS = [
+    ([], "required"),
+    (["frobnicate"], "frobnicate"),
+    (["--bogus", "status"], "--bogus"),
+    (["serve", "--listen", "no-port"], "--listen"),
+    (["serve", "--listen", "127.0.0.1:99999"], "--listen"),
+    (["serve", "--redis", "http://10.0.0.5"], "--redis"),
+    (["serve", "--firewall", "ufw"], "--firewall"),
+    (["serve", "--bogus"], "--bogus"),
+    (["agent", "--firewall", "ufw"], "--firewall"),
+    (["agent", "--redis", "memory://"], "memory://"),
+    (["agent", "extra"], "extra"),
+    (["ban"], "ip"),
+    (["ban", "not-an-ip"], "not-an-ip"),
+    (["ban", "203.0.113.300"], "203.0.113.300"),
+    (["ban", "127.0.0.1"], "ignore"),
+    (["ban", "::1"], "ignore"),
+    (["ban", "203.0.113.9", "--for", "forever"], "--for"),
+    (["ban", "203.0.113.9", "--for", "-5s"], "--for"),
+    (["ban", "203.0.113.0/24"], "203.0.113.0/24"),
+    (["unban"], "--all"),
+    (["unban", "203.0.113.9", "--all"], "--all"),
+    (["unban", "203.0.113.9", "bad-ip"], "bad-ip"),
+    (["status", "bad-ip"], "bad-ip"),
+    (["status", "203.0.113.9", "extra"], "extra"),
+    (["status", "--xml"], "--xml"),
+    (["check", "now"], "now"),
+    (["simulate"], "--ip"),
+    (["simulate", "--ip", "bad"], "--ip"),
+    (["simulate", "--ip", "203.0.113.9", "--calls", "0"], "--calls"),
+    (["simulate", "--ip", "203.0.113.9", "--calls", "x"], "--calls"),
+    (["simulate", "--ip", "203.0.113.9", "--calls", "1000001"], "--calls"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "http://127.0.0.1/screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--type", "IAX2"], "--type"),
+]
+
+
+def test_bad_command_lines_exit_2_with_one_line(tmp_path):
+    rows = [(" ".join(argv) or "(none)", argv, needle) for argv, needle in CLI_ROWS]
+    _check_all(rows, _env(tmp_path))
+
+
+def test_bad_command_lines_as_real_processes(tmp_path):
+    """A sample of the command-line rows as real processes (argparse's own exits)."""
+    sample = [CLI_ROWS[i] for i in (0, 1, 3, 12, 14, 19, 26, 29, 32)]
+    rows = [(" ".join(argv) or "(none)", argv, needle) for argv, needle in sample]
+    _check_all(rows, _env(tmp_path), runner=_ctl)
