@@ -1,6 +1,6 @@
 """The FastAGI benchmark in one command: fastagi-screen against two peers, same work.
 
-    python bench/run_all.py [--repeats 5] [--duration 2] [--quick] [--uvloop]
+    python bench/run_all.py [--repeats 5] [--duration 2] [--quick]
 
 Starts a real redis-server on a free loopback port, then three servers, each pinned
 with redis to core 0 (`taskset -c 0`): ours (`fastagi-ctl serve --no-agent`, Redis
@@ -108,10 +108,8 @@ def start_servers(
     tag: str,
     session_timeout: str,
     metrics_port: int | None,
-    uvloop: bool = False,
 ) -> dict[str, tuple[str, int]]:
-    """ours, pyst2, pano (and ours on uvloop) on free ports, pinned to the server core:
-    name -> (url, pid)."""
+    """ours, pyst2 and pano on free ports, pinned to the server core: name -> (url, pid)."""
     servers = {}
     port = free_port()
     env = {
@@ -127,19 +125,6 @@ def start_servers(
     argv = [ctl] if ctl else [sys.executable, "-m", "fastagi.cli"]
     pid = procs.start(f"ours{tag}", pinned(SERVER_CORE, *argv, "serve", "--no-agent"), port, env)
     servers["ours"] = (f"agi://127.0.0.1:{port}/screen", pid)
-    if uvloop:
-        port = free_port()
-        env = {**env, "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{port}", "FASTAGI_METRICS_LISTEN": ""}
-        argv = [
-            sys.executable,
-            str(HERE / "serve_variant.py"),
-            "--uvloop",
-            "--",
-            "serve",
-            "--no-agent",
-        ]
-        pid = procs.start(f"ours-uvloop{tag}", pinned(SERVER_CORE, *argv), port, env)
-        servers["ours+uvloop"] = (f"agi://127.0.0.1:{port}/screen", pid)
     for name, script in (("pyst2", "pyst2_threads.py"), ("pano", "panoramisk_fastagi.py")):
         port = free_port()
         argv = pinned(
@@ -189,11 +174,6 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=250.0, help="open-loop rate, sessions/s")
     parser.add_argument("--quick", action="store_true", help="1 s runs, 3 repeats")
     parser.add_argument("--json", metavar="PATH", help="also write every result here")
-    parser.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="also run ours on uvloop (bench/serve_variant.py; pip install uvloop)",
-    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.duration = 3, 1.0
@@ -227,7 +207,7 @@ def main() -> int:
         redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
         metrics_port = free_port()
         servers = start_servers(
-            procs, redis[0], "", SESSION_TIMEOUT, metrics_port, uvloop=args.uvloop
+            procs, redis[0], "", SESSION_TIMEOUT, metrics_port
         )
         all3 = [(name, url, pid) for name, (url, pid) in servers.items()]
         common = ["--repeats", str(args.repeats), "--duration", str(args.duration)]
@@ -327,22 +307,6 @@ def render(results: dict, scraped: str, args: argparse.Namespace, elapsed: float
             f"| {o['rate'] / p['rate']:.2f}x | {o['rate'] / a['rate']:.2f}x "
             f"| {o.get('cpu_us', 0):.0f} / {p.get('cpu_us', 0):.0f} / {a.get('cpu_us', 0):.0f} |"
         )
-    if "ours+uvloop" in results["C=10"]["targets"]:
-        out.append("")
-        out.append(
-            "| load | ours on uvloop sess/s | p50 / p99 ms | vs ours | vs pyst2 | vs pano "
-            "| CPU us/session |"
-        )
-        out.append("|---|---|---|---|---|---|---|")
-        for key in ("C=1", "C=10", "C=100", "open"):
-            t = results[key]["targets"]
-            u = t["ours+uvloop"]
-            label = f"open {args.rate:g}/s" if key == "open" else key
-            out.append(
-                f"| {label} | {u['rate']:.0f} | {fmt(u['p50_ms'])} / {fmt(u['p99_ms'])} "
-                f"| {u['rate'] / t['ours']['rate']:.2f}x | {u['rate'] / t['pyst2']['rate']:.2f}x "
-                f"| {u['rate'] / t['pano']['rate']:.2f}x | {u.get('cpu_us', 0):.0f} |"
-            )
     errors = {
         k: {n: r["errors"] for n, r in results[k]["targets"].items()}
         for k in ("C=1", "C=10", "C=100", "open")
