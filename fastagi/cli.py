@@ -403,6 +403,10 @@ async def _until_signalled() -> None:
 
 
 def _setup_logging() -> None:
+    # The service logs a line per call; skip what the format never shows (the caller's
+    # file and line, thread and process names): measured ~4% of a session's CPU.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None  # documented switch: no caller lookup per record
     logging.basicConfig(
         level=os.environ.get("FASTAGI_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
