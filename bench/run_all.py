@@ -206,9 +206,7 @@ def main() -> int:
         )
         redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
         metrics_port = free_port()
-        servers = start_servers(
-            procs, redis[0], "", SESSION_TIMEOUT, metrics_port
-        )
+        servers = start_servers(procs, redis[0], "", SESSION_TIMEOUT, metrics_port)
         all3 = [(name, url, pid) for name, (url, pid) in servers.items()]
         common = ["--repeats", str(args.repeats), "--duration", str(args.duration)]
 
