@@ -192,7 +192,8 @@ class FastAGIServer:
             await session.set_variable("SCREEN_BAN_UNTIL", int(outcome.ban_until))
         if outcome.error:
             await session.set_variable("SCREEN_ERROR", outcome.error)
-        if outcome.result == "BANNED" and outcome.address is not None:
+        if outcome.new_ban and outcome.address is not None:
+            # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(
                 "%s banned until %d (count %s)",
                 outcome.address,

@@ -49,7 +49,7 @@ def test_captured_call_gets_the_seed_notice_and_is_counted():
     assert result.agistatus == "SUCCESS"
 
 
-def test_threshold_bans_and_later_calls_are_banned_at_once():
+def test_threshold_bans_and_later_calls_are_banned_at_once(caplog):
     async def main():
         async with running_server(SCREENING_THRESHOLD="3", SCREENING_BAN_TIME="1h") as srv:
             results = [await srv.call(Call(source="198.51.100.4")) for _ in range(4)]
@@ -68,6 +68,9 @@ def test_threshold_bans_and_later_calls_are_banned_at_once():
     assert results[3].variables["SCREEN_BAN_UNTIL"] == str(until)
     assert "SCREEN_BAN_UNTIL" not in results[0].variables
     assert list(banned) == ["198.51.100.4"]
+    # the ban is logged once, not once per call from the banned address
+    ban_lines = [r for r in caplog.records if "banned until" in r.getMessage()]
+    assert [r.getMessage().split()[0] for r in ban_lines] == ["198.51.100.4"]
 
 
 def test_repeat_offender_ban_time_grows_by_the_factor_and_is_capped():
