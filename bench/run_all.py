@@ -102,6 +102,15 @@ class Processes:
             self.stop(name)
 
 
+def start_redis(procs: Processes, name: str, workdir: Path) -> tuple[str, int]:
+    """A throw-away redis-server pinned to the server core: (url, pid)."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "no", "--dir", str(workdir)]
+    pid = procs.start(name, pinned(SERVER_CORE, *argv), port)
+    return f"redis://127.0.0.1:{port}/0", pid
+
+
 def start_servers(
     procs: Processes,
     redis_url: str,
@@ -185,26 +194,7 @@ def main() -> int:
     started = time.monotonic()
     results: dict = {}
     try:
-        redis_port = free_port()
-        redis_pid = procs.start(
-            "redis",
-            pinned(
-                SERVER_CORE,
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ),
-            redis_port,
-        )
-        redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
+        redis = start_redis(procs, "redis", workdir)
         metrics_port = free_port()
         servers = start_servers(procs, redis[0], "", SESSION_TIMEOUT, metrics_port)
         all3 = [(name, url, pid) for name, (url, pid) in servers.items()]
@@ -242,26 +232,7 @@ def main() -> int:
         procs.stop_all()
 
         # (c) fresh instances, sessions held mid-dialogue (ours with a long session_timeout)
-        redis_port = free_port()
-        redis_pid = procs.start(
-            "redis-rss",
-            pinned(
-                SERVER_CORE,
-                "redis-server",
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(workdir),
-            ),
-            redis_port,
-        )
-        redis = (f"redis://127.0.0.1:{redis_port}/0", redis_pid)
+        redis = start_redis(procs, "redis-rss", workdir)
         fresh = start_servers(procs, redis[0], "-rss", "60s", None)
         results["rss"] = generate(
             [(name, url, pid) for name, (url, pid) in fresh.items()],
