@@ -16,6 +16,19 @@ from tests.netns import netns_available, netns_topology, netns_topology_fn  # no
 REDIS_SERVER = shutil.which("redis-server")
 
 
+def wait_ping(port: int, timeout: float = 10) -> None:
+    """Until a redis-server (or sentinel) on `port` answers PING."""
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+            return
+        except redis.RedisError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis on port {port} did not answer within {timeout}s")
+
+
 class RedisProcess:
     """One real redis-server on 127.0.0.1, which a test may stop and start again."""
 
@@ -29,31 +42,18 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            *self.extra,
-        ]
+    def start(self, *more: str) -> None:
+        """Start it (again); `more` are extra redis-server options for this start."""
+        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.workdir), *self.extra, *more]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        wait_ping(self.port)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown save."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def stop(self) -> None:
         if self.proc is not None:

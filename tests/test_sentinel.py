@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 import redis
 
 from fastagi.emulator import Call
+from tests.conftest import RedisProcess, wait_ping
 from tests.harness import free_port, running_server
 
 SENTINEL = shutil.which("redis-sentinel")
@@ -38,71 +38,33 @@ FAILOVERS = int(os.environ.get("FASTAGI_FAILOVERS", "2"))
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 
-class Node:
-    def __init__(self, workdir: Path, name: str, extra: list[str]) -> None:
-        self.dir = workdir / name
-        self.dir.mkdir()
-        self.port = free_port()
-        self.extra = extra
-        self.proc: subprocess.Popen | None = None
+class Node(RedisProcess):
+    """A cluster node: persistent (appendonly), fast diskless replication."""
 
-    def start(self, replicaof: int | None = None) -> None:
-        args = [
-            REDIS_SERVER,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            str(self.dir),
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
-            *self.extra,
-        ]
-        if replicaof:
-            args += ["--replicaof", "127.0.0.1", str(replicaof)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_ping(self.port)
+    def __init__(self, workdir: Path, name: str) -> None:
+        (workdir / name).mkdir()
+        super().__init__(
+            workdir / name,
+            extra=(
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--repl-diskless-sync",
+                "yes",
+                "--repl-diskless-sync-delay",
+                "0",
+            ),
+        )
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def _wait_ping(port: int, timeout: float = 10) -> None:
-    client = redis.Redis(port=port, socket_timeout=0.5)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            client.ping()
-            return
-        except redis.RedisError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not answer")
+    def start(self, replicaof: int | None = None) -> None:  # type: ignore[override]
+        super().start(*(["--replicaof", "127.0.0.1", str(replicaof)] if replicaof else []))
 
 
 class Cluster:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.nodes = [Node(workdir, "a", []), Node(workdir, "b", [])]
+        self.nodes = [Node(workdir, "a"), Node(workdir, "b")]
         self.sentinels: list[subprocess.Popen] = []
         self.sentinel_ports: list[int] = []
 
@@ -126,7 +88,7 @@ class Cluster:
             )
             self.sentinel_ports.append(port)
         for port in self.sentinel_ports:
-            _wait_ping(port)
+            wait_ping(port)
         self.wait_replicated(a.port, timeout=15)
 
     def master_port(self) -> int:
