@@ -12,10 +12,15 @@ import fakeredis.aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastagi import metrics as service_metrics
+from fastagi.addresses import AddressSet
+from fastagi.agent import Agent
 from fastagi.cli import gather_status, make_store
 from fastagi.emulator import Call, FakeAsterisk
+from fastagi.firewall.dryrun import DryRunFirewall
+from fastagi.keys import Keys
 from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
+from fastagi.store import Policy, Store
 from tests.harness import free_port, settings
 from tests.procs import Service, ctl
 
@@ -98,26 +103,35 @@ def test_scrape_counts_sessions_bans_injections_and_matches_status():
     assert value(samples, "fastagi_cluster_injection_attempts_total") == status["injections"] == 1
 
 
-def test_agent_hooks_reach_the_running_instance():
+def test_the_agent_reports_what_it_applies():
+    """A real agent (dry-run firewall, same Lua on fakeredis) feeds the running metrics."""
+
     async def main():
+        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+        store = Store(client, Keys(), Policy(3, 600, 3600, 2.0, 86400), "pbx-a")
+        agent = Agent(store, DryRunFirewall(), 30, AddressSet.parse([]), block_ms=None)
         metrics = service_metrics.Metrics()
         port = free_port()
         metrics.serve("127.0.0.1", port)
         try:
-            service_metrics.ban_applied("pbx-a", "nftables", 3)
-            service_metrics.ban_lifted("pbx-a", "nftables")
-            service_metrics.firewall_size("pbx-a", "nftables", 2)
+            await agent.step()  # the reconcile at start: nothing yet
+            for ip in ("198.51.100.1", "198.51.100.2", "2001:db8::3"):
+                await store.ban(ip, 600, "test")
+            await agent.step()
+            await store.unban(["198.51.100.1"])
+            await agent.step()
             return await asyncio.to_thread(scrape, port)
         finally:
             metrics.close()
+            await store.close()
 
     samples = asyncio.run(main())
-    labels = {"pbx_id": "pbx-a", "backend": "nftables"}
+    labels = {"pbx_id": "pbx-a", "backend": "dry-run"}
     assert value(samples, "fastagi_firewall_bans_applied_total", **labels) == 3
     assert value(samples, "fastagi_firewall_bans_lifted_total", **labels) == 1
     assert value(samples, "fastagi_firewall_set_size", **labels) == 2
     assert service_metrics.active() is None  # closed: the hooks are no-ops again
-    service_metrics.ban_applied("pbx-a", "nftables")
+    service_metrics.ban_applied("pbx-a", "dry-run")
 
 
 def test_fastagi_ctl_serve_metrics_and_status_tell_the_same_story(tmp_path):
