@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .base import CheckResult, FirewallError, IPAddress
+from .base import CheckResult, FirewallError, FirewallStats, IPAddress
 
 PROTOCOLS = ("udp", "tcp")
 _PORT_RE = re.compile(r"^(\d{1,5})(?:[-:](\d{1,5}))?/(udp|tcp)$")
@@ -160,3 +160,9 @@ def expected_bounds(
     may = {as_address(a) for a in expected}
     must = {as_address(a) for a, until in expected.items() if until > now + INTACT_SLACK}
     return must, may
+
+
+def count_replaced(stats: FirewallStats, before: Mapping, after: Mapping) -> None:
+    """Count what a set() that replaced `before` with `after` added and removed."""
+    stats.adds += len(after.keys() - before.keys())
+    stats.deletes += len(before.keys() - after.keys())

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from ._common import (
     INTACT_SLACK,
     as_address,
+    count_replaced,
     parse_ports,
     permission_hint,
     ports_by_proto,
@@ -198,10 +199,8 @@ class IpsetFirewall:
                     with contextlib.suppress(FirewallError):
                         run(["ipset", "destroy", name])
                 raise
-            before = self._known
+            count_replaced(self._stats, self._known, live)
             self._known = dict(live)
-            self._stats.adds += len(live.keys() - before.keys())
-            self._stats.deletes += len(before.keys() - live.keys())
 
     def expire(self, now: float | None = None) -> list[IPAddress]:
         return []  # the kernel does it

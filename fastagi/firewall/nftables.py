@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 
 from ._common import (
     as_address,
+    count_replaced,
     parse_ports,
     permission_hint,
     ports_by_proto,
@@ -301,10 +302,8 @@ class NftablesFirewall:
         script += self._element_lines("add", self._elements(live, now, True))
         with self._lock:
             self._run("\n".join(script) + "\n")
-            before = self._known
+            count_replaced(self._stats, self._known, live)
             self._known = dict(live)
-            self._stats.adds += len(live.keys() - before.keys())
-            self._stats.deletes += len(before.keys() - live.keys())
 
     def expire(self, now: float | None = None) -> list[IPAddress]:
         return []  # the kernel does it
