@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -529,3 +530,47 @@ def netns_topology_fn(netns_available: None) -> Iterator[Topology]:
     """The same topology, fresh for one test."""
     with topology() as topo:
         yield topo
+
+
+# What "nothing outside our chain/table/set changed" is checked against, in a namespace.
+SNAPSHOT = {
+    "legacy4": "iptables-legacy-save -t filter",
+    "legacy6": "ip6tables-legacy-save -t filter",
+    "nft4": "iptables-save -t filter",
+    "nft6": "ip6tables-save -t filter",
+    "ruleset": "nft list ruleset",
+    "ipsets": "ipset list -n",
+}
+OURS = re.compile(r"fastagi", re.IGNORECASE)
+
+
+def snapshot(ns: Namespace) -> dict[str, str]:
+    """The namespace's whole firewall, with packet counters zeroed."""
+    out = {}
+    for key, cmd in SNAPSHOT.items():
+        text = ns.run(cmd, timeout=60).stdout
+        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
+        text = re.sub(r"counter packets \d+ bytes \d+", "counter", text)
+        out[key] = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
+    return out
+
+
+def without_ours(snap: dict[str, str]) -> dict[str, str]:
+    """The snapshot with our chain/table/sets (and the lines pointing at them) cut out."""
+    out = {}
+    for key, text in snap.items():
+        kept: list[str] = []
+        skip_depth = 0
+        for line in text.splitlines():
+            if skip_depth:
+                skip_depth += line.count("{") - line.count("}")
+                continue
+            if not line.strip():
+                continue
+            if OURS.search(line):
+                if line.rstrip().endswith("{"):  # `table inet fastagi {`, `chain FASTAGI {`
+                    skip_depth = 1
+                continue
+            kept.append(line)
+        out[key] = "\n".join(kept)
+    return out

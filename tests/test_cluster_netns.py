@@ -32,7 +32,14 @@ import pytest
 from fastagi.firewall import FirewallSettings
 from fastagi.keys import Keys
 from tests.fw_driver import FirewallDriver
-from tests.netns import NamespaceRedis, Topology, netns_available, netns_topology  # noqa: F401
+from tests.netns import (  # noqa: F401
+    NamespaceRedis,
+    Topology,
+    netns_available,
+    netns_topology,
+    snapshot,
+    without_ours,
+)
 
 pytestmark = [pytest.mark.netns]
 
@@ -43,7 +50,6 @@ AGI_PORT = 4573
 ATTACKER4, ATTACKER4_B, ATTACKER4_C = "192.0.2.10", "192.0.2.11", "192.0.2.12"
 ATTACKER6, ATTACKER6_B, ATTACKER6_C = "2001:db8::10", "2001:db8::11", "2001:db8::12"
 KEYS = Keys()
-OURS = re.compile(r"fastagi", re.IGNORECASE)
 
 HOST_FIREWALL = """
 iptables-legacy -A INPUT -p tcp --dport 22 -j ACCEPT
@@ -55,14 +61,6 @@ nft add chain inet hostfw input '{ type filter hook input priority 0; policy acc
 nft add rule inet hostfw input tcp dport 22 accept
 ipset create hostset hash:ip
 """
-SNAPSHOT = {
-    "legacy4": "iptables-legacy-save -t filter",
-    "legacy6": "ip6tables-legacy-save -t filter",
-    "nft4": "iptables-save -t filter",
-    "nft6": "ip6tables-save -t filter",
-    "ruleset": "nft list ruleset",
-    "ipsets": "ipset list -n",
-}
 # behind the agent's back: pbx1 loses everything of ours, pbx2 a part
 TAMPER = {
     "iptables": (
@@ -101,29 +99,6 @@ def time_until(predicate: Callable[[], bool], timeout: float) -> float | None:
         if began > deadline:
             return None
         time.sleep(0.01)
-
-
-def snapshot_foreign(ns) -> dict[str, str]:
-    """The namespace's firewall without our chain/table/sets and lines naming them."""
-    out = {}
-    for key, cmd in SNAPSHOT.items():
-        text = ns.run(cmd, timeout=60).stdout
-        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
-        text = re.sub(r"counter packets \d+ bytes \d+", "counter", text)
-        kept: list[str] = []
-        depth = 0
-        for line in text.splitlines():
-            if depth:
-                depth += line.count("{") - line.count("}")
-                continue
-            if not line.strip() or line.startswith("#"):
-                continue
-            if OURS.search(line):
-                depth = 1 if line.rstrip().endswith("{") else 0
-                continue
-            kept.append(line)
-        out[key] = "\n".join(kept)
-    return out
 
 
 def kernel_bans(ns, backend: str) -> list[str]:
@@ -267,7 +242,7 @@ def agents(request, cluster: Cluster) -> Iterator[Cluster]:
     if cluster.redis.proc is None or cluster.redis.proc.poll() is not None:
         cluster.redis.start()
     cluster.redis.client().flushall()
-    before = {role: snapshot_foreign(cluster.topo[role]) for role in PBXS}
+    before = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
     started = time.time()
     try:
         for role in PBXS:
@@ -277,7 +252,7 @@ def agents(request, cluster: Cluster) -> Iterator[Cluster]:
     finally:
         for role in list(cluster.agents):
             cluster.kill_agent(role, signal.SIGTERM)
-        after = {role: snapshot_foreign(cluster.topo[role]) for role in PBXS}
+        after = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
         for role in PBXS:
             with FirewallDriver(cluster.topo[role], FirewallSettings(backend=backend)) as fw:
                 fw.teardown()

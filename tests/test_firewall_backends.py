@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Iterator
 
@@ -19,12 +18,17 @@ import pytest
 from fastagi.firewall import BACKENDS, FirewallError, FirewallSettings, create
 from fastagi.firewall.dryrun import DryRunFirewall
 from tests.fw_driver import FirewallDriver
-from tests.netns import Topology, netns_available, netns_topology  # noqa: F401
+from tests.netns import (  # noqa: F401
+    Topology,
+    netns_available,
+    netns_topology,
+    snapshot,
+    without_ours,
+)
 
 KERNEL_BACKENDS = ["iptables", "nftables", "ipset"]
 ATTACKER4, ATTACKER4_B, ATTACKER4_C = "192.0.2.10", "192.0.2.11", "192.0.2.12"
 ATTACKER6, ATTACKER6_B = "2001:db8::10", "2001:db8::11"
-OURS = re.compile(r"fastagi", re.IGNORECASE)
 
 HOST_FIREWALL = """
 iptables-legacy -A INPUT -p tcp --dport 22 -j ACCEPT
@@ -39,47 +43,8 @@ nft add rule inet hostfw input tcp dport 22 accept
 ipset create hostset hash:ip
 """
 
-SNAPSHOT = {
-    "legacy4": "iptables-legacy-save -t filter",
-    "legacy6": "ip6tables-legacy-save -t filter",
-    "nft4": "iptables-save -t filter",
-    "nft6": "ip6tables-save -t filter",
-    "ruleset": "nft list ruleset",
-    "ipsets": "ipset list -n",
-}
 
 pytestmark = [pytest.mark.netns]
-
-
-def snapshot(ns) -> dict[str, str]:
-    out = {}
-    for key, cmd in SNAPSHOT.items():
-        text = ns.run(cmd).stdout
-        text = re.sub(r"\[\d+:\d+\]", "[0:0]", text)
-        text = re.sub(r"counter packets \d+ bytes \d+", "counter", text)
-        out[key] = "\n".join(ln for ln in text.splitlines() if not ln.startswith("#"))
-    return out
-
-
-def without_ours(snap: dict[str, str]) -> dict[str, str]:
-    """The snapshot with our chain/table/sets (and the lines pointing at them) cut out."""
-    out = {}
-    for key, text in snap.items():
-        kept: list[str] = []
-        skip_depth = 0
-        for line in text.splitlines():
-            if skip_depth:
-                skip_depth += line.count("{") - line.count("}")
-                continue
-            if not line.strip():
-                continue
-            if OURS.search(line):
-                if line.rstrip().endswith("{"):  # `table inet fastagi {`, `chain FASTAGI {`
-                    skip_depth = 1
-                continue
-            kept.append(line)
-        out[key] = "\n".join(kept)
-    return out
 
 
 @pytest.fixture(scope="module")
