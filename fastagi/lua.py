@@ -36,7 +36,8 @@ end
 
 # KEYS: count, record, banned, counted, events, stats
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
-#       member (unique per call), events_maxlen, history_ms
+#       member (unique per call), events_maxlen, history_ms, injected (1: the session
+#       had stray lines, counted in stats for `status`)
 # Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
     _COMMON
@@ -47,6 +48,9 @@ local window = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(now))
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now))
 redis.call('HINCRBY', KEYS[6], 'calls', 1)
+if ARGV[12] == '1' then
+  redis.call('HINCRBY', KEYS[6], 'injections', 1)
+end
 local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
 if ban_until then
   local count = redis.call('HINCRBY', KEYS[2], 'count', 1)

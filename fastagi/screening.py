@@ -138,10 +138,8 @@ class Screener:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.redis_budget):
-                verdict = await self.store.screen(ip)
+                verdict = await self.store.screen(ip, injected=injected)
                 self.observer.store_step(time.perf_counter() - started)
-                if injected:
-                    await self.store.note("injections")
         except (StoreError, TimeoutError) as error:
             reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"
             self.observer.store_step(

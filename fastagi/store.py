@@ -145,8 +145,9 @@ class Store:
         k = self.keys
         return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats]
 
-    async def screen(self, ip: str, reason: str = "threshold") -> Verdict:
-        """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide."""
+    async def screen(self, ip: str, reason: str = "threshold", injected: bool = False) -> Verdict:
+        """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
+        `injected` also counts an injection attempt, in the same round trip."""
         p = self.policy
         args = [
             ip,
@@ -160,6 +161,7 @@ class Store:
             secrets.token_hex(8),
             EVENTS_MAXLEN,
             p.history_ms,
+            int(injected),
         ]
         if not self.wait_replicas:
             result, count, until, new_ban = await self._call(
@@ -321,10 +323,6 @@ class Store:
     async def totals(self) -> dict[str, int]:
         raw = await self._call("totals read", self.redis.hgetall(self.keys.stats))
         return {_text(k): int(v) for k, v in raw.items()}
-
-    async def note(self, counter: str) -> None:
-        """Bump a cluster-wide counter (e.g. injection attempts) for `status`."""
-        await self._call("counter update", self.redis.hincrby(self.keys.stats, counter, 1))
 
     async def events_after(
         self, last_id: str, block_ms: int | None = None, count: int = 1000
