@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import random
 import re
@@ -53,6 +54,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RANDOM_CASES = int(os.environ.get("FASTAGI_FUZZ_CASES", "75000"))
 ATHERIS_RUNS = int(os.environ.get("FASTAGI_ATHERIS_RUNS", "25000"))
 SEED = int(os.environ.get("FASTAGI_FUZZ_SEED", "20261125"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_level():
+    """The Fuzzer quiets the `fastagi` logger (thousands of warnings a second); give
+    later tests their log records back."""
+    logger = logging.getLogger("fastagi")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 def _run(fuzzer: Fuzzer, cases) -> None:
