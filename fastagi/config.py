@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastagi.addresses import AddressError, AddressSet, parse_network
 from fastagi.firewall._common import parse_ports
@@ -200,6 +201,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # replicas to have the ban (0: do not wait), at most wait_timeout.
         "wait_replicas": (_count, 0),
         "wait_timeout": (parse_duration, "100ms"),
+        # Redis Cluster: `url` is any one node (a seed); the client follows the slot map.
+        "cluster": (_bool, False),
     },
     "firewall": {
         "backend": (_backend, "dry-run"),
@@ -244,6 +247,7 @@ class RedisConfig:
     sentinel_service: str
     wait_replicas: int = 0
     wait_timeout: float = 0.1
+    cluster: bool = False
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,29 @@ def _check_together(config: Config) -> None:
         raise ConfigError("screening.ban_time_max: must not be shorter than screening.ban_time")
     if config.redis.timeout >= config.server.session_timeout:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
+    if config.redis.cluster:
+        _check_cluster(config.redis)
+
+
+def _check_cluster(redis: RedisConfig) -> None:
+    """`cluster = true` with what a Redis Cluster client cannot do: refused at load."""
+    if not redis.url.startswith(("redis://", "rediss://")):
+        scheme = redis.url.partition("://")[0]
+        raise ConfigError(
+            f"redis.cluster: needs a redis:// or rediss:// url of a cluster node, not {scheme}://"
+        )
+    if redis.sentinels:
+        raise ConfigError(
+            "redis.cluster: a Redis Cluster has no Sentinel; set sentinels = [] or cluster = false"
+        )
+    if redis.wait_replicas:
+        raise ConfigError(
+            "redis.wait_replicas: must be 0 with redis.cluster = true "
+            "(WAIT is not supported through the cluster client)"
+        )
+    database = urlsplit(redis.url).path.strip("/")
+    if database not in ("", "0"):
+        raise ConfigError(f"redis.url: a Redis Cluster has database 0 only, not /{database}")
 
 
 def pbx_id(config: Config) -> str:

@@ -46,6 +46,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "redis.sentinel_service": ["5", "[]"],
     "redis.wait_replicas": ['"all"', "-1", "true", "1.5"],
     "redis.wait_timeout": BAD_DURATION,
+    "redis.cluster": ['"maybe"', "5", "[true]"],
     "firewall.backend": ['"ufw"', "5", '["nftables"]'],
     "firewall.chain": ['"bad chain!"', "5", '""', '"' + "C" * 40 + '"'],
     "firewall.ports": ['"5060"', '["5060/sctp"]', '["99999/udp"]', "5", '["x/tcp"]'],
@@ -178,6 +179,8 @@ def test_unknown_sections_keys_and_broken_files_exit_2(tmp_path):
         "[screening]\nthreshold = 5\nthreshold = 6\n": "not valid TOML",
         '[screening]\nban_time = "1h"\nban_time_max = "10m"\n': "screening.ban_time_max",
         '[redis]\ntimeout = "10s"\n': "redis.timeout",
+        '[redis]\ncluster = true\nsentinels = ["127.0.0.1:26379"]\n': "redis.cluster",
+        "[redis]\ncluster = true\nwait_replicas = 1\n": "redis.wait_replicas",
     }
     rows = []
     for n, (text, needle) in enumerate(cases.items()):

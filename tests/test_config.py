@@ -63,6 +63,35 @@ def test_inconsistent_values_are_refused():
         load(None, {"FASTAGI_SCREENING_BAN_TIME": "2w"})
 
 
+def test_redis_cluster_is_off_by_default_and_takes_a_seed_url():
+    assert load(None, {}).redis.cluster is False
+    config = load(
+        None, {"FASTAGI_REDIS_CLUSTER": "true", "FASTAGI_REDIS_URL": "rediss://10.0.0.5:7000"}
+    )
+    assert config.redis.cluster is True and config.redis.url == "rediss://10.0.0.5:7000"
+
+
+@pytest.mark.parametrize(
+    "overrides,culprit",
+    [
+        ({}, "redis.cluster: needs a redis:// or rediss:// url"),  # memory://
+        ({"FASTAGI_REDIS_URL": "unix:///run/redis.sock"}, "not unix://"),
+        (
+            {"FASTAGI_REDIS_URL": "redis://h:7000", "FASTAGI_REDIS_SENTINELS": '["h:26379"]'},
+            "Sentinel",
+        ),
+        (
+            {"FASTAGI_REDIS_URL": "redis://h:7000", "FASTAGI_REDIS_WAIT_REPLICAS": "1"},
+            "wait_replicas",
+        ),
+        ({"FASTAGI_REDIS_URL": "redis://h:7000/2"}, "database 0 only"),
+    ],
+)
+def test_redis_cluster_with_what_cannot_work_is_refused(overrides, culprit):
+    with pytest.raises(ConfigError, match=culprit):
+        load(None, {"FASTAGI_REDIS_CLUSTER": "true", **overrides})
+
+
 @pytest.mark.parametrize(
     "text,canonical",
     [
