@@ -21,15 +21,13 @@ LOAD_SECONDS = float(os.environ.get("FASTAGI_LOAD_SECONDS", "60"))
 SESSIONS = int(os.environ.get("FASTAGI_LOAD_SESSIONS", "1000"))
 IDLE = int(os.environ.get("FASTAGI_LOAD_IDLE", "1000"))
 SESSION_TIMEOUT = 5.0
-# Room for the idle connections plus 128 sessions in flight. Measured on a 2-CPU box
-# shared by this test's 1,000 emulated callers: with room for all 2,000, the loop
-# saturates and ~9% of calls fail open with SCREEN_ERROR="store unavailable" (the
-# Redis budget, min(session_timeout/2, 3 x redis.timeout) = 0.75 s, is wall-clock on a
-# starved loop); with 256 in flight ~7%; with 128, ~0.02%.
+# Room for the idle connections plus 128 sessions in flight: the callers beyond that
+# are refused (answered ERROR and closed at once), which is what max_sessions is for.
+# With room for all 2,000 the run is clean on a quiet box (0 errors, 711 calls/s), but
+# with two CPU hogs beside it ~1,000 calls failed open: on a starved loop 1,000 steps
+# queue for the Redis pool and the 0.75 s Redis budget is wall-clock. Shedding at the
+# door keeps every admitted call within budget (0 fail-open with the same hogs).
 MAX_SESSIONS = int(os.environ.get("FASTAGI_LOAD_MAX_SESSIONS", str(IDLE + 128)))
-# Fail-open answers tolerated under CPU saturation (reported): 0.02-2.7% measured here
-# while other jobs shared the 2 CPUs.
-FAIL_OPEN_MAX = 0.03
 # Measured by the emulator, so it includes the accept queue and this process's own
 # loop lag on top of the server's session_timeout.
 CLIENT_SLACK = 1.0
@@ -83,7 +81,7 @@ def test_1000_sessions_and_1000_idle_connections(redis_url, tmp_path):
     )
     assert report["errors"] == [], report["errors"][:5]
     assert report["calls"] > SESSIONS
-    assert report["fail_open"] <= FAIL_OPEN_MAX * report["calls"]
+    assert report["fail_open"] == 0, "calls failed open although Redis was healthy"
     assert report["max_call"] < SESSION_TIMEOUT + CLIENT_SLACK
     assert report["rss_max"] < RSS_LIMIT_MB
     assert report["fd_max"] >= report["fd_base"] + IDLE // 2  # the load really reached it
@@ -132,7 +130,7 @@ async def _load(service: Service, pid: int) -> dict:
                 continue
             results[verdict] = results.get(verdict, 0) + 1
             if verdict == "ERROR" and result.variables.get("SCREEN_ERROR") == "store unavailable":
-                state["fail_open"] += 1  # answered in time, fail open: bounded below
+                state["fail_open"] += 1  # answered in time but not counted: an error here
             elif verdict not in ("COUNTED", "BANNED"):
                 errors.append(f"{ip}: {result.variables} {result.agistatus}")
 
