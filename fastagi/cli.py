@@ -429,9 +429,12 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
         embedded = EmbeddedRedis(config.runtime_dir())
         embedded.start()
         return make_store(config, embedded.client()), embedded
-    store = make_store(config, redis_client(config.redis))
+    store = make_store(config, redis_client(config.redis, caller_deadlines=True))
     try:
-        await store.ping()
+        async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
+            await store.ping()
+    except TimeoutError:
+        log.warning("Redis did not answer; serving anyway, calls get SCREEN_RESULT=ERROR")
     except StoreError as error:
         log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     return store, None

@@ -25,6 +25,10 @@ class Keys:
         """Hash: until, since, reason, pbx_id, bans (previous bans), count, first/last seen."""
         return f"{self.base}record:{ip}"
 
+    def per_address_prefixes(self) -> tuple[bytes, bytes]:
+        """count() and record() up to the address, encoded once for the per-call step."""
+        return self.count("").encode(), self.record("").encode()
+
     @property
     def banned(self) -> str:
         """Sorted set: ip -> ban end (ms). The ban list every agent reconciles to."""

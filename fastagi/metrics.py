@@ -234,19 +234,22 @@ class ClusterCollector(Collector):
     async def _read(self) -> tuple[dict[str, int], int, int]:
         store = self.store
         now_ms = int(time.time() * 1000)
-        totals, banned, counted = await asyncio.gather(
-            store.totals(),
-            store.redis.zcount(store.keys.banned, f"({now_ms}", "+inf"),
-            store.redis.zcount(store.keys.counted, f"({now_ms}", "+inf"),
-        )
+        # Bounded here, in the loop: the service's client has no per-command timeout.
+        async with asyncio.timeout(SCRAPE_BUDGET):
+            totals, banned, counted = await asyncio.gather(
+                store.totals(),
+                store.redis.zcount(store.keys.banned, f"({now_ms}", "+inf"),
+                store.redis.zcount(store.keys.counted, f"({now_ms}", "+inf"),
+            )
         return totals, int(banned), int(counted)
 
     def collect(self) -> Iterator:
         up = GaugeMetricFamily("fastagi_store_up", "1 if the store answered this scrape")
+        future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
         try:
-            future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
-            totals, banned, counted = future.result(SCRAPE_BUDGET)
+            totals, banned, counted = future.result(SCRAPE_BUDGET + 0.5)
         except (FutureTimeout, Exception) as error:
+            future.cancel()  # a loop too busy to start it: it must not run later
             log.info("metrics: cluster numbers unavailable: %s", error or type(error).__name__)
             up.add_metric([], 0)
             yield up

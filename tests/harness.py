@@ -52,7 +52,7 @@ async def running_server(redis_url: str = "memory://", **overrides: str) -> Asyn
     if redis_url.startswith("memory://"):
         client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
     else:
-        client = redis_client(config.redis)
+        client = redis_client(config.redis, caller_deadlines=True)  # as `serve` has it
     store = make_store(config, client)
     budget = min(config.server.session_timeout / 2, 3 * config.redis.timeout)
     screener = Screener(store, config.screening.ignore, config.screening.log_notice, budget)
