@@ -191,15 +191,15 @@ class AGISession(AGI):
 
         `send` then other work then `answer` overlaps that work with Asterisk's."""
         answer = await self._answer_lines()
-        match = re_code.search(answer.strip())
-        code = int(match.group(1)) if match and match.group(1) else None
-        if code == 520 and not answer.startswith("520-"):
-            # The code as pyst2 reads it (`0520` is 520): its 520 branch reads on until a
-            # line starting `520`, past the end of a lone line: it would loop forever.
-            raise AGIProtocolError("520 answer without its usage block")
         try:
-            if answer.startswith("200 "):
+            if answer.startswith("200 "):  # the usual case, one line
                 return _parse_200(answer)
+            match = re_code.search(answer.strip())
+            code = int(match.group(1)) if match and match.group(1) else None
+            if code == 520 and not answer.startswith("520-"):
+                # The code as pyst2 reads it (`0520` is 520): its 520 branch reads on until
+                # a line starting `520`, past the end of a lone line: it would loop forever.
+                raise AGIProtocolError("520 answer without its usage block")
             self.stdin = io.StringIO(answer)
             return self.get_result()
         except ValueError:

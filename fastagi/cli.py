@@ -26,6 +26,7 @@ from fastagi.agent import Agent
 from fastagi.config import Config, ConfigError, parse_duration
 from fastagi.embedded import SOCKET_NAME, EmbeddedError, EmbeddedRedis, reachable
 from fastagi.keys import Keys
+from fastagi.redis_link import SharedLink
 from fastagi.store import Policy, Store, StoreError, redis_client
 
 log = logging.getLogger("fastagi")
@@ -133,14 +134,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- the store, as the service or as a client of a running service ---------------
 
 
-def make_store(config: Config, client: Any) -> Store:
+def make_store(config: Config, client: Any, link: SharedLink | None = None) -> Store:
     return Store(
         client,
         Keys(config.redis.key_prefix),
         Policy.from_config(config.screening),
         configuration.pbx_id(config),
         wait=(config.redis.wait_replicas, config.redis.wait_timeout),
+        link=link,
     )
+
+
+def make_service_store(config: Config) -> Store:
+    """The service's store on a shared Redis: no per-command socket timeout (every
+    caller has a deadline) and, unless Cluster or WAIT needs redis-py's own client,
+    one connection shared by the screening steps (redis_link.py)."""
+    client = redis_client(config.redis, caller_deadlines=True)
+    link = None
+    if not config.redis.cluster and not config.redis.wait_replicas:
+        link = SharedLink(client.connection_pool.make_connection)
+    return make_store(config, client, link)
 
 
 @contextlib.asynccontextmanager
@@ -429,7 +442,7 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
         embedded = EmbeddedRedis(config.runtime_dir())
         embedded.start()
         return make_store(config, embedded.client()), embedded
-    store = make_store(config, redis_client(config.redis, caller_deadlines=True))
+    store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
             await store.ping()

@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
 from fastagi.redis_cluster import ClusterClient, cluster_client
+from fastagi.redis_link import SharedLink
 
 log = logging.getLogger("fastagi.store")
 
@@ -187,8 +188,11 @@ class Store:
         policy: Policy,
         pbx_id: str,
         wait: tuple[int, float] | None = None,
+        link: SharedLink | None = None,
     ) -> None:
         self.redis = client
+        # The screening step's own connection (redis_link.py), when the service has one.
+        self.link = link
         self.keys = keys
         self.policy = policy
         self.pbx_id = pbx_id
@@ -219,11 +223,12 @@ class Store:
         `injected` also counts an injection attempt, in the same round trip."""
         command = self._screen_parts.command(self._screen.sha, ip, injected)
         if not self.wait_replicas:
-            reply = await self._call("screening step", self._evalsha(self.redis, command))
-            return _verdict(reply)
+            execute = self.link.execute if self.link else self.redis.execute_command
+            return _verdict(await self._call("screening step", self._evalsha(execute, command)))
         # WAIT counts the writes of its own connection: one connection for both.
         async with self._one_connection("screening step") as conn:
-            verdict = _verdict(await self._call("screening step", self._evalsha(conn, command)))
+            reply = await self._call("screening step", self._evalsha(conn.execute_command, command))
+            verdict = _verdict(reply)
             if verdict.result == "BANNED":
                 # Every BANNED answer, not only the new ban: a step retried after a
                 # timeout answers "already banned" for a ban that may not have reached
@@ -231,13 +236,13 @@ class Store:
                 await self._replicated(conn, ip)
         return verdict
 
-    async def _evalsha(self, client: Any, command: tuple) -> Any:
+    async def _evalsha(self, execute: Callable[..., Awaitable[Any]], command: tuple) -> Any:
         """The screening script by its hash; loaded first if this Redis lost it."""
         try:
-            return await client.execute_command(*command)
+            return await execute(*command)
         except NoScriptError:
-            await client.script_load(lua.SCREEN)
-            return await client.execute_command(*command)
+            await self.redis.script_load(lua.SCREEN)
+            return await execute(*command)
 
     @contextlib.asynccontextmanager
     async def _one_connection(self, what: str):
@@ -419,6 +424,8 @@ class Store:
         await self._call("ping", self.redis.ping())
 
     async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
         # Bounded: a pool whose blocking XREAD was cancelled can wait on its lock forever.
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self.redis.aclose(), 1.0)

@@ -11,11 +11,11 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi import config as configuration
-from fastagi.cli import make_store
+from fastagi.cli import make_service_store, make_store
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
-from fastagi.store import Store, redis_client
+from fastagi.store import Store
 
 
 def free_port() -> int:
@@ -49,11 +49,10 @@ def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Co
 async def running_server(redis_url: str = "memory://", **overrides: str) -> AsyncIterator[Running]:
     """A server on a free port; memory:// gives a private in-process fakeredis."""
     config = settings(redis_url, **overrides)
-    if redis_url.startswith("memory://"):
-        client = fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer())
+    if not redis_url.startswith("memory://"):
+        store = make_service_store(config)  # as `serve` has it
     else:
-        client = redis_client(config.redis, caller_deadlines=True)  # as `serve` has it
-    store = make_store(config, client)
+        store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
     budget = min(config.server.session_timeout / 2, 3 * config.redis.timeout)
     screener = Screener(store, config.screening.ignore, config.screening.log_notice, budget)
     server = FastAGIServer(

@@ -1,0 +1,139 @@
+"""One Redis connection shared by every screening step, replies handed out in order.
+
+Each screened call is one EVALSHA. Through redis-py's client that is a pool checkout
+and release under a condition, a retry wrapper and telemetry hooks around each
+command: ~190 us of a session's ~790 us of CPU in bench/. Redis answers the commands of
+one connection in the order they arrive, so concurrent steps can share a connection:
+each writes its command and waits for its own reply; one reader task hands replies
+out in order. Commands written in one loop turn reach Redis together.
+
+The connection is redis-py's (made by the client's pool, so Sentinel discovery, TLS and
+AUTH are redis-py's), only the checkout is ours. Used for plain Redis and Sentinel
+without WAIT (store.py decides); Redis Cluster and WAIT keep redis-py's client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+
+
+class _Link:
+    """One connected connection, its reader task, and the replies it still owes."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.last_reply = time.monotonic()
+        self.broken = False
+        self.reader = asyncio.create_task(self._read(), name="redis-link-reader")
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                reply: Any = await self.connection.read_response()
+            except ResponseError as error:  # an error reply (NOSCRIPT...): that caller's
+                reply = error
+            except (RedisError, OSError) as error:
+                self.fail(error)
+                return
+            self.last_reply = time.monotonic()
+            if not self.waiting:
+                self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
+                return
+            future = self.waiting.popleft()
+            if future.done():  # its caller gave up (deadline)
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+    def fail(self, error: Exception) -> None:
+        """Give up this connection: every caller still waiting gets `error`."""
+        if self.broken:
+            return
+        self.broken = True
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(RedisConnectionError(str(error) or type(error).__name__))
+        self.reader.cancel()
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self.connection.disconnect(nowait=True))
+
+
+class SharedLink:
+    """EVALSHA and the like over one shared connection; see the module docstring."""
+
+    def __init__(self, make_connection: Callable[[], AbstractConnection]) -> None:
+        self._make_connection = make_connection
+        self._link: _Link | None = None
+        self._connecting = asyncio.Lock()
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command, return its reply. Retried once on a fresh connection if
+        the connection broke (a Redis restart or failover), as redis-py's client does."""
+        try:
+            return await self._execute(args)
+        except RedisConnectionError:
+            return await self._execute(args)
+
+    async def _execute(self, args: tuple) -> Any:
+        link = self._link
+        if link is None or link.broken or not link.connection.is_connected:
+            link = await self._connect()
+        connection = link.connection
+        packed = connection.pack_command(*args)
+        future = asyncio.get_running_loop().create_future()
+        # No await between queueing the future and writing: replies come back in the
+        # order the commands were written.
+        link.waiting.append(future)
+        sent = time.monotonic()
+        try:
+            await connection.send_packed_command(packed, check_health=False)
+        except (RedisError, OSError) as error:
+            link.fail(error)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller's deadline. A link that answered nothing since this command
+            # went out is stalled (a dead peer, a partition): drop it, so the next
+            # call connects afresh instead of queueing behind it.
+            if link.last_reply < sent:
+                link.fail(TimeoutError("Redis did not answer"))
+            raise
+
+    async def _connect(self) -> _Link:
+        async with self._connecting:
+            link = self._link
+            if link is not None and not link.broken and link.connection.is_connected:
+                return link
+            if link is not None:
+                link.fail(RedisConnectionError("reconnecting"))
+            connection = self._make_connection()
+            try:
+                await connection.connect()
+            except (RedisError, OSError) as error:
+                with contextlib.suppress(RedisError, OSError):
+                    await connection.disconnect(nowait=True)
+                raise RedisConnectionError(str(error) or type(error).__name__) from None
+            self._link = _Link(connection)
+            return self._link
+
+    async def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.fail(RedisConnectionError("closed"))
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await link.reader
+            with contextlib.suppress(RedisError, OSError):
+                await link.connection.disconnect(nowait=True)
