@@ -29,6 +29,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 
+class LinkBroken(RedisConnectionError):
+    """The shared connection broke under a waiting command (worth one retry)."""
+
+
 class _Link:
     """One connected connection, its reader task, and the replies it still owes."""
 
@@ -68,7 +72,7 @@ class _Link:
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(RedisConnectionError(str(error) or type(error).__name__))
+                future.set_exception(LinkBroken(str(error) or type(error).__name__))
         self.reader.cancel()
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(self.connection.disconnect(nowait=True))
@@ -84,10 +88,11 @@ class SharedLink:
 
     async def execute(self, *args: Any) -> Any:
         """Send one command, return its reply. Retried once on a fresh connection if
-        the connection broke (a Redis restart or failover), as redis-py's client does."""
+        the connection broke under it (a Redis restart or failover), as redis-py's
+        client does; a Redis that refuses to connect fails at once."""
         try:
             return await self._execute(args)
-        except RedisConnectionError:
+        except LinkBroken:
             return await self._execute(args)
 
     async def _execute(self, args: tuple) -> Any:
