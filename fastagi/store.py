@@ -124,11 +124,6 @@ def _verdict(reply: list) -> Verdict:
     return Verdict(_text(result), int(count), int(until) / 1000.0, bool(new_ban))
 
 
-def _encoded(value: str | int | float) -> bytes:
-    """An argument as redis-py would send it (str() of an int, repr() of a float)."""
-    return value.encode() if isinstance(value, str) else repr(value).encode()
-
-
 class _ScreenParts:
     """The screening step's EVALSHA arguments, the constant ones encoded once.
 
@@ -137,14 +132,14 @@ class _ScreenParts:
     lua.SCREEN's KEYS and ARGV.
     """
 
-    def __init__(self, keys: Keys, policy: Policy, pbx_id: str) -> None:
+    def __init__(self, encode: Callable[[Any], bytes], keys: Keys, policy: Policy, pbx_id: str):
         p = policy
         self.count_prefix, self.record_prefix = keys.per_address_prefixes()
         self.shared_keys = tuple(
-            _encoded(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
+            encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
         self.rules = tuple(
-            _encoded(v)
+            encode(v)
             for v in (
                 p.threshold,
                 int(p.window * 1000),
@@ -155,7 +150,7 @@ class _ScreenParts:
                 "threshold",
             )
         )
-        self.tail = (_encoded(EVENTS_MAXLEN), _encoded(p.history_ms))
+        self.tail = (encode(EVENTS_MAXLEN), encode(p.history_ms))
 
     def command(self, sha: str, ip: str, injected: bool) -> tuple:
         address = ip.encode()
@@ -204,7 +199,8 @@ class Store:
         self.unreplicated_bans = 0  # bans WAIT could not confirm (logged)
         self.unreplicated_recent: collections.deque[str] = collections.deque(maxlen=1000)
         self._screen = client.register_script(lua.SCREEN)
-        self._screen_parts = _ScreenParts(keys, policy, pbx_id)
+        # redis-py's own encoder, once, for the arguments that never change.
+        self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
 
