@@ -41,6 +41,7 @@ class _Link:
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self.last_reply = time.monotonic()
         self.broken = False
+        self.closed: asyncio.Future | None = None  # the disconnect, once broken
         self.reader = asyncio.create_task(self._read(), name="redis-link-reader")
 
     async def _read(self) -> None:
@@ -74,8 +75,8 @@ class _Link:
             if not future.done():
                 future.set_exception(LinkBroken(str(error) or type(error).__name__))
         self.reader.cancel()
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(self.connection.disconnect(nowait=True))
+        # Kept: the loop holds tasks only weakly. close() awaits it.
+        self.closed = asyncio.ensure_future(self.connection.disconnect(nowait=True))
 
 
 class SharedLink:
@@ -144,4 +145,4 @@ class SharedLink:
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await link.reader
             with contextlib.suppress(RedisError, OSError):
-                await link.connection.disconnect(nowait=True)
+                await link.closed
