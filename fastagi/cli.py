@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from fastagi import config as configuration
@@ -28,6 +28,9 @@ from fastagi.embedded import SOCKET_NAME, EmbeddedError, EmbeddedRedis, reachabl
 from fastagi.keys import Keys
 from fastagi.redis_link import SharedLink
 from fastagi.store import Policy, Store, StoreError, redis_client
+
+if TYPE_CHECKING:
+    from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
 
@@ -154,6 +157,27 @@ def make_service_store(config: Config) -> Store:
     if not config.redis.cluster and not config.redis.wait_replicas:
         link = SharedLink(client.connection_pool.make_connection)
     return make_store(config, client, link)
+
+
+def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGIServer:
+    """The FastAGI server and its screener as `serve` runs them; `metrics` observes both.
+
+    The Redis step gets at most half of a session and three `redis.timeout`s, so a
+    slow Redis still leaves time to answer Asterisk."""
+    from fastagi.screening import Screener
+    from fastagi.server import FastAGIServer
+
+    server = config.server
+    redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
+    screening = config.screening
+    screener = Screener(store, screening.ignore, screening.log_notice, redis_budget, metrics)
+    return FastAGIServer(
+        screener,
+        server.allowed_clients,
+        server.max_sessions,
+        server.session_timeout,
+        observer=metrics,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -455,8 +479,6 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from fastagi import metrics as service_metrics
-    from fastagi.screening import Screener
-    from fastagi.server import FastAGIServer
 
     _setup_logging()
     store, embedded = await open_service_store(config)
@@ -468,17 +490,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             embedded.stop()
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     server_cfg = config.server
-    redis_budget = min(server_cfg.session_timeout / 2, 3 * config.redis.timeout)
-    screener = Screener(
-        store, config.screening.ignore, config.screening.log_notice, redis_budget, metrics
-    )
-    server = FastAGIServer(
-        screener,
-        server_cfg.allowed_clients,
-        server_cfg.max_sessions,
-        server_cfg.session_timeout,
-        observer=metrics,
-    )
+    server = make_server(config, store, metrics)
     agent = None
     try:
         bound = await server.start(*server_cfg.listen)

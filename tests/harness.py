@@ -11,9 +11,8 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi import config as configuration
-from fastagi.cli import make_service_store, make_store
+from fastagi.cli import make_server, make_service_store, make_store
 from fastagi.emulator import Call, CallResult, FakeAsterisk
-from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
 from fastagi.store import Store
 
@@ -53,14 +52,7 @@ async def running_server(redis_url: str = "memory://", **overrides: str) -> Asyn
         store = make_service_store(config)  # as `serve` has it
     else:
         store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
-    budget = min(config.server.session_timeout / 2, 3 * config.redis.timeout)
-    screener = Screener(store, config.screening.ignore, config.screening.log_notice, budget)
-    server = FastAGIServer(
-        screener,
-        config.server.allowed_clients,
-        config.server.max_sessions,
-        config.server.session_timeout,
-    )
+    server = make_server(config, store)  # as `serve` builds it
     host, port = (await server.start("127.0.0.1", 0))[0]
     try:
         yield Running(f"agi://{host}:{port}/screen", store, server, config)

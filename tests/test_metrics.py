@@ -14,12 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastagi import metrics as service_metrics
 from fastagi.addresses import AddressSet
 from fastagi.agent import Agent
-from fastagi.cli import gather_status, make_store
+from fastagi.cli import gather_status, make_server, make_store
 from fastagi.emulator import Call, FakeAsterisk
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
-from fastagi.screening import Screener
-from fastagi.server import FastAGIServer
 from fastagi.store import Policy, Store
 from tests.harness import free_port, settings
 from tests.procs import Service, ctl
@@ -48,8 +46,7 @@ def test_scrape_counts_sessions_bans_injections_and_matches_status():
         metrics = service_metrics.Metrics(store)
         port = free_port()
         metrics.serve("127.0.0.1", port)
-        screener = Screener(store, config.screening.ignore, True, 0.75, metrics)
-        server = FastAGIServer(screener, config.server.allowed_clients, 64, 5.0, metrics)
+        server = make_server(config, store, metrics)
         host, agi_port = (await server.start("127.0.0.1", 0))[0]
         target = f"agi://{host}:{agi_port}/screen"
         asterisk = FakeAsterisk(hold_limit=10)
