@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -23,6 +24,9 @@ from asterisk.agi import AGI, AGIAppError, AGIError, AGIResultHangup, re_code, r
 MAX_LINE = 8192  # bytes; Asterisk cuts a dialed number at 79, so real lines are short
 MAX_ENV_LINES = 256
 MAX_STRAY_LINES = 512
+# What MSet's argument parser passes through unchanged: no comma, '=', quote, backslash,
+# brace or blank (pbx_builtin_setvar_multiple splits pairs on ',' and each at '=').
+_MSET_SAFE = re.compile(r"[A-Za-z0-9_.:+-]+\Z")
 
 
 class AGIProtocolError(Exception):
@@ -209,6 +213,21 @@ class AGISession(AGI):
 
     async def set_variable(self, name: str, value: object) -> None:  # type: ignore[override]
         await self.run("SET VARIABLE", self._quote(name), self._quote(str(value)))
+
+    async def set_variables(self, variables: dict[str, object]) -> None:
+        """Set these channel variables, in one round trip where Asterisk allows it.
+
+        `EXEC MSet "A=1,B=2"` (core Asterisk: pbx_variables.c) sets them all at once,
+        one AGI round trip instead of one per variable, while Asterisk holds the call.
+        A value MSet would parse differently (commas, quotes, blanks) and an Asterisk
+        that answers -2 (no such application) get one SET VARIABLE each."""
+        pairs = [(name, str(value)) for name, value in variables.items()]
+        if len(pairs) > 1 and all(_MSET_SAFE.match(n) and _MSET_SAFE.match(v) for n, v in pairs):
+            options = ",".join(f"{name}={value}" for name, value in pairs)
+            if await self.exec_app("MSet", options) != "-2":
+                return
+        for name, value in pairs:
+            await self.set_variable(name, value)
 
     async def exec_app(self, application: str, options: str) -> str:
         await self.start_exec(application, options)

@@ -5,9 +5,9 @@ own tests. It writes the environment block byte for byte as captured from a real
 Asterisk 20.20.1 (shared/asterisk/agi-env-chan_sip.txt), decodes the dialed number
 the way chan_sip does (so `%0A` becomes a raw LF in `agi_dnid`), splits AGI()
 arguments as Asterisk's app parser does, and answers commands like res_agi: GET
-(FULL) VARIABLE with channel functions, SET VARIABLE, EXEC Log, 510/511/520, and the
-HANGUP line after the server's close or a caller hangup. It notes protocol misuse
-a real Asterisk punishes (pipelined commands, CRLF).
+(FULL) VARIABLE with channel functions, SET VARIABLE, EXEC Log and MSet, 510/511/520,
+and the HANGUP line after the server's close or a caller hangup. It notes protocol
+misuse a real Asterisk punishes (pipelined commands, CRLF).
 """
 
 from __future__ import annotations
@@ -330,8 +330,10 @@ def _set_variable(args, call, variables, result):
 def _exec(args, call, variables, result):
     if not args:
         return None
-    app, options = args[0], (args[1] if len(args) > 1 else "")
-    if app.lower() != "log":
+    app, options = args[0].lower(), (args[1] if len(args) > 1 else "")
+    if app == "mset":
+        return _mset(options, variables, result)
+    if app != "log":
         return "200 result=-2\n"
     level, _, message = options.partition(",")
     stamp = time.strftime("%b %e %T")
@@ -339,6 +341,16 @@ def _exec(args, call, variables, result):
         f"[{stamp}] {level.upper()}[{call.threadid[-4:]}][{result.callid}] "
         f"Ext. {call.exten}: {message}"
     )
+    return "200 result=0\n"
+
+
+def _mset(options, variables, result):
+    """pbx_builtin_setvar_multiple: up to 99 comma-separated pairs (the last takes the
+    rest), each split at its first '='; a pair without '=' is skipped with a warning."""
+    for pair in options.split(",", 98):
+        name, sep, value = pair.partition("=")
+        if sep:
+            variables[name] = result.variables[name] = value
     return "200 result=0\n"
 
 

@@ -185,13 +185,14 @@ class FastAGIServer:
         return route, outcome
 
     async def _answer(self, session: AGISession, outcome: Outcome) -> None:
-        await session.set_variable("SCREEN_RESULT", outcome.result)
+        variables: dict[str, object] = {"SCREEN_RESULT": outcome.result}
         if outcome.count is not None:
-            await session.set_variable("SCREEN_COUNT", outcome.count)
+            variables["SCREEN_COUNT"] = outcome.count
         if outcome.ban_until:
-            await session.set_variable("SCREEN_BAN_UNTIL", int(outcome.ban_until))
+            variables["SCREEN_BAN_UNTIL"] = int(outcome.ban_until)
         if outcome.error:
-            await session.set_variable("SCREEN_ERROR", outcome.error)
+            variables["SCREEN_ERROR"] = outcome.error
+        await session.set_variables(variables)
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(

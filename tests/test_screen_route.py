@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from fastagi import emulator
 from fastagi.emulator import Call, FakeAsterisk, environment_block
 from tests.harness import running_server
 
@@ -268,3 +270,57 @@ def test_emulator_answers_like_asterisk():
     assert answers[5] == b"200 result=0\n"
     assert outcome.agistatus == "HANGUP"
     assert outcome.log[0].endswith("Ext. 7001: hi there")
+
+
+def _answer_commands(result) -> list[str]:
+    """The commands after the NOTICE: how the server told Asterisk the result."""
+    return result.commands[[c.startswith("EXEC Log") for c in result.commands].index(True) + 1 :]
+
+
+def test_variables_are_set_in_one_round_trip_and_an_error_text_unchanged():
+    async def main():
+        async with running_server(SCREENING_THRESHOLD="2") as srv:
+            counted = await srv.call(Call(source="192.0.2.70"))
+            banned = await srv.call(Call(source="192.0.2.70"))
+        with socket.socket() as closed:  # a port nothing listens on: ERROR with a text
+            closed.bind(("127.0.0.1", 0))
+            nowhere = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+            async with running_server(nowhere) as srv:
+                failed = await srv.call(Call(source="192.0.2.71"))
+        return counted, banned, failed
+
+    counted, banned, failed = asyncio.run(main())
+    assert _answer_commands(counted) == ['EXEC MSet "SCREEN_RESULT=COUNTED,SCREEN_COUNT=1"']
+    until = banned.variables["SCREEN_BAN_UNTIL"]
+    assert _answer_commands(banned) == [
+        f'EXEC MSet "SCREEN_RESULT=BANNED,SCREEN_COUNT=2,SCREEN_BAN_UNTIL={until}"'
+    ]
+    # A value with a blank would be cut by MSet's parser: one SET VARIABLE each.
+    assert failed.variables == {"SCREEN_RESULT": "ERROR", "SCREEN_ERROR": "store unavailable"}
+    assert [c.split()[:2] for c in failed.commands[-2:]] == [["SET", "VARIABLE"]] * 2
+
+
+def test_an_asterisk_without_mset_still_gets_every_variable(monkeypatch):
+    exec_app = emulator._HANDLERS["EXEC"]
+
+    def no_mset(args, call, variables, result):
+        if args and args[0].lower() == "mset":
+            return "200 result=-2\n"  # what res_agi answers for an unknown application
+        return exec_app(args, call, variables, result)
+
+    monkeypatch.setitem(emulator._HANDLERS, "EXEC", no_mset)
+
+    async def main():
+        async with running_server(SCREENING_THRESHOLD="1") as srv:
+            return await srv.call(Call(source="192.0.2.72"))
+
+    result = asyncio.run(main())
+    assert result.variables["SCREEN_RESULT"] == "BANNED"
+    assert result.variables["SCREEN_COUNT"] == "1"
+    assert int(result.variables["SCREEN_BAN_UNTIL"]) > time.time()
+    assert [c.split()[:2] for c in _answer_commands(result)] == [
+        ["EXEC", "MSet"],
+        ["SET", "VARIABLE"],
+        ["SET", "VARIABLE"],
+        ["SET", "VARIABLE"],
+    ]
