@@ -37,7 +37,9 @@ end
 # KEYS: count, record, banned, counted, events, stats
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
 #       member (unique per call), events_maxlen, history_ms, injected (1: the session
-#       had stray lines, counted in stats for `status`)
+#       had stray lines, counted in stats for `status`), prune (1: drop expired entries
+#       from the ban and counted lists; every reader skips them, so this is housekeeping
+#       the caller asks for on some steps only, keeping the common step short)
 # Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
     _COMMON
@@ -45,14 +47,16 @@ SCREEN = (
 local ip = ARGV[1]
 local threshold = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(now))
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now))
+if ARGV[13] == '1' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', int(now))
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', int(now))
+end
 redis.call('HINCRBY', KEYS[6], 'calls', 1)
 if ARGV[12] == '1' then
   redis.call('HINCRBY', KEYS[6], 'injections', 1)
 end
 local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
-if ban_until then
+if ban_until and ban_until > now then
   local count = redis.call('HINCRBY', KEYS[2], 'count', 1)
   redis.call('HSET', KEYS[2], 'last_seen', int(now))
   return {'BANNED', count, ban_until, 0}

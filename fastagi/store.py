@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import secrets
@@ -37,6 +38,7 @@ UNBAN_BATCH = 500
 BAN_LIST_PAGE = 5000  # ban list entries per Redis read
 MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
+PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
 
 
 class StoreError(Exception):
@@ -152,7 +154,7 @@ class _ScreenParts:
         )
         self.tail = (encode(EVENTS_MAXLEN), encode(p.history_ms))
 
-    def command(self, sha: str, ip: str, injected: bool) -> tuple:
+    def command(self, sha: str, ip: str, injected: bool, prune: bool) -> tuple:
         address = ip.encode()
         return (
             "EVALSHA",
@@ -166,6 +168,7 @@ class _ScreenParts:
             secrets.token_hex(8).encode(),  # this call's member in the count's sorted set
             *self.tail,
             b"1" if injected else b"0",
+            b"1" if prune else b"0",
         )
 
 
@@ -198,6 +201,7 @@ class Store:
         self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self.unreplicated_bans = 0  # bans WAIT could not confirm (logged)
         self.unreplicated_recent: collections.deque[str] = collections.deque(maxlen=1000)
+        self._steps = itertools.count()  # which steps sweep expired list entries
         self._screen = client.register_script(lua.SCREEN)
         # redis-py's own encoder, once, for the arguments that never change.
         self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
@@ -217,7 +221,8 @@ class Store:
     async def screen(self, ip: str, injected: bool = False) -> Verdict:
         """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
         `injected` also counts an injection attempt, in the same round trip."""
-        command = self._screen_parts.command(self._screen.sha, ip, injected)
+        prune = next(self._steps) % PRUNE_EVERY == 0
+        command = self._screen_parts.command(self._screen.sha, ip, injected, prune)
         if not self.wait_replicas:
             execute = self.link.execute if self.link else self.redis.execute_command
             return _verdict(await self._call("screening step", self._evalsha(execute, command)))

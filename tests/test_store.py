@@ -9,7 +9,7 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi.keys import Keys
-from fastagi.store import Policy, Store
+from fastagi.store import PRUNE_EVERY, Policy, Store
 
 
 def _store(policy: Policy | None = None) -> Store:
@@ -84,3 +84,26 @@ def test_counted_lists_addresses_in_their_window_with_counts():
         return await store.counted()
 
     assert asyncio.run(main()) == {"192.0.2.4": 2, "192.0.2.5": 1}
+
+
+def test_an_expired_ban_left_on_the_list_between_sweeps_bans_nothing():
+    """Expired entries are swept every PRUNE_EVERY-th step; until then every reader and
+    the step itself must treat them as gone."""
+
+    async def main():
+        store = _store()
+        await store.screen("192.0.2.30")  # step 0 sweeps; the next ones do not
+        await store.ban("192.0.2.31", 0.2, "short")
+        await asyncio.sleep(0.3)
+        verdict = await store.screen("192.0.2.31")
+        left = await store.redis.zscore(store.keys.banned, "192.0.2.31")
+        for n in range(2, PRUNE_EVERY + 1):  # up to and including the next sweep
+            await store.screen(f"198.51.100.{n}")
+        swept = await store.redis.zscore(store.keys.banned, "192.0.2.31")
+        return verdict, left, await store.banned(), swept
+
+    verdict, left, banned, swept = asyncio.run(main())
+    assert left is not None  # really between sweeps
+    assert verdict.result == "COUNTED" and verdict.count == 1 and not verdict.new_ban
+    assert "192.0.2.31" not in banned
+    assert swept is None
