@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from fastagi import config as configuration
+from fastagi import logs
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.agent import Agent
 from fastagi.config import Config, ConfigError, parse_duration
@@ -440,15 +441,7 @@ async def _until_signalled() -> None:
 
 
 def _setup_logging() -> None:
-    # The service logs a line per call; skip what the format never shows (the caller's
-    # file and line, thread and process names): measured ~4% of a session's CPU.
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None  # documented switch: no caller lookup per record
-    logging.basicConfig(
-        level=os.environ.get("FASTAGI_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup(os.environ.get("FASTAGI_LOG_LEVEL", "INFO"))
 
 
 def _run_service(main: Coroutine[Any, Any, int]) -> int:
