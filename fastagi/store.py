@@ -153,9 +153,14 @@ class _ScreenParts:
             )
         )
         self.tail = (encode(EVENTS_MAXLEN), encode(p.history_ms))
+        # A call's member in its address's sorted set: unique per call, cluster-wide,
+        # without a random draw (a getrandom() system call) per call.
+        self.member_prefix = secrets.token_hex(8).encode() + b"-"
+        self.steps = itertools.count()
 
-    def command(self, sha: str, ip: str, injected: bool, prune: bool) -> tuple:
+    def command(self, sha: str, ip: str, injected: bool) -> tuple:
         address = ip.encode()
+        step = next(self.steps)
         return (
             "EVALSHA",
             sha,
@@ -165,10 +170,10 @@ class _ScreenParts:
             *self.shared_keys,
             address,
             *self.rules,
-            secrets.token_hex(8).encode(),  # this call's member in the count's sorted set
+            b"%s%x" % (self.member_prefix, step),
             *self.tail,
             b"1" if injected else b"0",
-            b"1" if prune else b"0",
+            b"1" if step % PRUNE_EVERY == 0 else b"0",  # which steps sweep expired entries
         )
 
 
@@ -201,7 +206,6 @@ class Store:
         self.wait_timeout_ms = max(1, int(wait_timeout * 1000))
         self.unreplicated_bans = 0  # bans WAIT could not confirm (logged)
         self.unreplicated_recent: collections.deque[str] = collections.deque(maxlen=1000)
-        self._steps = itertools.count()  # which steps sweep expired list entries
         self._screen = client.register_script(lua.SCREEN)
         # redis-py's own encoder, once, for the arguments that never change.
         self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
@@ -221,8 +225,7 @@ class Store:
     async def screen(self, ip: str, injected: bool = False) -> Verdict:
         """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
         `injected` also counts an injection attempt, in the same round trip."""
-        prune = next(self._steps) % PRUNE_EVERY == 0
-        command = self._screen_parts.command(self._screen.sha, ip, injected, prune)
+        command = self._screen_parts.command(self._screen.sha, ip, injected)
         if not self.wait_replicas:
             execute = self.link.execute if self.link else self.redis.execute_command
             return _verdict(await self._call("screening step", self._evalsha(execute, command)))
