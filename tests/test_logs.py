@@ -6,7 +6,7 @@ import asyncio
 import io
 import logging
 
-from fastagi.logs import FORMAT, LineFormatter, TurnFlushingHandler
+from fastagi.logs import FLUSH_AFTER, FORMAT, BatchingHandler, LineFormatter
 
 
 class _CountingSink(io.RawIOBase):
@@ -23,17 +23,17 @@ class _CountingSink(io.RawIOBase):
         return len(data)
 
 
-def _handler() -> tuple[TurnFlushingHandler, _CountingSink]:
+def _handler() -> tuple[BatchingHandler, _CountingSink]:
     sink = _CountingSink()
     stream = io.TextIOWrapper(io.BufferedWriter(sink, 1 << 16), encoding="utf-8")
-    handler = TurnFlushingHandler(stream)
+    handler = BatchingHandler(stream)
     handler.setFormatter(LineFormatter())
     return handler, sink
 
 
-def _record(created: float, message: str = "Ext. %s: %s") -> logging.LogRecord:
+def _record(created: float, level: int = logging.INFO) -> logging.LogRecord:
     record = logging.LogRecord(
-        "fastagi.screening", logging.INFO, "", 0, message, ("7001", "x"), None
+        "fastagi.screening", level, "", 0, "Ext. %s: %s", ("7001", "x"), None
     )
     record.created, record.msecs = created, (created - int(created)) * 1000
     return record
@@ -46,21 +46,44 @@ def test_lines_read_exactly_as_with_loggings_default_formatter_across_seconds():
         assert ours.format(record) == default.format(record)
 
 
-def test_lines_of_one_loop_turn_leave_in_one_write_and_none_waits_longer():
+def test_info_lines_leave_together_and_a_warning_at_once_with_those_before_it():
     handler, sink = _handler()
 
     async def main():
         for n in range(5):
             handler.handle(_record(1795587476.0 + n))
-        during = len(sink.writes)
-        await asyncio.sleep(0)  # the end of this turn
-        await asyncio.sleep(0)
-        return during
+        held = len(sink.writes)
+        await asyncio.sleep(FLUSH_AFTER + 0.05)
+        batched = list(sink.writes)
+        handler.handle(_record(1795587481.0))
+        handler.handle(_record(1795587482.0, level=logging.WARNING))
+        return held, batched
 
-    during = asyncio.run(main())
-    assert during == 0
-    assert len(sink.writes) == 1
-    assert sink.writes[0].decode().count("\n") == 5
+    held, batched = asyncio.run(main())
+    assert held == 0
+    assert len(batched) == 1 and batched[0].decode().count("\n") == 5
+    assert len(sink.writes) == 2
+    assert [line.split()[2] for line in sink.writes[1].decode().splitlines()] == [
+        "INFO",
+        "WARNING",
+    ]
+
+
+def test_a_line_left_pending_by_a_closed_loop_goes_out_with_the_next_loop():
+    handler, sink = _handler()
+
+    async def one_line(created: float) -> None:
+        handler.handle(_record(created))
+
+    asyncio.run(one_line(1795587476.0))  # the loop closes before its flush is due
+    assert sink.writes == []
+
+    async def later():
+        await one_line(1795587477.0)
+        await asyncio.sleep(FLUSH_AFTER + 0.05)
+
+    asyncio.run(later())
+    assert b"".join(sink.writes).decode().count("\n") == 2
 
 
 def test_outside_a_running_loop_each_line_is_written_at_once():
