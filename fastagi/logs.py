@@ -78,14 +78,18 @@ def setup(level: str) -> None:
     # Skip what FORMAT never shows (caller's file and line, thread and process names).
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging._srcfile = None  # documented switch: no caller lookup per record
-    stream = open(  # noqa: SIM115 - lives as long as the process, flushed at exit by logging
-        sys.stderr.fileno(),
-        "w",
-        buffering=BUFFER,
-        encoding=sys.stderr.encoding,
-        errors="backslashreplace",
-        closefd=False,
-    )
+    stream: io.TextIOBase
+    try:
+        stream = open(  # noqa: SIM115 - lives as long as the process, flushed at exit
+            sys.stderr.fileno(),
+            "w",
+            buffering=BUFFER,
+            encoding=sys.stderr.encoding,
+            errors="backslashreplace",
+            closefd=False,
+        )
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor
+        stream = sys.stderr
     handler = BatchingHandler(stream)
     handler.setFormatter(LineFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 
@@ -149,3 +151,21 @@ def test_status_on_a_real_redis(redis_url):
     report = json.loads(ctl("status", "--json", env=env).stdout)
     assert report["banned"]["list"][0]["ip"] == "198.51.100.9"
     assert report["banned"]["total"] == 1
+
+
+def test_the_running_service_logs_each_call_within_a_moment(embedded):
+    """INFO lines are batched (fastagi/logs.py), yet a tail -f sees them at once."""
+    ctl("simulate", "--ip", "203.0.113.44", "--calls", "3", env=embedded.env)
+    deadline = time.monotonic() + 2
+    wanted = "failed for 203.0.113.44 - Unknown connection from peer"
+    while time.monotonic() < deadline:
+        lines = embedded.log.read_text().splitlines()
+        if sum(wanted in line for line in lines) == 3:
+            break
+        time.sleep(0.02)
+    notices = [line for line in lines if wanted in line]
+    assert len(notices) == 3
+    assert re.match(
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO fastagi.screening: Ext\. ", notices[0]
+    )
+    assert any(" WARNING fastagi.server: 203.0.113.44 banned until " in line for line in lines)
