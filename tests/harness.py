@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import fakeredis
@@ -15,6 +17,21 @@ from fastagi.cli import make_server, make_service_store, make_store
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.server import FastAGIServer
 from fastagi.store import Store
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Poll `predicate` without blocking the loop (the agent runs on it); its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return predicate()
+
+
+def firewall_ips(firewall) -> set[str]:
+    """The addresses a firewall backend holds, as text."""
+    return {str(ip) for ip in firewall.list()}
 
 
 def free_port() -> int:

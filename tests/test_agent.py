@@ -11,7 +11,7 @@ from fastagi.agent import Agent
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
 from fastagi.store import Policy, Store, redis_client
-from tests.harness import settings
+from tests.harness import firewall_ips, settings, wait_until
 
 IGNORE = AddressSet.parse(["192.0.2.0/24"])
 
@@ -21,40 +21,27 @@ def _store(url: str, pbx: str = "pbx1") -> Store:
     return Store(redis_client(config.redis), Keys(), Policy(3, 600, 3600, 2.0, 86400), pbx)
 
 
-def _ips(firewall) -> set[str]:
-    return {str(ip) for ip in firewall.list()}
-
-
-async def _until(predicate, timeout=2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return predicate()
-
-
 def test_ban_and_unban_events_reach_the_firewall_fast(redis_url):
     async def main():
         store, firewall = _store(redis_url), DryRunFirewall()
         agent = Agent(store, firewall, sync_interval=30, ignore=IGNORE, block_ms=100)
         task = asyncio.create_task(agent.run())
-        await _until(lambda: agent.last_id != "0-0" or agent._next_sync > 0)
+        await wait_until(lambda: agent.last_id != "0-0" or agent._next_sync > 0)
         started = time.monotonic()
         for _ in range(3):
             await store.screen("198.51.100.1")
-        banned_in = await _until(lambda: "198.51.100.1" in _ips(firewall))
+        banned_in = await wait_until(lambda: "198.51.100.1" in firewall_ips(firewall))
         latency = time.monotonic() - started
         await store.ban("2001:db8::1", 60, "manual")
-        v6 = await _until(lambda: "2001:db8::1" in _ips(firewall))
+        v6 = await wait_until(lambda: "2001:db8::1" in firewall_ips(firewall))
         await store.unban(["198.51.100.1"])
-        lifted = await _until(lambda: "198.51.100.1" not in _ips(firewall))
+        lifted = await wait_until(lambda: "198.51.100.1" not in firewall_ips(firewall))
         await asyncio.sleep(0.1)
         heartbeat = await store.agents()
         agent.stop()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
-        return banned_in, latency, v6, lifted, heartbeat, _ips(firewall)
+        return banned_in, latency, v6, lifted, heartbeat, firewall_ips(firewall)
 
     banned_in, latency, v6, lifted, heartbeat, left = asyncio.run(main())
     assert banned_in and v6 and lifted
@@ -75,7 +62,7 @@ def test_reconcile_at_start_and_never_an_ignored_address(redis_url):
         agent = Agent(store, firewall, sync_interval=30, ignore=IGNORE)
         await agent.step()
         await store.close()
-        return _ips(firewall)
+        return firewall_ips(firewall)
 
     assert asyncio.run(main()) == {"198.51.100.2", "198.51.100.3"}
 
@@ -87,13 +74,13 @@ def test_bans_expire_locally_while_redis_is_down(own_redis):
         await store.ban("198.51.100.4", 1.0, "short")
         await store.ban("198.51.100.5", 600, "long")
         await agent.step()
-        before = _ips(firewall)
+        before = firewall_ips(firewall)
         own_redis.stop()
         task = asyncio.create_task(agent.run())
-        expired = await _until(lambda: "198.51.100.4" not in _ips(firewall), timeout=4)
-        kept = "198.51.100.5" in _ips(firewall)
+        expired = await wait_until(lambda: "198.51.100.4" not in firewall_ips(firewall), timeout=4)
+        kept = "198.51.100.5" in firewall_ips(firewall)
         own_redis.start()  # empty: the agent reconciles to the (now empty) list
-        emptied = await _until(lambda: not _ips(firewall), timeout=8)
+        emptied = await wait_until(lambda: not firewall_ips(firewall), timeout=8)
         agent.stop()
         await asyncio.gather(task, return_exceptions=True)
         await store.close()
@@ -118,6 +105,6 @@ def test_agent_that_missed_trimmed_events_reconciles(redis_url):
         await store.ban("198.51.100.9", 600, "x")
         await agent.step()
         await store.close()
-        return _ips(firewall)
+        return firewall_ips(firewall)
 
     assert asyncio.run(main()) == {"198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9"}

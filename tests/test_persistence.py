@@ -19,22 +19,9 @@ from fastagi.agent import Agent
 from fastagi.emulator import Call
 from fastagi.firewall.dryrun import DryRunFirewall
 from tests.conftest import REDIS_SERVER, RedisProcess
-from tests.harness import running_server
+from tests.harness import firewall_ips, running_server, wait_until
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
-
-
-def _ips(firewall: DryRunFirewall) -> set[str]:
-    return {str(ip) for ip in firewall.list()}
-
-
-async def _until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.parametrize("fsync", ["always", "everysec"])
@@ -69,7 +56,7 @@ def _scenario(server: RedisProcess, fsync: str) -> None:
             await srv.store.ban("2001:db8::7", 3600, "manual")
             for _ in range(2):
                 await srv.call(Call(source="198.51.100.3"))  # counted, not banned
-            assert await _until(lambda: len(_ips(firewall)) == 3, 3)
+            assert await wait_until(lambda: len(firewall_ips(firewall)) == 3, 3)
             before = {
                 "banned": await srv.store.banned(),
                 "records": {
@@ -97,9 +84,9 @@ def _scenario(server: RedisProcess, fsync: str) -> None:
                     break
                 await asyncio.sleep(0.1)
             await srv.store.ban("203.0.113.50", 600, "after restart")
-            caught_up = await _until(
+            caught_up = await wait_until(
                 lambda: (
-                    _ips(firewall)
+                    firewall_ips(firewall)
                     == {"198.51.100.1", "198.51.100.2", "2001:db8::7", "203.0.113.50"}
                 ),
                 10,
