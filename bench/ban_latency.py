@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastagi import config as configuration  # noqa: E402
-from fastagi.cli import make_store  # noqa: E402
 from fastagi.keys import Keys  # noqa: E402
+from fastagi.service import make_store  # noqa: E402
 from fastagi.store import redis_client  # noqa: E402
 from tests.netns import NamespaceRedis, Topology, make_topology  # noqa: E402
 

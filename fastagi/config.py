@@ -392,3 +392,11 @@ def _check_cluster(redis: RedisConfig) -> None:
 def pbx_id(config: Config) -> str:
     """The name recorded on every ban: `screening.pbx_id`, else the hostname."""
     return config.screening.pbx_id or socket.gethostname()
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and status."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url

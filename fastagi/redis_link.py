@@ -9,7 +9,7 @@ out in order. Commands written in one loop turn reach Redis together.
 
 The connection is redis-py's (made by the client's pool, so Sentinel discovery, TLS and
 AUTH are redis-py's), only the checkout is ours. Used for plain Redis and Sentinel
-without WAIT (cli.make_service_store decides); Redis Cluster and WAIT keep redis-py's
+without WAIT (service.make_service_store decides); Redis Cluster and WAIT keep redis-py's
 client. There is no idle health check (its PING would have to await between queueing
 and writing): a connection that died while idle costs one call its deadline (that
 call gets ERROR), then it is replaced.

@@ -13,9 +13,9 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi import config as configuration
-from fastagi.cli import make_server, make_service_store, make_store
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.server import FastAGIServer
+from fastagi.service import make_server, make_service_store, make_store
 from fastagi.store import Store
 
 

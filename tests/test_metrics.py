@@ -14,10 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastagi import metrics as service_metrics
 from fastagi.addresses import AddressSet
 from fastagi.agent import Agent
-from fastagi.cli import gather_status, make_server, make_store
 from fastagi.emulator import Call, FakeAsterisk
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
+from fastagi.service import make_server, make_store
+from fastagi.status import gather_status
 from fastagi.store import Policy, Store
 from tests.harness import free_port, settings
 from tests.procs import Service, ctl

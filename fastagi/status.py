@@ -1,0 +1,133 @@
+"""`fastagi-ctl status`: the cluster at a glance, in the `fail2ban-client status` look."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from fastagi.addresses import parse_address
+from fastagi.admin import cli_address, client_store, when
+from fastagi.config import Config, redacted
+from fastagi.store import Store
+
+
+async def gather_status(store: Store, config: Config) -> dict[str, Any]:
+    banned, counted, totals, agents = await asyncio.gather(
+        store.banned(), store.counted(), store.totals(), store.agents()
+    )
+    records = await asyncio.gather(*(store.record(ip) for ip in banned))
+    return {
+        "pbx_id": store.pbx_id,
+        "store": {"url": redacted(config.redis.url), "reachable": True},
+        "firewall": {"backend": config.firewall.backend, "chain": config.firewall.chain},
+        "calls": totals.get("calls", 0),
+        "injections": totals.get("injections", 0),
+        "counted": {
+            "current": len(counted),
+            "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
+        },
+        "banned": {
+            "current": len(banned),
+            "total": totals.get("bans", 0),
+            "list": [
+                {
+                    "ip": ip,
+                    "until": until,
+                    "pbx_id": record.get("pbx_id", ""),
+                    "reason": record.get("reason", ""),
+                    "bans": int(record.get("bans", "1")),
+                }
+                for (ip, until), record in zip(banned.items(), records, strict=True)
+            ],
+        },
+        "unbanned_total": totals.get("unbans", 0),
+        "agents": [
+            {
+                "pbx_id": pbx,
+                "last_heartbeat": info.get("time"),
+                "bans_applied": info.get("applied", 0),
+                "backend": info.get("backend", ""),
+            }
+            for pbx, info in sorted(agents.items())
+        ],
+    }
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The `fail2ban-client status JAIL` look."""
+    now = time.time()
+    lines = [
+        f"Status for fastagi-screen (pbx {status['pbx_id']})",
+        f"|- Store:    {status['store']['url']}",
+        f"|- Firewall: {status['firewall']['backend']} (chain {status['firewall']['chain']})",
+        "|- Screening",
+        f"|  |- Currently counted: {status['counted']['current']}",
+        f"|  |- Total calls:       {status['calls']}",
+        f"|  |- Injection attempts: {status['injections']}",
+        (
+            "|  `- Counted IP list:   "
+            + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
+        ).rstrip(),
+        "|- Actions",
+        f"|  |- Currently banned: {status['banned']['current']}",
+        f"|  |- Total banned:     {status['banned']['total']}",
+        "|  `- Banned IP list:",
+    ]
+    for ban in status["banned"]["list"]:
+        lines.append(
+            f"|     {ban['ip']} until {when(ban['until'])} "
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans']})"
+        )
+    lines.append("`- Agents seen")
+    agents = status["agents"]
+    for n, agent in enumerate(agents):
+        age = now - (agent["last_heartbeat"] or 0)
+        mark = "`-" if n == len(agents) - 1 else "|-"
+        lines.append(
+            f"   {mark} {agent['pbx_id']}: last heartbeat {age:.0f}s ago, "
+            f"{agent['bans_applied']} bans applied ({agent['backend']})"
+        )
+    if not agents:
+        lines.append("   `- (none)")
+    return "\n".join(lines)
+
+
+async def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
+    async with client_store(config) as store:
+        if address:
+            banned = await store.banned()
+            record, count = await store.record(address), await store.count(address)
+            report: dict[str, Any] = {
+                "ip": address,
+                "count": count,
+                "banned": address in banned,
+                "until": banned.get(address),
+                "ignored": parse_address(address) in config.screening.ignore,
+                "history": record,
+            }
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                print(f"Status for {address}")
+                print(f"|- Count in window: {count}")
+                if report["banned"]:
+                    print(f"|- Banned until:    {when(report['until'])}")
+                else:
+                    print("|- Banned:          no")
+                print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+                print(
+                    f"`- Previous bans:   {record.get('bans', '0')}"
+                    + (
+                        f" (last by {record['pbx_id']}, {record.get('reason')})"
+                        if record.get("pbx_id")
+                        else ""
+                    )
+                )
+            return 0
+        status = await gather_status(store, config)
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
