@@ -33,8 +33,10 @@ class Call:
     exten: str = "7001"  # the dialed user part, already URL-decoded (use `Call.from_uri`)
     channel_type: str = "SIP"  # SIP | PJSIP | Local
     agi_args: str = ""  # the AGI() arguments after the URL, before expansion
-    callerid: str = "anonymous-scanner"
+    callerid: str = "anonymous-scanner"  # the From user, URL-decoded by chan_sip
     calleridname: str = "lab caller"
+    callingpres: int = 0  # 67 on a bare originated Local channel
+    rdnis: str = "unknown"  # the redirecting number (Diversion header)
     context: str = "from-sip-external"
     priority: int = 6
     uniqueid: str = ""
@@ -124,12 +126,12 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
         ("agi_version", "20.20.1"),
         ("agi_callerid", call.callerid),
         ("agi_calleridname", call.calleridname),
-        ("agi_callingpres", "0"),
+        ("agi_callingpres", str(call.callingpres)),
         ("agi_callingani2", "0"),
         ("agi_callington", "0"),
         ("agi_callingtns", "0"),
         ("agi_dnid", call.exten if call.dnid is None else call.dnid),
-        ("agi_rdnis", "unknown"),
+        ("agi_rdnis", call.rdnis),
         ("agi_context", call.context),
     ]
     first = "".join(f"{k}: {v}\n" for k, v in lines)

@@ -68,7 +68,10 @@ async def caller_address(session: AGISession, env: Environment) -> IPAddress:
         except AddressError:
             raise ScreeningError(f"no caller address from Asterisk for {channel_type}") from None
     # No network address of its own (Local, unknown drivers): SOURCE, if trustworthy.
-    if session.stray or env.duplicates or env.malformed:
+    if session.injected:
+        log.warning(
+            "injection attempt on a %r channel: %s", escape(channel_type), session.injection()
+        )
         raise ScreeningError("SOURCE argument untrusted: the environment was tampered with")
     args = env.args
     if not args or not args[0]:
@@ -102,14 +105,13 @@ class Screener:
         except ScreeningError as error:
             return Outcome("ERROR", error=str(error))
         exten = escape(env.get("agi_extension"))
-        if session.stray:
+        if session.injected:
             log.warning(
-                "injection attempt from %s: %d stray lines before the resync answer, "
-                "dialed %r, first stray %r",
+                "injection attempt from %s: %s, dialed %r, first stray %r",
                 address,
-                len(session.stray),
+                session.injection(),
                 exten,
-                escape(session.stray[0]),
+                escape(session.stray[0] if session.stray else ""),
             )
         ip = str(address)
         if address in self.ignore:
@@ -126,7 +128,7 @@ class Screener:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
                 lost = error
-        outcome = await self._count(ip, bool(session.stray))
+        outcome = await self._count(ip, session.injected)
         if lost is not None:
             raise lost
         if self.log_notice:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastagi.addresses import AddressError, AddressSet, parse_address
-from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment, read_environment
+from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment
 from fastagi.screening import Outcome, Screener
 
 log = logging.getLogger("fastagi.server")
@@ -162,7 +162,7 @@ class FastAGIServer:
             log.info("session from %s ended: %s", _peer(writer), error)
         finally:
             stats.active -= 1
-            injected = bool(session.stray)
+            injected = session.injected
             if injected:
                 stats.injections += 1
             if outcome is not None:
@@ -172,7 +172,7 @@ class FastAGIServer:
                 await session.close()
 
     async def _run(self, session: AGISession) -> tuple[str, Outcome]:
-        env = await read_environment(session.reader)
+        env = await session.environment()
         route = env.route
         handler = self.routes.get(route)
         if handler is None:
