@@ -9,6 +9,7 @@ import contextlib
 import time
 from urllib.parse import urlsplit
 
+from fastagi.access import url_with_key
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
@@ -125,6 +126,7 @@ async def cmd_simulate(args: argparse.Namespace, config: Config) -> int:
         raise UsageError(f"--target: {target!r} is not agi://HOST[:PORT]/ROUTE")
     if not 1 <= args.calls <= 100_000:
         raise UsageError("--calls: between 1 and 100000")
+    target = url_with_key(target, config.server.key)
     emulator = FakeAsterisk(hold_limit=config.server.session_timeout + 5)
     agi_args = str(address) if args.channel_type == "Local" else ""
     for n in range(1, args.calls + 1):

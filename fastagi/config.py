@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,6 +166,45 @@ def _listen_or_empty(value: Any) -> str:
     return text
 
 
+KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+
+def _key(value: Any) -> str:
+    """The shared secret of the AGI URL (`?key=...`): URL-safe characters, so Asterisk
+    passes it verbatim and no comma splits AGI()'s arguments. Never echoed in an error."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if value and not KEY_CHARACTERS.fullmatch(value):
+        raise ValueError(
+            "16 to 256 of the characters A-Z a-z 0-9 . _ ~ - (e.g. openssl rand -hex 32)"
+        )
+    return value
+
+
+def read_key_file(path: str) -> str:
+    """The key from a file owned by root or us that no other local user may read (a key
+    they can read or write proves nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if info.st_mode & 0o007:
+            raise ValueError(f"{path}: other users may read it (chmod 0600 or 0640)")
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o020:
+            raise ValueError(f"{path}: another user may write it (owner root or us, no g+w)")
+        text = file.read(1024).decode("ascii", errors="replace").strip()
+    if not text:
+        raise ValueError(f"{path}: empty")
+    try:
+        return _key(text)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
 def _chain(value: Any) -> str:
     name = _string(value)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,27}", name):
@@ -180,6 +220,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_sessions": (_positive_int, 256),
         "session_timeout": (parse_duration, "5s"),
         "runtime_dir": (_string, ""),
+        # Optional shared secret Asterisk sends in the AGI URL (agi://.../screen?key=...),
+        # or the file holding it; empty: none.
+        "key": (_key, ""),
+        "key_file": (_string, ""),
     },
     "screening": {
         "threshold": (_positive_int, 5),
@@ -224,6 +268,8 @@ class ServerConfig:
     max_sessions: int
     session_timeout: float
     runtime_dir: str
+    key: str = field(default="", repr=False)  # from `key` or `key_file`; never shown
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -347,7 +393,9 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             env_name = f"FASTAGI_{section.upper()}_{key.upper()}"
             origin = f"{section}.{key}"
             if env_name in environ:
-                value, origin = _env_value(environ[env_name]), env_name
+                text = environ[env_name]
+                value = text if parse is _key else _env_value(text)  # a key is text as given
+                origin = env_name
             try:
                 values[key] = parse(value)
             except (ValueError, TypeError) as error:
@@ -355,6 +403,16 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         sections[section] = _SECTIONS[section](**values)
     config = Config(**sections, source=str(file) if file else "built-in defaults")
     _check_together(config)
+    if config.server.key_file:
+        origin = "FASTAGI_SERVER_KEY_FILE" if "FASTAGI_SERVER_KEY_FILE" in environ else ""
+        origin = origin or "server.key_file"
+        if config.server.key:
+            raise ConfigError(f"{origin}: set either server.key or server.key_file, not both")
+        try:
+            key = read_key_file(config.server.key_file)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: {error}") from None
+        config = replace(config, server=replace(config.server, key=key))
     return config
 
 

@@ -92,7 +92,8 @@ class Metrics(Observer, StepObserver):
         )
         self.refused_total = Counter(
             "fastagi_sessions_refused",
-            "Connections refused: busy (max_sessions) or client (not in allowed_clients)",
+            "Connections refused: busy (max_sessions), client (not in allowed_clients) "
+            "or key (wrong or missing server.key in the AGI URL)",
             ["reason"],
             registry=r,
         )
@@ -145,7 +146,7 @@ class Metrics(Observer, StepObserver):
             for result in (*RESULTS, "none")
         }
         self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
-        for reason in ("busy", "client"):
+        for reason in ("busy", "client", "key"):
             self.refused_total.labels(reason)
         for reason in ("timeout", "protocol", "connection"):
             self.aborted.labels(reason)
@@ -170,6 +171,8 @@ class Metrics(Observer, StepObserver):
         ended: str = "",
     ) -> None:
         self.active.dec()
+        if ended == "refused":
+            return  # counted by `refused`: not a session
         route = self._routes.get(route, "unknown")
         result = outcome.result if outcome is not None else "none"
         counter = self._sessions.get((route, result))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from fastagi.access import RefusalLog, key_matches
 from fastagi.addresses import AddressError, AddressSet, parse_address
 from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment
 from fastagi.screening import Outcome, Screener
@@ -36,6 +37,7 @@ class ServerStats:
     active: int = 0
     refused_busy: int = 0
     refused_client: int = 0
+    refused_key: int = 0
     timeouts: int = 0
     protocol_errors: int = 0
     injections: int = 0
@@ -46,7 +48,8 @@ class Observer:
     """Receives one call per finished session; metrics.py plugs in here.
 
     `ended` says how a session without an outcome ended: "timeout", "protocol" (the
-    peer broke the protocol or closed early) or "connection"; "" when it has one."""
+    peer broke the protocol or closed early), "connection", or "refused" (a wrong or
+    missing key: told to `refused` as well, it is not a session); "" when it has one."""
 
     def session_done(
         self,
@@ -73,9 +76,11 @@ class FastAGIServer:
         max_sessions: int,
         session_timeout: float,
         observer: Observer | None = None,
+        key: str = "",
     ) -> None:
         self.routes: dict[str, Route] = {"screen": screener.screen}
         self.allowed_clients = allowed_clients
+        self.key = key  # the shared secret of the AGI URL; "" for none
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
         self.observer = observer or Observer()
@@ -83,6 +88,7 @@ class FastAGIServer:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
+        self._refusals = RefusalLog(log)
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         self._server = await asyncio.start_server(
@@ -128,7 +134,9 @@ class FastAGIServer:
         if not self._client_allowed(writer):
             self.stats.refused_client += 1
             self.observer.refused("client")
-            log.warning("refused FastAGI client %s: not in allowed_clients", _peer(writer))
+            self._refusals.refused(
+                "client", "refused FastAGI client %s: not in allowed_clients", _peer(writer)
+            )
             writer.transport.abort()
             return
         if self.stats.active >= self.max_sessions:
@@ -149,6 +157,15 @@ class FastAGIServer:
         try:
             async with asyncio.timeout(self.session_timeout):
                 route, outcome = await self._run(session)
+        except _KeyRefused:
+            # Like a client outside allowed_clients: nothing executed, closed at once.
+            stats.refused_key += 1
+            ended = "refused"
+            self.observer.refused("key")
+            self._refusals.refused(
+                "key", "refused FastAGI session from %s: wrong or missing key", _peer(writer)
+            )
+            writer.transport.abort()
         except TimeoutError:
             stats.timeouts += 1
             ended = "timeout"
@@ -162,7 +179,7 @@ class FastAGIServer:
             log.info("session from %s ended: %s", _peer(writer), error)
         finally:
             stats.active -= 1
-            injected = session.injected
+            injected = session.injected and ended != "refused"
             if injected:
                 stats.injections += 1
             if outcome is not None:
@@ -173,6 +190,8 @@ class FastAGIServer:
 
     async def _run(self, session: AGISession) -> tuple[str, Outcome]:
         env = await session.environment()
+        if not key_matches(self.key, env.script):
+            raise _KeyRefused
         route = env.route
         handler = self.routes.get(route)
         if handler is None:
@@ -201,6 +220,10 @@ class FastAGIServer:
                 int(outcome.ban_until or 0),
                 outcome.count,
             )
+
+
+class _KeyRefused(Exception):
+    """The AGI URL did not carry `server.key`."""
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

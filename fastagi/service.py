@@ -74,6 +74,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         server.max_sessions,
         server.session_timeout,
         observer=metrics,
+        key=server.key,
     )
 
 

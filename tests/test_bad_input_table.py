@@ -31,6 +31,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]"],
     "server.session_timeout": BAD_DURATION,
     "server.runtime_dir": ["5", "true", '["/tmp"]'],
+    "server.key": ['"short"', "5", '"a key with blanks in it"', '"0123456789abcdef,x"'],
+    "server.key_file": ['"/nonexistent/key"', "5", '"/etc/passwd"'],
     "screening.threshold": ['"five"', "0", "false", "2.5"],
     "screening.window": BAD_DURATION,
     "screening.ban_time": BAD_DURATION,
