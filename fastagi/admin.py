@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from fastagi.access import url_with_key
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
-from fastagi.embedded import SOCKET_NAME, reachable
+from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
 from fastagi.service import make_store
 from fastagi.store import StoreError, redis_client
 
@@ -25,12 +25,14 @@ class UsageError(Exception):
 async def client_store(config: Config):
     """The store as seen by ban/unban/status: Redis, or a running embedded service."""
     if config.redis.url.startswith("memory://"):
-        path = config.runtime_dir() / SOCKET_NAME
-        if not reachable(path):
+        try:
+            path = client_socket(config.runtime_dir())
+        except UnsafeRuntimeDir:
+            raise
+        except EmbeddedError as error:
             raise StoreError(
-                f"no running service with the embedded store (memory://) at {path}: "
-                "start `fastagi-ctl serve` first, or set [redis] url"
-            )
+                f"{error} (memory://): start `fastagi-ctl serve` first, or set [redis] url"
+            ) from None
         import redis.asyncio as aioredis
 
         client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
