@@ -99,8 +99,8 @@ class Metrics(Observer, StepObserver):
         )
         self.injections = Counter(
             "fastagi_injection_attempts",
-            "Sessions with stray lines before the resync "
-            "answer (forged environment or answers in the dialed number)",
+            "Sessions with a forged environment line (not res_agi's layout) or stray "
+            "lines before the resync answer (line feeds in caller ID or dialed number)",
             registry=r,
         )
         self.store_seconds = Histogram(
