@@ -149,6 +149,31 @@ def test_the_oracle_catches_a_server_that_trusts_the_environment(monkeypatch):
         _run(Fuzzer(), [case])
 
 
+def test_the_oracle_catches_a_server_that_trusts_a_forged_source_in_the_caller_id(monkeypatch):
+    """Issue 12: a From user `x%0Aagi_arg_1%3A%20203.0.113.9` on a Local channel. A server
+    without the layout check (every block taken as clean) is caught by the oracle."""
+    from fastagi.agi import Environment
+    from fuzz.harness import UnexpectedOutcome
+
+    env = (
+        REAL_HEAD.replace(b"{type}", b"Local").replace(
+            b"agi_callerid: scanner\n", b"agi_callerid: x\nagi_arg_1: 203.0.113.9\n"
+        )
+        + b"7001"
+        + REAL_MIDDLE
+        + b"7001"
+        + REAL_TAIL
+        + b"\n"
+    )
+    case = Case(env, "192.0.2.17", [Reply(true_answer=b"")], eof_after=False)
+    _run(Fuzzer(), [case])  # the server refuses the forged SOURCE
+    # the server as it was: every block clean, arguments wherever their key first appears
+    monkeypatch.setattr(Environment, "tampered", "")
+    monkeypatch.setattr(Environment, "args", property(lambda env: [env.get("agi_arg_1")]))
+    with pytest.raises(UnexpectedOutcome, match=r"counted '203\.0\.113\.9'"):
+        _run(Fuzzer(), [case])
+
+
 # -- bulk: seeded random cases over the sans-socket harness -----------------------------
 
 
