@@ -134,7 +134,7 @@ def test_the_from_user_of_the_issue_on_a_local_channel_counts_nothing(caplog):
 
 
 # Where caller text lands in the block, and what chan_sip / res_pjsip let through.
-FIELDS = ["callerid", "calleridname", "dnid", "rdnis"]
+FIELDS = ["callerid", "calleridname", "dnid", "rdnis", "exten"]  # exten: also agi_channel on Local
 INJECTED = st.lists(
     st.sampled_from(
         [
