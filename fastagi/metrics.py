@@ -92,8 +92,9 @@ class Metrics(Observer, StepObserver):
         )
         self.refused_total = Counter(
             "fastagi_sessions_refused",
-            "Connections refused: busy (max_sessions), client (not in allowed_clients) "
-            "or key (wrong or missing server.key in the AGI URL)",
+            "Connections refused: busy (max_sessions), client (not in allowed_clients), "
+            "key (wrong or missing server.key in the AGI URL) or idle (closed at "
+            "max_sessions before sending its environment, to make room)",
             ["reason"],
             registry=r,
         )
@@ -146,7 +147,7 @@ class Metrics(Observer, StepObserver):
             for result in (*RESULTS, "none")
         }
         self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
-        for reason in ("busy", "client", "key"):
+        for reason in ("busy", "client", "key", "idle"):
             self.refused_total.labels(reason)
         for reason in ("timeout", "protocol", "connection"):
             self.aborted.labels(reason)

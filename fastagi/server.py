@@ -38,6 +38,7 @@ class ServerStats:
     refused_busy: int = 0
     refused_client: int = 0
     refused_key: int = 0
+    evicted: int = 0  # connections closed before their environment, to make room
     timeouts: int = 0
     protocol_errors: int = 0
     injections: int = 0
@@ -89,6 +90,8 @@ class FastAGIServer:
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
         self._refusals = RefusalLog(log)
+        # Sessions still waiting for their environment block, oldest first.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         self._server = await asyncio.start_server(
@@ -139,7 +142,7 @@ class FastAGIServer:
             )
             writer.transport.abort()
             return
-        if self.stats.active >= self.max_sessions:
+        if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
             self.stats.refused_busy += 1
             self.observer.refused("busy")
@@ -154,6 +157,7 @@ class FastAGIServer:
         started = time.monotonic()
         session = AGISession(reader, writer)
         route, outcome, ended = "", None, ""
+        self._waiting[writer] = None
         try:
             async with asyncio.timeout(self.session_timeout):
                 route, outcome = await self._run(session)
@@ -178,6 +182,7 @@ class FastAGIServer:
             ended = "connection"
             log.info("session from %s ended: %s", _peer(writer), error)
         finally:
+            self._waiting.pop(writer, None)
             stats.active -= 1
             injected = session.injected and ended != "refused"
             if injected:
@@ -188,10 +193,30 @@ class FastAGIServer:
             with contextlib.suppress(Exception):
                 await session.close()
 
+    def _evict_waiting(self) -> bool:
+        """Make room by closing the connection that has waited longest without sending
+        its environment (and so its key). Asterisk sends it at once, so one that waits
+        is idle, e.g. a local user's: held open, such connections filled max_sessions
+        and real calls failed open."""
+        if not self._waiting:
+            return False
+        writer = next(iter(self._waiting))
+        del self._waiting[writer]
+        self.stats.evicted += 1
+        self.observer.refused("idle")
+        self._refusals.refused(
+            "idle",
+            "closed FastAGI connection from %s: no environment yet, its slot was needed",
+            _peer(writer),
+        )
+        writer.transport.abort()
+        return True
+
     async def _run(self, session: AGISession) -> tuple[str, Outcome]:
         env = await session.environment()
         if not key_matches(self.key, env.script):
             raise _KeyRefused
+        self._waiting.pop(session.writer, None)
         route = env.route
         handler = self.routes.get(route)
         if handler is None:

@@ -193,10 +193,15 @@ def test_allowed_clients_refuses_others_with_nothing_executed():
 
 
 def test_sessions_over_max_sessions_are_answered_and_closed_at_once():
+    """Every slot holds a session past its environment (here: one that never answers
+    the resync, as a stalled Asterisk would): a new call is answered ERROR at once."""
+
     async def main():
         async with running_server(SERVER_MAX_SESSIONS="2", SERVER_SESSION_TIMEOUT="2s") as srv:
             host, port = srv.target[6:].split("/")[0].split(":")
             idle = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+            for n, (_, writer) in enumerate(idle):
+                writer.write(b"".join(environment_block(Call(), srv.target, n)))
             await asyncio.sleep(0.1)
             started = time.monotonic()
             result = await srv.call(Call(source="192.0.2.54"))

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fastagi import config as configuration
-from fastagi.emulator import Call, FakeAsterisk
+from fastagi.emulator import Call, FakeAsterisk, environment_block
 from fastagi.metrics import Metrics
 from tests.harness import running_server
 from tests.procs import Service, ctl
@@ -181,3 +181,44 @@ def test_simulate_sends_the_configured_key_and_serve_never_logs_it(tmp_path):
     text = log.read_text() + right.stdout + wrong.stdout + right.stderr + wrong.stderr
     assert "wrong or missing key" in log.read_text()
     assert KEY not in text and WRONG not in text
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    """The server closed this connection (without waiting for its session_timeout)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 0.2) == b""
+    except ConnectionError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_local_users_idle_connections_no_longer_make_real_calls_fail_open():
+    """Observed: 256 idle connections (max_sessions) made real calls fail open (busy).
+    A connection that has not sent its environment is closed to make room, and with a
+    key an unauthenticated one cannot get past its environment: Asterisk's calls are
+    screened however many such connections a local user holds or reopens."""
+
+    async def main():
+        async with running_server(SERVER_KEY=KEY, SERVER_MAX_SESSIONS="4") as srv:
+            host, port = srv.target[6:].split("/")[0].split(":")
+            idle, keyless, results = [], [], []
+            for _ in range(3):
+                idle += [await asyncio.open_connection(host, int(port)) for _ in range(6)]
+                for n in range(2):  # a session with an environment but no key
+                    reader, writer = await asyncio.open_connection(host, int(port))
+                    writer.write(b"".join(environment_block(Call(), srv.target, n)))
+                    keyless.append((reader, writer))
+                await asyncio.sleep(0.05)
+                call = Call(source="192.0.2.85")
+                results.append(await srv.call(call, route=f"screen?key={KEY}"))
+            closed = await asyncio.gather(*(_closed(reader) for reader, _ in idle + keyless))
+            for _, writer in idle + keyless:
+                writer.close()
+            return results, closed, srv.server.stats, await srv.store.counted()
+
+    results, closed, stats, counted = asyncio.run(main())
+    assert [r.variables.get("SCREEN_RESULT") for r in results] == ["COUNTED"] * 3
+    assert counted == {"192.0.2.85": 3}
+    assert stats.refused_busy == 0 and stats.refused_key == 6 and stats.evicted >= 12
+    assert sum(closed) >= 12 + 6  # the oldest idle ones and every keyless one were closed
