@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from fastagi import config as configuration
-from fastagi.emulator import Call, FakeAsterisk, environment_block
+from fastagi.emulator import Call, FakeAsterisk, environment_block, expand
 from fastagi.metrics import Metrics
 from tests.harness import running_server
 from tests.procs import Service, ctl
@@ -222,3 +224,25 @@ def test_a_local_users_idle_connections_no_longer_make_real_calls_fail_open():
     assert counted == {"192.0.2.85": 3}
     assert stats.refused_busy == 0 and stats.refused_key == 6 and stats.evicted >= 12
     assert sum(closed) >= 12 + 6  # the oldest idle ones and every keyless one were closed
+
+
+@pytest.mark.parametrize("dialplan", ["extensions-chan_sip.conf", "extensions-pjsip.conf"])
+def test_the_shipped_dialplans_url_works_with_and_without_a_key(dialplan):
+    """The AGI URL as written in dialplan/, expanded as Asterisk would with FASTAGI_KEY
+    set in [globals] or unset."""
+    text = (Path(__file__).parent.parent / "dialplan" / dialplan).read_text()
+    urls = set(re.findall(r"AGI\((agi://[^,)]+)\)", text))
+    assert len(urls) == 1
+    url = urls.pop()
+
+    async def main():
+        results = []
+        for server_key, globals_ in [(KEY, {"FASTAGI_KEY": KEY}), (KEY, {}), ("", {})]:
+            async with running_server(SERVER_KEY=server_key) as srv:
+                hostport = srv.target.rsplit("/", 1)[0]
+                expanded = expand(url, globals_).replace("agi://127.0.0.1:4573", hostport)
+                result = await FakeAsterisk(hold_limit=10).call(expanded, Call(source="192.0.2.86"))
+                results.append(result.variables.get("SCREEN_RESULT"))
+        return results
+
+    assert asyncio.run(main()) == ["COUNTED", None, "COUNTED"]
