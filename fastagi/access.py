@@ -54,7 +54,8 @@ class RefusalLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def refused(self, reason: str, message: str, *args: object) -> None:
+    def refused(self, reason: str, text: str) -> None:
+        """`text`: the peer and why, e.g. `127.0.0.1:40112: wrong or missing key`."""
         now = time.monotonic()
         last = self._last.get(reason)
         if last is not None and now - last < self.interval:
@@ -62,6 +63,5 @@ class RefusalLog:
             return
         self._last[reason] = now
         held = self._held.pop(reason, 0)
-        if held:
-            message += f" ({held} more refused since the last such line)"
-        self.log.warning(message, *args)
+        more = f" ({held} more refused since the last such line)" if held else ""
+        self.log.warning("refused FastAGI connection from %s%s", text, more)

@@ -136,10 +136,7 @@ class FastAGIServer:
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._client_allowed(writer):
             self.stats.refused_client += 1
-            self.observer.refused("client")
-            self._refusals.refused(
-                "client", "refused FastAGI client %s: not in allowed_clients", _peer(writer)
-            )
+            self._refused("client", f"{_peer(writer)}: not in allowed_clients")
             writer.transport.abort()
             return
         if self.stats.active >= self.max_sessions and not self._evict_waiting():
@@ -165,10 +162,7 @@ class FastAGIServer:
             # Like a client outside allowed_clients: nothing executed, closed at once.
             stats.refused_key += 1
             ended = "refused"
-            self.observer.refused("key")
-            self._refusals.refused(
-                "key", "refused FastAGI session from %s: wrong or missing key", _peer(writer)
-            )
+            self._refused("key", f"{_peer(writer)}: wrong or missing key")
             writer.transport.abort()
         except TimeoutError:
             stats.timeouts += 1
@@ -193,6 +187,10 @@ class FastAGIServer:
             with contextlib.suppress(Exception):
                 await session.close()
 
+    def _refused(self, reason: str, text: str) -> None:
+        self.observer.refused(reason)
+        self._refusals.refused(reason, text)
+
     def _evict_waiting(self) -> bool:
         """Make room by closing the connection that has waited longest without sending
         its environment (and so its key). Asterisk sends it at once, so one that waits
@@ -203,12 +201,7 @@ class FastAGIServer:
         writer = next(iter(self._waiting))
         del self._waiting[writer]
         self.stats.evicted += 1
-        self.observer.refused("idle")
-        self._refusals.refused(
-            "idle",
-            "closed FastAGI connection from %s: no environment yet, its slot was needed",
-            _peer(writer),
-        )
+        self._refused("idle", f"{_peer(writer)}: no environment yet at max_sessions, closed")
         writer.transport.abort()
         return True
 
