@@ -20,7 +20,9 @@ if [ ! -f "$SRC/configure" ]; then
     mkdir -p "$SRC"
     # some mirrors lack a blob under ChangeLogs/, which the build does not need
     mapfile -t top < <(git --git-dir="$AGIT" ls-tree --name-only "$VERSION" | grep -vx ChangeLogs)
-    git --git-dir="$AGIT" archive "$VERSION" -- "${top[@]}" | tar -x -C "$SRC"
+    # (git still names that blob on stderr, harmlessly: hide that one line)
+    git --git-dir="$AGIT" archive "$VERSION" -- "${top[@]}" 2> >(grep -v "for 'ChangeLogs/" >&2) |
+        tar -x -C "$SRC"
 fi
 cd "$SRC"
 PJ=$(sed -n 's/^PJPROJECT_VERSION=//p' third-party/versions.mak)

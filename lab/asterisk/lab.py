@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.netns import Namespace, Topology, make_topology  # noqa: E402
 
-HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16)), "pbx1": (21, ())}
+HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16, 17)), "pbx1": (21, ())}
 # The IPv6 caller sits in a /64 of its own: the topology's shared /64 holds the PBX itself,
 # which the service never counts (it would count and ban per /64).
 ATTACKER6, NET6 = "2001:db8:1::10", "2001:db8:1::/64"
@@ -359,7 +359,8 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
     try:
         for stack in stacks:
             results += guest_calls(stack, pbx, attacker, config, sources)
-        results.append(injections(stacks[-1], pbx, attacker, config, attacker.extra4[5]))
+        for stack, src in zip(stacks, attacker.extra4[5:7], strict=False):
+            results.append(injections(stack, pbx, attacker, config, src))
         results.append(ban_on_the_wire(stacks[0], pbx, attacker, config))
         guessers = {}
         for stack, src in zip(stacks, attacker.extra4[3:5], strict=False):
