@@ -56,6 +56,14 @@ def make_service_store(config: Config) -> Store:
     return make_store(config, client, link)
 
 
+def make_embedded_store(config: Config, client: Any) -> Store:
+    """The service's store on the in-process fakeredis (memory://): the screening steps
+    share one connection as on a shared Redis. Through the client's own pool each
+    concurrent step held a connection of its own, and fakeredis's pool stops at 100:
+    the 101st concurrent call failed (`Too many connections`) far below max_sessions."""
+    return make_store(config, client, SharedLink(client.connection_pool.make_connection))
+
+
 def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGIServer:
     """The FastAGI server and its screener as `serve` runs them; `metrics` observes both.
 
@@ -106,7 +114,7 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
     if config.redis.url.startswith("memory://"):
         embedded = EmbeddedRedis(config.runtime_dir())
         embedded.start()
-        return make_store(config, embedded.client()), embedded
+        return make_embedded_store(config, embedded.client()), embedded
     store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
@@ -124,7 +132,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     _setup_logging()
     store, embedded = await open_service_store(config)
     try:
-        metrics = service_metrics.start(config.metrics.listen, store)
+        metrics = await service_metrics.start(config.metrics.listen, store)
     except OSError as error:
         await store.close()
         if embedded is not None:
@@ -203,7 +211,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
 
     _setup_logging()
     try:
-        metrics = service_metrics.start(config.metrics.listen, None)
+        metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     agent = await _start_agent(config, None)

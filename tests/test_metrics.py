@@ -46,7 +46,7 @@ def test_scrape_counts_sessions_bans_injections_and_matches_status():
         store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
         metrics = service_metrics.Metrics(store)
         port = free_port()
-        metrics.serve("127.0.0.1", port)
+        await metrics.serve("127.0.0.1", port)
         server = make_server(config, store, metrics)
         host, agi_port = (await server.start("127.0.0.1", 0))[0]
         target = f"agi://{host}:{agi_port}/screen"
@@ -110,7 +110,7 @@ def test_the_agent_reports_what_it_applies():
         agent = Agent(store, DryRunFirewall(), 30, AddressSet.parse([]), block_ms=None)
         metrics = service_metrics.Metrics()
         port = free_port()
-        metrics.serve("127.0.0.1", port)
+        await metrics.serve("127.0.0.1", port)
         try:
             await agent.step()  # the reconcile at start: nothing yet
             for ip in ("198.51.100.1", "198.51.100.2", "2001:db8::3"):
