@@ -104,7 +104,8 @@ class Metrics(Observer, StepObserver):
         )
         self.refused_total = Counter(
             "fastagi_sessions_refused",
-            "Connections refused: busy (max_sessions) or client (not in allowed_clients)",
+            "Connections not served: busy (max_sessions), client (not in allowed_clients), "
+            "reset (by the peer before the session started)",
             ["reason"],
             registry=r,
         )
@@ -157,7 +158,7 @@ class Metrics(Observer, StepObserver):
             for result in (*RESULTS, "none")
         }
         self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
-        for reason in ("busy", "client"):
+        for reason in ("busy", "client", "reset"):
             self.refused_total.labels(reason)
         for reason in ("timeout", "protocol", "connection"):
             self.aborted.labels(reason)
