@@ -18,11 +18,11 @@ from tests.procs import Service, ctl
 SESSION_TIMEOUT = 3.0
 
 
-def _calls(target: str, calls: list[Call], at_once: int) -> list:
-    """The calls, `at_once` of them concurrently, each held at most past session_timeout."""
+def _calls(target: str, calls: list[Call], at_once: int, hold: float = SESSION_TIMEOUT + 2):
+    """The calls, `at_once` of them concurrently, each held at most `hold` seconds."""
 
     async def main():
-        asterisk = FakeAsterisk(hold_limit=SESSION_TIMEOUT + 2)
+        asterisk = FakeAsterisk(hold_limit=hold)
         results = []
         for start in range(0, len(calls), at_once):
             batch = calls[start : start + at_once]
@@ -46,7 +46,7 @@ def test_a_stuck_stderr_neither_hangs_sessions_nor_stops_sigterm(tmp_path):
         service.proc.send_signal(signal.SIGTERM)
         code = service.proc.wait(10)
         stopped_after = time.monotonic() - started
-    assert unread >= 4096 - 300  # the pipe really was full: every later line waited
+    assert unread > 2048  # lines sat unread in a one-page pipe: the writes after them waited
     outcomes = Counter(r.variables.get("SCREEN_RESULT", "(none)") for r in results)
     assert outcomes == {"COUNTED": 200, "BANNED": 200}, outcomes
     assert max(r.seconds for r in results) < SESSION_TIMEOUT
@@ -54,9 +54,16 @@ def test_a_stuck_stderr_neither_hangs_sessions_nor_stops_sigterm(tmp_path):
 
 
 def test_150_concurrent_embedded_sessions_are_all_counted(tmp_path):
-    env = {"FASTAGI_RUNTIME_DIR": str(tmp_path), "FASTAGI_SCREENING_THRESHOLD": "1000"}
+    env = {
+        "FASTAGI_RUNTIME_DIR": str(tmp_path),
+        "FASTAGI_SCREENING_THRESHOLD": "1000",
+        # Time enough on a loaded machine: this is about connections, not latency.
+        "FASTAGI_SERVER_SESSION_TIMEOUT": "20s",
+        "FASTAGI_REDIS_TIMEOUT": "5s",
+    }
     with Service(env, "--no-agent") as service:  # max_sessions: the default 256
-        results = _calls(service.target, [Call(source="203.0.113.77")] * 150, at_once=150)
+        calls = [Call(source="203.0.113.77")] * 150
+        results = _calls(service.target, calls, at_once=150, hold=25)
         status = ctl("status", "203.0.113.77", "--json", env=service.env)
     assert [r.variables.get("SCREEN_ERROR") for r in results] == [None] * 150
     counts = sorted(int(r.variables["SCREEN_COUNT"]) for r in results)
