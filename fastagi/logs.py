@@ -63,7 +63,8 @@ class QueuedHandler(logging.Handler):
         self._fd, self._stream, self._encoding = fd, stream, encoding
         self.limit = limit
         self._lines: collections.deque[str] = collections.deque()
-        self.dropped = 0  # lines not written: queue full, or the write failed
+        self._dropped = 0  # lines dropped with the queue full (emit's, under self.lock)
+        self._lost = 0  # lines a failed write took (the writer thread's own)
         self._unreported = 0  # dropped since the last summary line
         self._wake = threading.Event()  # lines are waiting
         self._wake_set = False  # _wake was set since the writer last took it (one set a batch)
@@ -83,7 +84,7 @@ class QueuedHandler(logging.Handler):
             return
         urgent = record.levelno >= logging.WARNING
         if len(self._lines) >= self.limit + (WARNING_RESERVE if urgent else 0):
-            self.dropped += 1
+            self._dropped += 1
             self._unreported += 1
             return
         if self._unreported:
@@ -94,6 +95,11 @@ class QueuedHandler(logging.Handler):
         if urgent or not self._wake_set:
             self._wake_set = True
             self._wake.set()
+
+    @property
+    def dropped(self) -> int:
+        """Lines not written: dropped with the queue full, or lost to a failed write."""
+        return self._dropped + self._lost
 
     def _summary(self) -> str:
         """The line that says how many lines were lost, where they were lost."""
@@ -141,7 +147,7 @@ class QueuedHandler(logging.Handler):
                 except BlockingIOError:  # a non-blocking stderr: this thread may wait
                     select.select([], [self._fd], [], 1.0)
         except (OSError, ValueError):  # stderr is gone: nowhere to say so
-            self.dropped += count  # the writer's own += : emit() never adds here meanwhile
+            self._lost += count
 
     def flush(self, timeout: float = EXIT_WAIT) -> None:
         """Write what is queued now; wait for it at most `timeout` seconds."""

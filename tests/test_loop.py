@@ -46,6 +46,10 @@ def test_a_stuck_stderr_neither_hangs_sessions_nor_stops_sigterm(tmp_path):
         service.proc.send_signal(signal.SIGTERM)
         code = service.proc.wait(10)
         stopped_after = time.monotonic() - started
+    print(
+        f"\nstuck stderr: {len(results)} calls, longest {max(r.seconds for r in results):.3f}s; "
+        f"stopped {stopped_after:.2f}s after SIGTERM"
+    )
     assert unread > 2048  # lines sat unread in a one-page pipe: the writes after them waited
     outcomes = Counter(r.variables.get("SCREEN_RESULT", "(none)") for r in results)
     assert outcomes == {"COUNTED": 200, "BANNED": 200}, outcomes
@@ -87,5 +91,6 @@ def test_1000_idle_metrics_connections_keep_the_thread_count_bounded(tmp_path):
         finally:
             for sock in idle:
                 sock.close()
+    print(f"\nthreads: {before} before, {during} with 1,000 idle /metrics connections")
     assert during <= before + 1 and after_scrape <= before + 2, (before, during, after_scrape)
     assert "fastagi_sessions_active" in text and "fastagi_log_lines_dropped_total 0.0" in text
