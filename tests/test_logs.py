@@ -133,3 +133,23 @@ def test_lines_a_failing_stderr_could_not_take_are_counted():
         handler.handle(_record(1795587476.0 + n))
     handler.close()
     assert handler.dropped == 4
+
+
+def test_dropped_lines_are_counted_in_metrics(monkeypatch):
+    from prometheus_client import generate_latest
+
+    from fastagi import logs
+    from fastagi.metrics import Metrics
+
+    sink = _Sink()
+    handler = _handler(sink, limit=1)
+    sink.gate.clear()
+    handler.handle(_record(1795587476.0))
+    assert sink.entered.wait(5)
+    for _ in range(1 + 3):
+        handler.handle(_record(1795587477.0))
+    monkeypatch.setattr(logs, "_handler", handler)
+    text = generate_latest(Metrics().registry).decode()
+    sink.gate.set()
+    handler.close()
+    assert "fastagi_log_lines_dropped_total 3.0" in text
