@@ -193,4 +193,7 @@ def setup(level: str) -> None:
         handler = QueuedHandler(stream=sys.stderr)
     handler.setFormatter(LineFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
-    _handler = handler
+    if handler in logging.getLogger().handlers:
+        _handler = handler
+    else:  # logging was set up already (basicConfig leaves it): this one stays unused
+        handler.close()

@@ -38,7 +38,7 @@ def test_a_stuck_stderr_neither_hangs_sessions_nor_stops_sigterm(tmp_path):
         "FASTAGI_SERVER_SESSION_TIMEOUT": f"{SESSION_TIMEOUT}s",
         "FASTAGI_SCREENING_THRESHOLD": "3",  # bans too: their warning lines queue up as well
     }
-    with Service(env, "--no-agent", stuck_stderr=True) as service:
+    with Service(env, stuck_stderr=True) as service:  # the agent in it logs too
         calls = [Call(source=f"198.51.100.{n % 100 + 1}") for n in range(400)]
         results = _calls(service.target, calls, at_once=20)
         unread = service.stderr_unread()
