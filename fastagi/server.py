@@ -193,15 +193,18 @@ class FastAGIServer:
             self._refused("reset", "(address unknown): reset by the peer before the session")
             writer.transport.abort()
             return
+        # Taken now: uvloop asks the socket only when asked, and a connection reset
+        # later in the session would have no address left to log.
+        where = f"{peer[0]}:{peer[1]}"
         if not self._client_allowed(peer[0]):
             self.stats.refused_client += 1
-            self._refused("client", f"{_peer(writer)}: not in allowed_clients")
+            self._refused("client", f"{where}: not in allowed_clients")
             writer.transport.abort()
             return
         if self.stats.active >= self.max_sessions:
             # Answered and closed at once: Asterisk still executes a buffered command.
             self.stats.refused_busy += 1
-            self._refused("busy", f"{_peer(writer)}: max_sessions {self.max_sessions} busy")
+            self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
             writer.write(b"SET VARIABLE SCREEN_RESULT ERROR\n")
             writer.transport.close()
             return
@@ -219,14 +222,14 @@ class FastAGIServer:
         except TimeoutError:
             stats.timeouts += 1
             ended = "timeout"
-            log.warning("session from %s ended at session_timeout", _peer(writer))
+            log.warning("session from %s ended at session_timeout", where)
         except AGIProtocolError as error:
             stats.protocol_errors += 1
             ended = "protocol"
-            log.info("session from %s ended: %s", _peer(writer), error)
+            log.info("session from %s ended: %s", where, error)
         except (ConnectionError, OSError) as error:
             ended = "connection"
-            log.info("session from %s ended: %s", _peer(writer), error)
+            log.info("session from %s ended: %s", where, error)
         finally:
             stats.active -= 1
             injected = bool(session.stray)
@@ -268,11 +271,6 @@ class FastAGIServer:
                 int(outcome.ban_until or 0),
                 outcome.count,
             )
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 def _quickack(writer: asyncio.StreamWriter) -> None:
