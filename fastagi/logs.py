@@ -193,6 +193,7 @@ def setup(level: str) -> None:
         handler = QueuedHandler(stream=sys.stderr)
     handler.setFormatter(LineFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.captureWarnings(True)  # a Python warning would write to stderr itself, and block
     if handler in logging.getLogger().handlers:
         _handler = handler
     else:  # logging was set up already (basicConfig leaves it): this one stays unused
