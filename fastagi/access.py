@@ -1,5 +1,5 @@
 """Who may open a FastAGI session besides an `allowed_clients` address: the optional
-shared key in the AGI URL, and how refusals are logged.
+shared key in the AGI URL.
 
 `allowed_clients` holds 127.0.0.1, so on the PBX itself any local user could screen
 (and so ban) addresses of their choosing. With `server.key` set, Asterisk must call
@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
-import time
-
-REFUSAL_LOG_INTERVAL = 60.0  # seconds between two refusal lines of one reason
 
 
 def key_matches(expected: str, script: str) -> bool:
@@ -42,26 +38,3 @@ def url_with_key(url: str, key: str) -> str:
     if not key or "key" in (p.partition("=")[0] for p in query.split("&") if sep):
         return url
     return f"{base}?{query}&key={key}" if query else f"{base}?key={key}"
-
-
-class RefusalLog:
-    """At most one warning per reason and interval: a local flood of refused
-    connections must not flood the log (the refused metric counts every one)."""
-
-    def __init__(self, log: logging.Logger, interval: float = REFUSAL_LOG_INTERVAL) -> None:
-        self.log = log
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def refused(self, reason: str, text: str) -> None:
-        """`text`: the peer and why, e.g. `127.0.0.1:40112: wrong or missing key`."""
-        now = time.monotonic()
-        last = self._last.get(reason)
-        if last is not None and now - last < self.interval:
-            self._held[reason] = self._held.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        held = self._held.pop(reason, 0)
-        more = f" ({held} more refused since the last such line)" if held else ""
-        self.log.warning("refused FastAGI connection from %s%s", text, more)

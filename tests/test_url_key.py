@@ -13,14 +13,12 @@ import asyncio
 import logging
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from fastagi import config as configuration
-from fastagi.access import RefusalLog
 from fastagi.emulator import Call, FakeAsterisk, environment_block, expand
 from fastagi.metrics import Metrics
 from tests.harness import running_server
@@ -113,22 +111,6 @@ def test_without_a_configured_key_an_empty_or_any_key_is_screened():
 
     results = asyncio.run(main())
     assert [r.variables["SCREEN_RESULT"] for r in results] == ["COUNTED"] * 3
-
-
-def test_refusal_lines_are_rate_limited_by_reason_with_a_count(caplog):
-    """A local flood of refused connections: one line per reason and interval, the
-    next one says how many were not logged."""
-    refusals = RefusalLog(logging.getLogger("fastagi.server"), interval=0.2)
-    for n in range(5):
-        refusals.refused("key", f"127.0.0.1:{40000 + n}: wrong or missing key")
-        refusals.refused("client", f"192.0.2.9:{40000 + n}: not in allowed_clients")
-    time.sleep(0.25)
-    refusals.refused("key", "127.0.0.1:40009: wrong or missing key")
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3
-    assert lines[2].endswith(
-        "40009: wrong or missing key (4 more refused since the last such line)"
-    )
 
 
 @pytest.mark.parametrize(
