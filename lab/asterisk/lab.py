@@ -49,6 +49,7 @@ FORGED = "203.0.113.9"  # the address every injection payload tries to get count
 FORGED_SOURCE = "203.0.113.77"
 HOSTILE_FROM = f"x%0Aagi_arg_1%3A%20{FORGED_SOURCE}"
 KEY = secrets.token_hex(16)  # the AGI URL's shared key for this run (server.key_file)
+LOCAL_SOURCE = "198.51.100.30"  # the SOURCE argument of the lab's Local-channel AGI calls
 # Request-URI user parts of /shared captures (attacker-controlled-exten.txt): log-line
 # forging, env-block injection, a forged answer, CR and comma splitting.
 INJECTIONS = (
@@ -154,6 +155,19 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
     (etc / "fastagi-key.conf").write_text(f"FASTAGI_KEY={KEY}\n")
     os.chmod(etc / "fastagi-key.conf", 0o640)
     dialplan.insert(1, '[globals]\n#include "fastagi-key.conf"\n')
+    # Lab only: Local channels reaching AGI with a caller ID that carries a line feed and
+    # a forged agi_arg_1 (the From user above, URL-decoded as chan_sip does), with and
+    # without a SOURCE argument.
+    forged = f"${{URIDECODE({HOSTILE_FROM})}}"
+    url = "agi://127.0.0.1:4573/screen?key=${FASTAGI_KEY}"
+    dialplan.append(
+        "[fastagi-lab-local]\n"
+        f"exten => forged,1,Set(CALLERID(num)={forged})\n same => n,AGI({url})\n"
+        " same => n,Hangup()\n"
+        f"exten => forged-source,1,Set(CALLERID(num)={forged})\n"
+        f" same => n,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
+        f"exten => clean-source,1,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
+    )
     (etc / "extensions.conf").write_text("\n".join(dialplan))
     return etc / "asterisk.conf"
 
@@ -392,6 +406,9 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
             results.append(injections(stack, pbx, attacker, config, src))
         for stack, src in zip(stacks, attacker.extra4[1:3], strict=False):
             results.append(hostile_from_user(stack, pbx, attacker, config, src))
+        modules = inst / "lib" / "asterisk" / "modules"
+        if all((modules / m).exists() for m in ("res_clioriginate.so", "func_uri.so")):
+            results.append(local_channel_caller_id(asterisk, config))
         results.append(wrong_key(asterisk, stacks[-1], pbx, attacker, config, work))
         results.append(ban_on_the_wire(stacks[0], pbx, attacker, config))
         guessers = {}
@@ -463,6 +480,27 @@ def hostile_from_user(stack, pbx, attacker, config, src) -> Result:
         ok,
         f"{src} -> {code}, count {before} -> {counts.get(src, 0)}, "
         f"{counts.get(FORGED_SOURCE, 0)} for {FORGED_SOURCE}",
+    )
+
+
+def local_channel_caller_id(asterisk: Asterisk, config: Path) -> Result:
+    """Issue 12: on a Local channel (no address of its own) a caller ID with a line feed
+    forged `agi_arg_1` before Asterisk's own lines. The server trusts no SOURCE in such a
+    block; a clean block's SOURCE is counted. Needs res_clioriginate (channel originate),
+    app_dial (its Local channels) and func_uri (URIDECODE makes the line feed)."""
+    said = []
+    for exten in ("forged", "forged-source", "clean-source"):
+        out = asterisk.cli(f"channel originate Local/{exten}@fastagi-lab-local application Wait 1")
+        said.append((out.stdout + out.stderr).strip())
+    time.sleep(2)
+    counts = counted(config)
+    ok = FORGED_SOURCE not in counts and counts.get(LOCAL_SOURCE, 0) == 1
+    return Result(
+        "Local channel: a caller ID line feed never counts the forged agi_arg_1",
+        ok,
+        f"counted {counts.get(FORGED_SOURCE, 0)} for {FORGED_SOURCE}, "
+        f"{counts.get(LOCAL_SOURCE, 0)} for the clean SOURCE {LOCAL_SOURCE} (1 expected)"
+        f"{'' if ok else f'; CLI: {said}'}",
     )
 
 
