@@ -20,16 +20,30 @@ OUT = pathlib.Path(__file__).resolve().parent / "asterisk22.tsv"
 FILES = ["security-log.txt", "log-pjsip-auth.txt", "log-malformed-invite.txt"]
 SEC_FAIL = "InvalidAccountID|ChallengeResponseFailed|InvalidPassword|FailedACL"
 RULES = [
-    ("security", rf'^\[[^\]]+\] SECURITY\[\d+\] res_security_log\.c: SecurityEvent="(?:{SEC_FAIL})".*,RemoteAddress="IPV[46]/[A-Z]+/([^"/]+)/\d+"(?:,[A-Za-z]+="[^"]*")*$'),
-    ("logs", r"^\[[^\]]+\] NOTICE\[\d+\] res_pjsip/pjsip_distributor\.c: Request '[A-Z]+' from '.*' failed for '\[?([^'\]]+?)\]?:\d+' \(callid: [^']*\) - .*$"),
-    ("logs", r"^\[[^\]]+\] WARNING\[\d+\] res_pjsip_registrar\.c: Endpoint '[^']*' \((.+):\d+\) has no configured AORs$"),
-    ("drop", r"^\[[^\]]+\] WARNING\[\d+\] pjproject: \\t +sip_transport\.c Dropping \d+ bytes packet from [A-Z]+ (\S+):\d+ : PJSIP syntax error .*$"),
+    (
+        "security",
+        rf'^\[[^\]]+\] SECURITY\[\d+\] res_security_log\.c: SecurityEvent="(?:{SEC_FAIL})".*,RemoteAddress="IPV[46]/[A-Z]+/([^"/]+)/\d+"(?:,[A-Za-z]+="[^"]*")*$',
+    ),
+    (
+        "logs",
+        r"^\[[^\]]+\] NOTICE\[\d+\] res_pjsip/pjsip_distributor\.c: Request '[A-Z]+' from '.*' failed for '\[?([^'\]]+?)\]?:\d+' \(callid: [^']*\) - .*$",
+    ),
+    (
+        "logs",
+        r"^\[[^\]]+\] WARNING\[\d+\] res_pjsip_registrar\.c: Endpoint '[^']*' \((.+):\d+\) has no configured AORs$",
+    ),
+    (
+        "drop",
+        r"^\[[^\]]+\] WARNING\[\d+\] pjproject: \\t +sip_transport\.c Dropping \d+ bytes packet from [A-Z]+ (\S+):\d+ : PJSIP syntax error .*$",
+    ),
 ]
 
 seen: dict[str, tuple[str, str, str]] = {}
 for name in FILES:
     for raw in (SRC / name).read_text(encoding="utf-8").splitlines():
-        line = re.sub(r"^results/[\w./-]+[:-]", "", raw)  # grep file prefixes of log-malformed-invite.txt
+        line = re.sub(
+            r"^results/[\w./-]+[:-]", "", raw
+        )  # grep file prefixes of log-malformed-invite.txt
         if not line or line.startswith("#") or line == "--" or line in seen:
             continue
         expect, kind = "-", "none"
