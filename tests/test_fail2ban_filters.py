@@ -294,6 +294,8 @@ def test_jail_file_loads_in_fail2ban(tmp_path):
     (conf / "jail.d" / "zz-test.local").write_text(
         "[asterisk-fastagi]\nenabled = true\nlogpath = {security}\n"
         "[asterisk-fastagi-messages]\nenabled = true\nlogpath = {messages}\n"
+        "[asterisk22-fastagi]\nenabled = true\nlogpath = {security}\n"
+        "[asterisk22-fastagi-messages]\nenabled = true\nlogpath = {messages}\n"
         "[fastagi-notice]\nenabled = true\nlogpath = {messages}\n".format(**logs)
     )
     test = subprocess.run(
@@ -304,9 +306,18 @@ def test_jail_file_loads_in_fail2ban(tmp_path):
         [FAIL2BAN_CLIENT, "-c", str(conf), "-d"], capture_output=True, text=True, timeout=60
     )
     assert dump.returncode == 0, dump.stderr
-    for jail in ("asterisk-fastagi", "asterisk-fastagi-messages", "fastagi-notice"):
+    for jail in (
+        "asterisk-fastagi",
+        "asterisk-fastagi-messages",
+        "asterisk22-fastagi",
+        "asterisk22-fastagi-messages",
+        "fastagi-notice",
+    ):
         assert f"['set', '{jail}', 'addaction', 'fastagi']" in dump.stdout
         assert f"--reason \\'f2b-{jail}\\'" in dump.stdout
+    # drops=yes reaches the Asterisk 22 messages jail only
+    drops = {line.split("'")[3] for line in dump.stdout.splitlines() if "Dropping" in line}
+    assert drops == {"asterisk22-fastagi-messages"}
 
 
 _ACTION_DRIVER = r"""
