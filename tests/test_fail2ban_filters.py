@@ -447,7 +447,7 @@ SHORTEST_FORGERIES = [
     ),
     (
         "asterisk-fastagi",
-        "asterisk[1]: NOTICE[1][C-00000000] chan_sip.c: Call from '' (1::1:1) to extension '"
+        "asterisk[1]: NOTICE[1][C-00000000] chan_sip.c: Call from '' (1:::1) to extension '"
         "' rejected because extension not found in context 'from-sip-external'.",
         1,
     ),
