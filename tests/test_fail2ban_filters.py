@@ -71,6 +71,8 @@ _FUNC = {
     "res_pjsip/pjsip_distributor.c": ("676", "log_failed_request"),
     "res_pjsip_session.c": ("3859", "new_invite"),
     "acl.c": ("1032", "ast_apply_acl_internal"),
+    "res_pjsip_registrar.c": ("1262", "register_aor"),
+    "pjproject": ("0", "<?>"),  # res_pjproject's log forwarder: no line, function "<?>"
 }
 
 
@@ -578,6 +580,20 @@ def test_asterisk22_lines(mode, drops, tmp):
     ]
     assert not bad, "\n".join(bad)
     assert len(found) >= (50 if mode == "security" else 100)
+
+
+@pytest.mark.parametrize("form", FORMS[1:])
+def test_asterisk22_lines_in_other_forms(form, tmp):
+    """The same lines as the plain formatter, syslog and the journal write them."""
+    spec = f"{_filter_path('asterisk-fastagi')}[mode=all, drops=yes]"
+    rendered = [(expect, kind, to_form(line, form)) for expect, kind, _, line in ROWS22]
+    found = run_filter(spec, tuple(dict.fromkeys(line for *_, line in rendered)), tmp)
+    bad = [
+        f"expected {expect}, got {found.get(line, '-')}: {line!r}"
+        for expect, kind, line in rendered
+        if found.get(line, "-") != (expect if kind != "none" else "-")
+    ]
+    assert not bad, "\n".join(bad)
 
 
 def test_asterisk22_notice_lines_for_fastagi_notice(tmp):
