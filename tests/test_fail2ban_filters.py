@@ -550,6 +550,8 @@ def test_asterisk22_data_covers_the_captures():
         "pjproject: \t",
         "from TCP 127.0.0.43:",
         "203.0.113.9",
+        "] VERBOSE[",  # the full log: dialed numbers, Log() arguments
+        "agi_arg_3: 203.0.113.9",  # a line an injected LF split off Asterisk's own VERBOSE line
     ):
         assert needle in text, needle
     assert {"::1", "127.0.0.41", "127.0.0.43"} <= {e for e, *_ in ROWS22}
@@ -599,7 +601,21 @@ def test_asterisk22_lines_in_other_forms(form, tmp):
 def test_asterisk22_notice_lines_for_fastagi_notice(tmp):
     lines = tuple(dict.fromkeys(line for *_, line in ROWS22))
     found = run_filter(_filter_path("fastagi-notice"), lines, tmp)
-    assert sorted(found.values()) == ["127.0.0.42", "127.0.0.55"]
+    notice = re.compile(
+        r"^\[[^\]]+\] NOTICE\[\d+\]\[C-[\da-f]{8}\] Ext\. \w+: Incoming SIP connection from"
+        r" unknown peer failed for (\S+) - Unknown connection from peer$"
+    )
+    want = {line: m[1] for line in lines if (m := notice.match(line))}
+    assert found == want
+    assert set(want.values()) == {
+        "127.0.0.40",
+        "127.0.0.41",
+        "127.0.0.42",
+        "127.0.0.55",
+        "127.0.0.90",
+        "127.0.0.91",
+        "::1",
+    }
 
 
 # ---------------------------------------------------------------------------------------------

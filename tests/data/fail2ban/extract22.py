@@ -3,9 +3,10 @@
 
     python tests/data/fail2ban/extract22.py /path/to/shared/asterisk/asterisk22
 
-Takes every distinct physical log line of security-log.txt, log-pjsip-auth.txt and
-log-malformed-invite.txt, kept in the captures' escaped form (a CR byte written as \\r, a TAB as \\t;
-the captures hold no other backslash), and writes the address Asterisk itself put on the line, by
+Takes every distinct physical log line of security-log.txt, log-pjsip-auth.txt,
+log-malformed-invite.txt and log-guest-call.txt (the full log, VERBOSE lines included), in the
+escaped form of the first three (a CR byte written as \\r, a TAB as \\t; the captures hold no
+other backslash), and writes the address Asterisk itself put on the line, by
 plain reading of the known formats (reviewed by hand afterwards).  Columns: expected address
 ("-" = a line that must match nothing), kind (security: a SECURITY failure event; logs: a NOTICE /
 WARNING failure line; drop: pjproject's "PJSIP syntax error" drop line; none), source, line.
@@ -17,7 +18,8 @@ import sys
 
 SRC = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "shared/asterisk/asterisk22")
 OUT = pathlib.Path(__file__).resolve().parent / "asterisk22.tsv"
-FILES = ["security-log.txt", "log-pjsip-auth.txt", "log-malformed-invite.txt"]
+FILES = ["security-log.txt", "log-pjsip-auth.txt", "log-malformed-invite.txt", "log-guest-call.txt"]
+VERBATIM = {"log-guest-call.txt"}  # not escaped by tools/esc.py
 SEC_FAIL = "InvalidAccountID|ChallengeResponseFailed|InvalidPassword|FailedACL"
 RULES = [
     (
@@ -40,10 +42,10 @@ RULES = [
 
 seen: dict[str, tuple[str, str, str]] = {}
 for name in FILES:
-    for raw in (SRC / name).read_text(encoding="utf-8").splitlines():
-        line = re.sub(
-            r"^results/[\w./-]+[:-]", "", raw
-        )  # grep file prefixes of log-malformed-invite.txt
+    for raw in (SRC / name).read_bytes().decode("utf-8").split("\n"):  # LF only, CR kept
+        line = re.sub(r"^results/[\w./-]+[:-]", "", raw)  # log-malformed-invite.txt: grep prefixes
+        if name in VERBATIM:  # raw bytes: write them in the escaped form of the others
+            line = line.replace("\r", "\\r").replace("\t", "\\t")
         if not line or line.startswith("#") or line == "--" or line in seen:
             continue
         expect, kind = "-", "none"
