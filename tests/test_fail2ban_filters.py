@@ -764,3 +764,17 @@ def test_generated_evasions_yield_the_true_address_or_nothing(data, tmp_path_fac
         got = found.get(line)
         assert got in (None, f"192.0.2.{n}"), (got, line)
         assert got or not must_match, line
+
+
+def test_pjproject_addresses_without_brackets(tmp):
+    """pjproject prints an IPv6 source without brackets before ":port" (pj_sockaddr_print flag 0):
+    the address is everything before the last colon."""
+    lines = {
+        "[Dec  2 11:41:14] WARNING[11698] pjproject: \t       sip_transport.c Dropping 652 bytes"
+        " packet from UDP 2001:db8::5:5060 : PJSIP syntax error exception when parsing"
+        " 'Authorization' header on line 10 col 38": "2001:db8::5",
+        "[Dec  2 11:41:10] WARNING[11693] res_pjsip_registrar.c: Endpoint 'anonymous'"
+        " (2001:db8::7:36853) has no configured AORs": "2001:db8::7",
+    }
+    spec = f"{_filter_path('asterisk-fastagi')}[mode=logs, drops=yes]"
+    assert run_filter(spec, tuple(lines), tmp) == lines
