@@ -493,7 +493,8 @@ _ASTERISK_TAIL = "' rejected because extension not found in context 'from-sip-ex
 
 def test_shortest_forgeries_exceed_the_dialed_number_limit(tmp):
     for name, line, line_feeds in SHORTEST_FORGERIES:
-        found = run_filter(_filter_path(name), (line,), tmp)
+        lines = tuple(forged for filt, forged, _ in SHORTEST_FORGERIES if filt == name)
+        found = run_filter(_filter_path(name), lines, tmp)  # one run per filter (cached)
         assert found.get(line), (name, line, found)  # a forgery the filter would accept
         written = line.removesuffix(_ASTERISK_TAIL) if line_feeds == 1 else line
         assert len(written) + line_feeds > 79, (name, len(written) + line_feeds, line)
