@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
-from fastagi.service import make_store
-from fastagi.store import StoreError, redis_client
+from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem
+from fastagi.store import MIN_REDIS, Store, StoreError, redis_client, version_tuple
 
 
 class UsageError(Exception):
@@ -92,7 +92,9 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
     try:
         async with client_store(config) as store:
             await store.ping()
-        print(f"ok   store: {redacted(config.redis.url)} answers")
+            print(f"ok   store: {redacted(config.redis.url)} answers")
+            if not config.redis.url.startswith("memory://"):
+                ok = await _check_shared_redis(store) and ok
     except StoreError as error:
         ok = False
         print(f"FAIL store: {error}")
@@ -110,6 +112,26 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
     return 0 if ok else 1
+
+
+async def _check_shared_redis(store: Store) -> bool:
+    """The Redis version (FAIL below the minimum) and its persistence (a warning)."""
+    facts = await store.redis_facts()
+    ok = True
+    if facts.version is None:
+        print(f"warn store: Redis version unknown ({'; '.join(facts.refused)})")
+    elif version_tuple(facts.version) < MIN_REDIS:
+        ok = False
+        print(f"FAIL store: Redis {facts.version}: needs {MIN_REDIS_TEXT} or later")
+    else:
+        print(f"ok   store: Redis {facts.version} (needs {MIN_REDIS_TEXT} or later)")
+    problem = persistence_problem(facts)
+    if problem:
+        print(f"warn store: {problem}")
+    else:
+        fsync = f", appendfsync {facts.appendfsync}" if facts.appendfsync else ""
+        print(f"ok   store: persistence: appendonly yes{fsync}")
+    return ok
 
 
 async def cmd_simulate(args: argparse.Namespace, config: Config) -> int:

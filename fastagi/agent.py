@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -64,6 +65,8 @@ class Agent:
         self._next_heartbeat = 0.0
         self._stopping = False
         self._task: asyncio.Task | None = None
+        self.epoch: str | None = None  # the ban list's epoch token as last seen (keys.py)
+        self.written_back = 0  # bans this agent wrote back after Redis lost its data
 
     async def _firewall(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -94,6 +97,7 @@ class Agent:
         this agent applied is the list read and the difference added or deleted.
         """
         last_id = await self.store.last_event_id()
+        await self._heal_if_wiped()
         if not full and self._syncs_since_full + 1 >= FULL_EVERY:
             full = not getattr(self.firewall, "intact_sees_entries", False)
         if not full and not await self._intact():
@@ -252,6 +256,7 @@ class Agent:
             ):
                 self._full_due = True
                 return
+            await self._heal_if_wiped()
             intact = await self._intact()
             await self._firewall("setup")
             if not intact:
@@ -269,6 +274,32 @@ class Agent:
             self._full_due = True
         finally:
             self._check = None
+
+    # -- a Redis that lost its data -------------------------------------------------------
+
+    async def _heal_if_wiped(self) -> None:
+        """Before the ban list is read: if its epoch token is gone or changed, Redis lost
+        its data (restarted without persistence, FLUSHALL), not "everything was
+        unbanned" (an unban keeps the token). Then this agent keeps what it applied and
+        writes it back, so the cluster heals instead of lifting every ban everywhere."""
+        current = await self.store.epoch()
+        if current is not None and current == self.epoch:
+            return
+        if current is not None and self.epoch is None:
+            self.epoch = current  # first look: this is the list we follow
+            return
+        running = {str(a): until for a, until in self.applied.items() if until > time.time()}
+        if self.epoch is not None:
+            log.warning(
+                "Redis lost its data (the ban list's epoch token is %s): writing back the "
+                "%d running bans this agent applied",
+                "gone" if current is None else "new",
+                len(running),
+            )
+        self.epoch, written = await self.store.restore_bans(running, secrets.token_hex(8))
+        self.written_back += written
+        if running:
+            log.info("wrote back %d bans (the others were there already)", written)
 
     async def _wait_expiring(self, seconds: float) -> None:
         """Wait before a retry, lifting due bans meanwhile: with Redis away for minutes,

@@ -165,6 +165,13 @@ def _listen_or_empty(value: Any) -> str:
     return text
 
 
+def _absolute_or_empty(value: Any) -> str:
+    text = _string(value)
+    if text and not Path(text).is_absolute():
+        raise ValueError(f"{text!r} is not an absolute path")
+    return text
+
+
 def _chain(value: Any) -> str:
     name = _string(value)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,27}", name):
@@ -180,6 +187,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_sessions": (_positive_int, 256),
         "session_timeout": (parse_duration, "5s"),
         "runtime_dir": (_string, ""),
+        # where the embedded (memory://) store keeps its bans across restarts
+        "state_dir": (_absolute_or_empty, ""),
     },
     "screening": {
         "threshold": (_positive_int, 5),
@@ -224,6 +233,7 @@ class ServerConfig:
     max_sessions: int
     session_timeout: float
     runtime_dir: str
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -288,6 +298,23 @@ class Config:
         if xdg := os.environ.get("XDG_RUNTIME_DIR"):
             return Path(xdg) / "fastagi"
         return Path(f"/tmp/fastagi-{os.getuid()}")
+
+    def state_dir(self) -> Path:
+        """Where the embedded store saves its bans: `server.state_dir`, else systemd's
+        `StateDirectory=` ($STATE_DIRECTORY), else /var/lib/fastagi for root (a system
+        service), else $XDG_STATE_HOME/fastagi or ~/.local/state/fastagi."""
+        if self.server.state_dir:
+            return Path(self.server.state_dir)
+        if systemd := os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
+            return Path(systemd)
+        if os.geteuid() == 0:
+            return Path("/var/lib/fastagi")
+        if xdg := os.environ.get("XDG_STATE_HOME"):
+            return Path(xdg) / "fastagi"
+        try:
+            return Path.home() / ".local" / "state" / "fastagi"
+        except RuntimeError:
+            raise ConfigError("server.state_dir: this user has no home directory; set it") from None
 
 
 _SECTIONS = {

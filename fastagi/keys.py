@@ -53,3 +53,16 @@ class Keys:
     def agents(self) -> str:
         """Hash: pbx_id -> JSON heartbeat of that PBX's agent."""
         return f"{self.base}agents"
+
+    @property
+    def epoch(self) -> str:
+        """String: a token made once per life of the ban list. A Redis that lost its data
+        (restarted without persistence, FLUSHALL) loses it too, while an unban keeps it,
+        so agents tell "Redis was wiped" from "everything was unbanned"."""
+        return f"{self.base}epoch"
+
+    def persisted(self) -> tuple[str, ...]:
+        """What the embedded store saves to disk (a trailing `*`: every key so named):
+        the ban list, the records (history, escalation) and the totals. Counting
+        windows, events and heartbeats are short-lived and start afresh."""
+        return (self.banned, self.record("*"), self.stats)

@@ -19,7 +19,15 @@ from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
 from fastagi.keys import Keys
 from fastagi.redis_link import SharedLink
-from fastagi.store import Policy, Store, StoreError, redis_client
+from fastagi.store import (
+    MIN_REDIS,
+    Policy,
+    RedisFacts,
+    Store,
+    StoreError,
+    redis_client,
+    version_tuple,
+)
 
 if TYPE_CHECKING:
     from fastagi.server import FastAGIServer
@@ -29,6 +37,58 @@ log = logging.getLogger("fastagi")
 
 class ServiceUsageError(Exception):
     """A long-running command asked for something this config cannot give: exit 2."""
+
+
+class RedisTooOld(StoreError):
+    """The shared Redis lacks what the scripts need: exit 1, one line."""
+
+
+# -- the shared Redis: version and persistence -----------------------------------------
+
+MIN_REDIS_TEXT = ".".join(map(str, MIN_REDIS))
+
+
+def persistence_problem(facts: RedisFacts) -> str | None:
+    """What a restart of this Redis would cost, in one line; None when it keeps its data."""
+    if facts.appendonly:
+        return None
+    refused = "; ".join(facts.refused)
+    if facts.appendonly is None:
+        return (
+            f"cannot tell whether Redis keeps its data over a restart ({refused or 'no answer'})"
+            ": make sure it runs with appendonly yes"
+        )
+    fix = "set appendonly yes, appendfsync everysec (README: Install)"
+    if facts.save:
+        return (
+            f"Redis keeps snapshots only (appendonly no, save {facts.save!r}): a crash loses "
+            f"the bans since the last one; {fix}"
+        )
+    settings = f"appendonly no; {refused}" if refused else "appendonly no, save ''"
+    return (
+        f"Redis has no persistence ({settings}): a restart loses every ban record, history "
+        f"and count (agents write back the bans they applied); {fix}"
+    )
+
+
+async def check_shared_redis(store: Store, config: Config) -> None:
+    """At start: refuse a Redis older than MIN_REDIS, warn when it keeps no data."""
+    facts = await store.redis_facts()
+    where = redacted(config.redis.url)
+    if facts.version is None:
+        log.warning(
+            "cannot read the Redis version at %s (%s); fastagi-screen needs %s or later",
+            where,
+            "; ".join(facts.refused),
+            MIN_REDIS_TEXT,
+        )
+    elif version_tuple(facts.version) < MIN_REDIS:
+        raise RedisTooOld(
+            f"Redis {facts.version} at {where} is too old: fastagi-screen needs Redis "
+            f"{MIN_REDIS_TEXT} or later (streams; scripts replicated by their effects)"
+        )
+    if problem := persistence_problem(facts):
+        log.warning("%s: %s", where, problem)
 
 
 # -- the store, as the service or as a client of a running service ---------------
@@ -104,13 +164,19 @@ def run_service(main: Coroutine[Any, Any, int]) -> int:
 
 async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | None]:
     if config.redis.url.startswith("memory://"):
-        embedded = EmbeddedRedis(config.runtime_dir())
+        embedded = EmbeddedRedis(
+            config.runtime_dir(), config.state_dir(), Keys(config.redis.key_prefix)
+        )
         embedded.start()
         return make_store(config, embedded.client()), embedded
     store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
             await store.ping()
+            await check_shared_redis(store, config)
+    except RedisTooOld:
+        await store.close()
+        raise
     except TimeoutError:
         log.warning("Redis did not answer; serving anyway, calls get SCREEN_RESULT=ERROR")
     except StoreError as error:
@@ -163,9 +229,10 @@ AGENT_BLOCK_MS = 500
 
 
 async def _start_agent(
-    config: Config, store: Store | None
+    config: Config, store: Store | None, check: bool = False
 ) -> tuple[Agent, asyncio.Task, Store | None]:
-    """The agent, on the service's store (embedded) or on a Redis client of its own."""
+    """The agent, on the service's store (embedded) or on a Redis client of its own;
+    `check`: the Redis version first (`agent`; `serve` checked its own store)."""
     from fastagi.firewall import create
 
     own_store = None
@@ -174,6 +241,14 @@ async def _start_agent(
         timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
         own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
         block_ms = AGENT_BLOCK_MS
+        if check:
+            try:
+                await check_shared_redis(own_store, config)
+            except RedisTooOld:
+                await own_store.close()
+                raise
+            except StoreError as error:
+                log.warning("cannot check the Redis version now: %s", error)
     assert store is not None
     agent = Agent(
         store,
@@ -206,7 +281,12 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         metrics = service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    agent = await _start_agent(config, None)
+    try:
+        agent = await _start_agent(config, None, check=True)
+    except RedisTooOld:
+        if metrics is not None:
+            metrics.close()
+        raise
     try:
         await _until_signalled()
     finally:

@@ -31,6 +31,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]"],
     "server.session_timeout": BAD_DURATION,
     "server.runtime_dir": ["5", "true", '["/tmp"]'],
+    "server.state_dir": ["5", "true", '"relative/dir"', '["/var/lib/fastagi"]'],
     "screening.threshold": ['"five"', "0", "false", "2.5"],
     "screening.window": BAD_DURATION,
     "screening.ban_time": BAD_DURATION,

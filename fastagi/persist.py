@@ -1,0 +1,392 @@
+"""The embedded (`memory://`) store on disk: bans, records and counters survive a restart.
+
+The in-process fakeredis server keeps everything in memory; without this a crash, a
+`systemctl restart` or a reboot emptied the ban list and the agent then lifted every
+ban from the firewall. The saved keys (keys.py `persisted`) are written as one JSON
+file in the state directory, atomically (temporary file, fsync, rename, fsync of the
+directory), so a kill at any moment leaves the old file or the new one, never half.
+
+When: a thread looks at the ban-event stream every POLL seconds (every ban and unban
+appends to it). The first change after a quiet spell is saved at once; more changes
+within SAVE_EVERY of a save are saved together SAVE_EVERY after it. So a ban is on
+disk within about a second (typically POLL), and a crash of the whole host within
+that second can lose it. Counters that change without an event (`stats`, a banned
+caller's call count) are saved with the next ban, every REFRESH, and at a clean stop.
+
+Restore happens before the service or its agent starts, so the agent's first
+reconcile finds the same ban list and leaves the firewall as it was. Expired entries
+are dropped on the way in. An unreadable file is kept as `<name>.bad`, reported in one
+line, and the service starts empty: a damaged file never stops the service.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import redis
+
+from fastagi.keys import Keys
+
+log = logging.getLogger("fastagi.persist")
+
+STATE_FILE = "embedded-state.json"
+LOCK_FILE = "embedded-state.lock"
+FORMAT = "fastagi-screen embedded state"
+VERSION = 1
+POLL = 0.1  # seconds between looks at the event stream
+SAVE_EVERY = 1.0  # at most one save per second while bans keep changing
+REFRESH = 300.0  # a save this often anyway, for counters that change without an event
+_GLOB_SPECIAL = "\\*?[]"
+
+
+class StateError(Exception):
+    """The state directory cannot be used (not ours, not creatable, in use)."""
+
+
+class CorruptState(ValueError):
+    """The state file is not a state file we wrote; the message says why."""
+
+
+def _text(value: bytes) -> str:
+    # surrogateescape: any byte survives the JSON round trip (a --reason with odd bytes)
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _bytes(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _glob_literal(text: str) -> str:
+    """`text` as a KEYS pattern that matches itself only (a key_prefix may hold `*`)."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+# -- the data: Redis keys <-> JSON entries ------------------------------------------------
+
+
+def dump(client: redis.Redis, keys: Keys) -> list[dict[str, Any]]:
+    """The saved keys as JSON-ready entries, read with ordinary commands."""
+    names: list[bytes] = []
+    for pattern in keys.persisted():
+        if pattern.endswith("*"):
+            names += client.keys(_glob_literal(pattern[:-1]) + "*")
+        else:
+            names.append(pattern.encode())
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.type(name)
+        pipe.pexpiretime(name)
+    meta = pipe.execute()
+    readers = {
+        b"hash": lambda p, n: p.hgetall(n),
+        b"zset": lambda p, n: p.zrange(n, 0, -1, withscores=True),
+        b"set": lambda p, n: p.smembers(n),
+        b"string": lambda p, n: p.get(n),
+    }
+    kept = []
+    for name, kind, expire_at in zip(names, meta[0::2], meta[1::2], strict=True):
+        if kind in readers:
+            readers[kind](pipe, name)
+            kept.append((name, _text(kind), int(expire_at)))
+    values = pipe.execute()
+    entries = []
+    for (name, kind, expire_at), value in zip(kept, values, strict=True):
+        if kind == "hash":
+            value = {_text(k): _text(v) for k, v in value.items()}
+        elif kind == "zset":
+            value = [[_text(member), score] for member, score in value]
+        elif kind == "set":
+            value = sorted(_text(member) for member in value)
+        elif value is not None:
+            value = _text(value)
+        if value is None or value == [] or value == {}:
+            continue  # gone between the two reads
+        entries.append(
+            {
+                "key": _text(name),
+                "type": kind,
+                "value": value,
+                "expire_at": expire_at if expire_at > 0 else None,
+            }
+        )
+    return entries
+
+
+def _checked(entry: Any) -> tuple[str, str, Any, int | None]:
+    """One entry of a state file, or CorruptState naming what is wrong with it."""
+    if not isinstance(entry, dict):
+        raise CorruptState("an entry is not an object")
+    key, kind, value, expire_at = (entry.get(f) for f in ("key", "type", "value", "expire_at"))
+    if not isinstance(key, str) or not key:
+        raise CorruptState("an entry has no key")
+    if expire_at is not None and (isinstance(expire_at, bool) or not isinstance(expire_at, int)):
+        raise CorruptState(f"{key}: expire_at is not a whole number")
+    shapes = {
+        "hash": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "zset": lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(m, list)
+                and len(m) == 2
+                and isinstance(m[0], str)
+                and isinstance(m[1], int | float)
+                and not isinstance(m[1], bool)
+                for m in v
+            )
+        ),
+        "set": lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v),
+        "string": lambda v: isinstance(v, str),
+    }
+    if kind not in shapes or not shapes[kind](value):
+        raise CorruptState(f"{key}: not a {kind} value")
+    return key, kind, value, expire_at
+
+
+def parse(data: bytes) -> list[tuple[str, str, Any, int | None]]:
+    """The entries of a state file; CorruptState if it is anything but ours and whole."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CorruptState(f"not JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise CorruptState("not a fastagi-screen state file")
+    if document.get("version") != VERSION:
+        raise CorruptState(f"version {document.get('version')!r}, this release reads {VERSION}")
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise CorruptState("no key list")
+    return [_checked(entry) for entry in entries]
+
+
+def restore(
+    client: redis.Redis, keys: Keys, entries: list[tuple[str, str, Any, int | None]], now_ms: int
+) -> int:
+    """Write the saved keys back, leaving out what expired meanwhile; the bans restored."""
+    pipe = client.pipeline(transaction=False)
+    for key, kind, value, expire_at in entries:
+        if expire_at is not None and expire_at <= now_ms:
+            continue
+        name = _bytes(key)
+        if kind == "hash":
+            if not value:
+                continue
+            pipe.hset(name, mapping={_bytes(k): _bytes(v) for k, v in value.items()})
+        elif kind == "zset":
+            if key == keys.banned:
+                value = [m for m in value if m[1] > now_ms]  # a ban that ended meanwhile
+            if not value:
+                continue
+            pipe.zadd(name, {_bytes(member): score for member, score in value})
+        elif kind == "set":
+            if not value:
+                continue
+            pipe.sadd(name, *(_bytes(member) for member in value))
+        else:
+            pipe.set(name, _bytes(value))
+        if expire_at is not None:
+            pipe.pexpireat(name, expire_at)
+    pipe.execute()
+    return int(client.zcount(keys.banned, f"({now_ms}", "+inf"))
+
+
+# -- the file and its directory -----------------------------------------------------------
+
+
+class StateFile:
+    """The state file in a directory of ours (mode 0700), held with a lock so two
+    services never write over each other's bans."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / STATE_FILE
+        self._lock_fd: int | None = None
+
+    def open(self) -> None:
+        directory = self.directory
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = directory.stat()
+        except OSError as error:
+            raise StateError(
+                f"cannot create state directory {directory}: {error.strerror or error}; "
+                "set server.state_dir"
+            ) from None
+        if info.st_uid != os.geteuid():
+            raise StateError(
+                f"state directory {directory} belongs to uid {info.st_uid}, not to this "
+                f"user (uid {os.geteuid()}); set server.state_dir"
+            )
+        try:
+            if info.st_mode & 0o077:
+                directory.chmod(0o700)  # bans and records are ours alone to read
+            fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StateError(f"state directory {directory}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateError(
+                f"another embedded service uses the state directory {directory}; "
+                "stop it or set server.state_dir"
+            ) from None
+        self._lock_fd = fd
+
+    def read(self) -> bytes | None:
+        """The file's bytes; None when there is none yet."""
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def set_aside(self) -> Path:
+        """Keep an unreadable file as `.bad` (the last one) for a post-mortem."""
+        bad = self.path.with_name(self.path.name + ".bad")
+        os.replace(self.path, bad)
+        return bad
+
+    def write(self, data: bytes) -> None:
+        """Atomically: the old file or the new one survives any crash, never half."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself, on disk
+        finally:
+            os.close(dir_fd)
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+# -- the saver ----------------------------------------------------------------------------
+
+
+class Persister:
+    """Restores the embedded server at start and saves it when bans change."""
+
+    def __init__(self, server: fakeredis.FakeServer, keys: Keys, directory: Path) -> None:
+        self.keys = keys
+        self.file = StateFile(directory)
+        self.client = fakeredis.FakeRedis(server=server)
+        self.saves = 0
+        self.last_save_seconds = 0.0
+        self._saved_event = ""  # the last event id the file includes
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def start(self) -> None:
+        """Lock the directory, restore the saved keys, then watch for changes."""
+        self.file.open()
+        try:
+            self._restore()
+        except BaseException:
+            self.file.close()
+            raise
+        self._thread = threading.Thread(target=self._watch, name="embedded-persist", daemon=True)
+        self._thread.start()
+
+    def _restore(self) -> None:
+        data = self.file.read()
+        if data is None:
+            log.info("embedded store: no saved state in %s yet; starting empty", self.path)
+            return
+        try:
+            entries = parse(data)
+        except CorruptState as error:
+            try:
+                bad = f"kept as {self.file.set_aside()}"
+            except OSError as move_error:
+                bad = f"could not keep a copy: {move_error.strerror}"
+            log.error(
+                "embedded store: state file %s is damaged (%s); %s; starting with no bans",
+                self.path,
+                error,
+                bad,
+            )
+            return
+        bans = restore(self.client, self.keys, entries, int(time.time() * 1000))
+        log.info(
+            "embedded store: restored %d running bans and %d saved keys from %s",
+            bans,
+            len(entries),
+            self.path,
+        )
+
+    def _last_event(self) -> str:
+        rows = self.client.xrevrange(self.keys.events, count=1)
+        return _text(rows[0][0]) if rows else ""
+
+    def save(self) -> None:
+        """Write the saved keys now; a failure is logged (once per failing spell)."""
+        started = time.monotonic()
+        event = self._last_event()
+        document = {
+            "format": FORMAT,
+            "version": VERSION,
+            "saved_at": int(time.time() * 1000),
+            "keys": dump(self.client, self.keys),
+        }
+        try:
+            self.file.write(json.dumps(document, separators=(",", ":")).encode())
+        except OSError as error:
+            if not self._failing:
+                log.error(
+                    "embedded store: cannot save %s (%s): bans made now will not survive a restart",
+                    self.path,
+                    error.strerror or error,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.warning("embedded store: saving to %s works again", self.path)
+        self._failing = False
+        self._saved_event = event
+        self.saves += 1
+        self.last_save_seconds = time.monotonic() - started
+
+    def _watch(self) -> None:
+        last_save = last_refresh = time.monotonic()
+        while not self._stop.wait(POLL):
+            try:
+                now = time.monotonic()
+                changed = self._last_event() != self._saved_event
+                if (changed and now - last_save >= SAVE_EVERY) or now - last_refresh >= REFRESH:
+                    self.save()
+                    last_save = last_refresh = now
+            except redis.RedisError as error:  # never leave the thread on an odd reply
+                log.error("embedded store: save failed: %s", error)
+
+    def stop(self) -> None:
+        """The last save (a clean stop loses nothing), then release the directory."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+        try:
+            self.save()
+        finally:
+            self.file.close()
