@@ -1,0 +1,173 @@
+"""The embedded store on disk (persist.py): bans, history and escalation survive a stop
+and start of the embedded Redis, expired entries are dropped, a damaged state file is
+set aside in one line and never stops the service, and the state directory is ours
+alone (0700, our uid, one service at a time).
+
+A SIGKILLed `serve` with nftables in a namespace: tests/test_restart_netns.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fastagi.embedded import EmbeddedError, EmbeddedRedis
+from fastagi.keys import Keys
+from fastagi.persist import STATE_FILE
+from fastagi.store import Policy, Store
+
+KEYS = Keys()
+POLICY = Policy(threshold=3, window=600, ban_time=3600, ban_time_factor=2.0, ban_time_max=86400)
+
+
+def _embedded(tmp_path: Path) -> EmbeddedRedis:
+    embedded = EmbeddedRedis(tmp_path / "run", tmp_path / "state", KEYS)
+    embedded.start()
+    return embedded
+
+
+def _store(embedded: EmbeddedRedis) -> Store:
+    return Store(embedded.client(), KEYS, POLICY, "pbx-test")
+
+
+async def _snapshot(store: Store, ips: list[str]) -> dict:
+    return {
+        "banned": await store.banned(),
+        "records": {ip: await store.record(ip) for ip in ips},
+        "totals": await store.totals(),
+    }
+
+
+def test_bans_history_and_escalation_survive_a_restart(tmp_path):
+    ips = ["198.51.100.1", "198.51.100.2", "2001:db8::7", "198.51.100.3"]
+
+    async def before_stop(store: Store) -> dict:
+        for _ in range(3):
+            await store.screen("198.51.100.1")  # a threshold ban
+        await store.ban("2001:db8::7", 7200, "manual")
+        await store.ban("198.51.100.2", None, "threshold")  # banned, lifted, banned again:
+        await store.unban(["198.51.100.2"])  # the second ban is escalated
+        await store.ban("198.51.100.2", None, "threshold")
+        await store.ban("198.51.100.3", 1, "short")  # ends before the restart
+        await store.unban(["198.51.100.3"])
+        await store.ban("198.51.100.3", 1, "short")
+        return await _snapshot(store, ips)
+
+    embedded = _embedded(tmp_path)
+    before = asyncio.run(before_stop(_store(embedded)))
+    embedded.stop()  # a clean stop: the final save
+    time.sleep(1.1)  # the short ban ends while the service is down
+
+    async def after_start(store: Store) -> tuple[dict, float]:
+        snapshot = await _snapshot(store, ips)
+        snapshot["kept"] = await store.redis.zcard(KEYS.banned)  # pruned on the way in
+        await store.unban(["198.51.100.1"])
+        return snapshot, await store.ban("198.51.100.1", None, "threshold")
+
+    embedded = _embedded(tmp_path)
+    try:
+        after, next_until = asyncio.run(after_start(_store(embedded)))
+    finally:
+        embedded.stop()
+    assert before["banned"].keys() == set(ips)
+    # the running bans come back with their ends; the one that ended meanwhile does not
+    assert after["banned"] == {ip: u for ip, u in before["banned"].items() if ip != "198.51.100.3"}
+    assert after["kept"] == 3
+    assert after["records"] == before["records"]  # history: reason, pbx, previous bans
+    assert after["records"]["198.51.100.2"]["bans"] == "2"
+    assert after["records"]["198.51.100.3"]["bans"] == "2"  # its history outlives the ban
+    assert after["totals"] == before["totals"]
+    # escalation: the next ban of a repeat offender is ban_time * factor
+    assert next_until - time.time() == pytest.approx(2 * POLICY.ban_time, abs=5)
+
+
+def test_a_ban_reaches_the_disk_without_a_stop(tmp_path):
+    """What a SIGKILL finds: the file written by the running service, not at stop."""
+    embedded = _embedded(tmp_path)
+    try:
+        until = asyncio.run(_store(embedded).ban("203.0.113.5", 600, "manual"))
+        path = tmp_path / "state" / STATE_FILE
+        deadline = time.monotonic() + 5  # documented: within about a second
+        saved = None
+        while time.monotonic() < deadline and saved is None:
+            if path.exists():
+                document = json.loads(path.read_text())
+                for entry in document["keys"]:
+                    if entry["key"] == KEYS.banned:
+                        saved = dict(entry["value"])
+            time.sleep(0.05)
+        mode = (path.stat().st_mode & 0o777, (tmp_path / "state").stat().st_mode & 0o777)
+    finally:
+        embedded.stop()
+    assert saved == {"203.0.113.5": int(until * 1000)}
+    assert mode == (0o600, 0o700)
+
+
+DAMAGED = {
+    "empty": b"",
+    "not json": b"\x00\xffgarbage",
+    "cut short": b'{"format": "fastagi-screen embedded state", "version": 1, "keys": [{"key"',
+    "other format": b'{"format": "something else", "version": 1, "keys": []}',
+    "newer version": b'{"format": "fastagi-screen embedded state", "version": 99, "keys": []}',
+    "bad value": (
+        b'{"format": "fastagi-screen embedded state", "version": 1, '
+        b'"keys": [{"key": "fastagi:{screen}:banned", "type": "zset", "value": [["x", "y"]]}]}'
+    ),
+    "bad expiry": (
+        b'{"format": "fastagi-screen embedded state", "version": 1, "keys": '
+        b'[{"key": "k", "type": "string", "value": "v", "expire_at": "soon"}]}'
+    ),
+    "not an object": b"[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_damaged_state_file_is_set_aside_in_one_line(tmp_path, caplog, damage):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / STATE_FILE).write_bytes(DAMAGED[damage])
+    caplog.set_level(logging.INFO, logger="fastagi.persist")
+    embedded = _embedded(tmp_path)
+    try:
+        store = _store(embedded)
+        empty = asyncio.run(store.banned())
+        asyncio.run(store.ban("203.0.113.6", 600, "manual"))
+    finally:
+        embedded.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert "damaged" in message and "starting with no bans" in message
+    assert "\n" not in message
+    assert empty == {}
+    assert (state / (STATE_FILE + ".bad")).read_bytes() == DAMAGED[damage]
+    # and the service saves a good file again
+    document = json.loads((state / STATE_FILE).read_text())
+    assert any(entry["key"] == KEYS.banned for entry in document["keys"])
+
+
+def test_the_state_directory_is_ours_alone(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    first = _embedded(tmp_path)
+    try:
+        assert state.stat().st_mode & 0o777 == 0o700  # tightened
+        second = EmbeddedRedis(tmp_path / "run2", state, KEYS)
+        with pytest.raises(EmbeddedError, match="another embedded service uses the state"):
+            second.start()
+    finally:
+        first.stop()
+    if os.geteuid() != 0:
+        return
+    other = tmp_path / "other"
+    other.mkdir()
+    os.chown(other, 65534, 65534)
+    with pytest.raises(EmbeddedError, match="belongs to uid 65534"):
+        EmbeddedRedis(tmp_path / "run3", other, KEYS).start()
