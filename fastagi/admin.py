@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
-from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem
+from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
 from fastagi.store import MIN_REDIS, Store, StoreError, redis_client, version_tuple
 
 
@@ -97,7 +97,7 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 ok = await _check_shared_redis(store) and ok
     except StoreError as error:
         ok = False
-        print(f"FAIL store: {error}")
+        print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)

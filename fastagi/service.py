@@ -71,10 +71,25 @@ def persistence_problem(facts: RedisFacts) -> str | None:
     )
 
 
+def too_old(error: StoreError, where: str) -> RedisTooOld | None:
+    """A Redis before 6.0 refuses the client's first command, HELLO (RESP3): then say
+    that, not "ping failed"."""
+    text = str(error).lower()
+    if "unknown command" in text and "hello" in text:
+        return RedisTooOld(
+            f"Redis at {where} does not know HELLO, so it is older than 6.0: fastagi-screen "
+            f"needs Redis {MIN_REDIS_TEXT} or later"
+        )
+    return None
+
+
 async def check_shared_redis(store: Store, config: Config) -> None:
     """At start: refuse a Redis older than MIN_REDIS, warn when it keeps no data."""
-    facts = await store.redis_facts()
     where = redacted(config.redis.url)
+    try:
+        facts = await store.redis_facts()
+    except StoreError as error:
+        raise too_old(error, where) or error from None
     if facts.version is None:
         log.warning(
             "cannot read the Redis version at %s (%s); fastagi-screen needs %s or later",
@@ -85,7 +100,7 @@ async def check_shared_redis(store: Store, config: Config) -> None:
     elif version_tuple(facts.version) < MIN_REDIS:
         raise RedisTooOld(
             f"Redis {facts.version} at {where} is too old: fastagi-screen needs Redis "
-            f"{MIN_REDIS_TEXT} or later (streams; scripts replicated by their effects)"
+            f"{MIN_REDIS_TEXT} or later (RESP3, streams, scripts replicated by their effects)"
         )
     if problem := persistence_problem(facts):
         log.warning("%s: %s", where, problem)
@@ -177,10 +192,13 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
     except RedisTooOld:
         await store.close()
         raise
+    except StoreError as error:
+        if old := too_old(error, redacted(config.redis.url)):
+            await store.close()
+            raise old from None
+        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     except TimeoutError:
         log.warning("Redis did not answer; serving anyway, calls get SCREEN_RESULT=ERROR")
-    except StoreError as error:
-        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     return store, None
 
 
@@ -247,7 +265,7 @@ async def _start_agent(
             except RedisTooOld:
                 await own_store.close()
                 raise
-            except StoreError as error:
+            except StoreError as error:  # not reachable now: the agent retries by itself
                 log.warning("cannot check the Redis version now: %s", error)
     assert store is not None
     agent = Agent(

@@ -40,8 +40,9 @@ MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
 # Streams (XADD, XREAD BLOCK) and scripts replicated by their effects by default (the
-# scripts read TIME before they write) both came with Redis 5.0. Tested with 7.0.
-MIN_REDIS = (5, 0)
+# scripts read TIME before they write) came with Redis 5.0; redis-py 8 speaks RESP3,
+# whose HELLO came with 6.0. Tested with 7.0.
+MIN_REDIS = (6, 0)
 
 
 class StoreError(Exception):
@@ -483,6 +484,8 @@ class Store:
             try:
                 return await awaitable
             except ResponseError as error:
+                if "hello" in str(error).lower():  # the connection itself: RESP3 unknown
+                    raise StoreError(f"Redis {what} failed: {error}") from None
                 refused.append(f"{what} refused ({error})")
                 return None
             except (RedisError, RedisClusterException, OSError) as error:
