@@ -61,8 +61,8 @@ class Keys:
         so agents tell "Redis was wiped" from "everything was unbanned"."""
         return f"{self.base}epoch"
 
-    def persisted(self) -> tuple[str, ...]:
-        """What the embedded store saves to disk (a trailing `*`: every key so named):
-        the ban list, the records (history, escalation) and the totals. Counting
-        windows, events and heartbeats are short-lived and start afresh."""
-        return (self.banned, self.record("*"), self.stats)
+    def persisted(self) -> tuple[tuple[str, str], ...]:
+        """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
+        every key so named. The ban list, the records (history, escalation) and the
+        totals; counting windows, events and heartbeats are short-lived, start afresh."""
+        return ((self.banned, "zset"), (self.record("*"), "hash"), (self.stats, "hash"))

@@ -121,9 +121,13 @@ DAMAGED = {
     ),
     "bad expiry": (
         b'{"format": "fastagi-screen embedded state", "version": 1, "keys": '
-        b'[{"key": "k", "type": "string", "value": "v", "expire_at": "soon"}]}'
+        b'[{"key": "k", "type": "hash", "value": {"a": "b"}, "expire_at": "soon"}]}'
     ),
     "not an object": b"[1, 2, 3]",
+    "unknown type": (
+        b'{"format": "fastagi-screen embedded state", "version": 1, '
+        b'"keys": [{"key": "k", "type": "string", "value": "v"}]}'
+    ),
 }
 
 
