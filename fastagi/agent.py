@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -288,7 +289,12 @@ class Agent:
         if current is not None and self.epoch is None:
             self.epoch = current  # first look: this is the list we follow
             return
-        running = {str(a): until for a, until in self.applied.items() if until > time.time()}
+        now = time.time()
+        running = {
+            str(a): until
+            for a, until in self.applied.items()
+            if math.isfinite(until) and until > now
+        }
         if self.epoch is not None:
             log.warning(
                 "Redis lost its data (the ban list's epoch token is %s): writing back the "

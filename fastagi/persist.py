@@ -11,8 +11,9 @@ appends to it) and saves when it moved, at most once per gap: MIN_GAP, or four t
 the last save's duration when that is longer (a large state), so saving never takes
 more than a fifth of a CPU. A ban or unban is on disk within POLL + MIN_GAP (0.3 s)
 for a state of hundreds of bans; a save of 10,000 bans and records took 0.65 s on the
-2-core test machine, so about 3 s there. A crash within that window can lose it. Counters that change without an event (`stats`, a banned
-caller's call count) are saved with the next change, every REFRESH, and at a clean stop.
+2-core test machine, so about 3 s there. A crash within that window can lose it.
+Counters that change without an event (`stats`, a banned caller's call count) are
+saved with the next change, every REFRESH, and at a clean stop.
 
 Restore happens before the service or its agent starts, so the agent's first
 reconcile finds the same ban list and leaves the firewall as it was. Expired entries
@@ -307,13 +308,13 @@ class Persister:
         self._thread.start()
 
     def _restore(self) -> None:
-        data = self.file.read()
-        if data is None:
-            log.info("embedded store: no saved state in %s yet; starting empty", self.path)
-            return
         try:
+            data = self.file.read()
+            if data is None:
+                log.info("embedded store: no saved state in %s yet; starting empty", self.path)
+                return
             entries = parse(data)
-        except CorruptState as error:
+        except (CorruptState, OSError) as error:
             try:
                 bad = f"kept as {self.file.set_aside()}"
             except OSError as move_error:
@@ -321,7 +322,7 @@ class Persister:
             log.error(
                 "embedded store: state file %s is damaged (%s); %s; starting with no bans",
                 self.path,
-                error,
+                error.strerror if isinstance(error, OSError) else error,
                 bad,
             )
             return

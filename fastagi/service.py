@@ -261,12 +261,13 @@ async def _start_agent(
         block_ms = AGENT_BLOCK_MS
         if check:
             try:
-                await check_shared_redis(own_store, config)
+                async with asyncio.timeout(timeout):
+                    await check_shared_redis(own_store, config)
             except RedisTooOld:
                 await own_store.close()
                 raise
-            except StoreError as error:  # not reachable now: the agent retries by itself
-                log.warning("cannot check the Redis version now: %s", error)
+            except (StoreError, TimeoutError) as error:  # the agent retries by itself
+                log.warning("cannot check the Redis version now: %s", error or "no answer")
     assert store is not None
     agent = Agent(
         store,

@@ -156,6 +156,22 @@ def test_a_damaged_state_file_is_set_aside_in_one_line(tmp_path, caplog, damage)
     assert any(entry["key"] == KEYS.banned for entry in document["keys"])
 
 
+def test_a_state_file_that_cannot_be_read_is_set_aside(tmp_path, caplog):
+    (tmp_path / "state" / STATE_FILE).mkdir(parents=True)  # a directory in its place
+    embedded = _embedded(tmp_path)
+    try:
+        empty = asyncio.run(_store(embedded).banned())
+    finally:
+        embedded.stop()
+    assert empty == {}
+    assert (tmp_path / "state" / (STATE_FILE + ".bad")).is_dir()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"embedded store: state file {tmp_path / 'state' / STATE_FILE} is damaged (Is a "
+        f"directory); kept as {tmp_path / 'state' / (STATE_FILE + '.bad')}; starting with no bans"
+    ]
+    assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["keys"] == []
+
+
 def test_the_state_directory_is_ours_alone(tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
