@@ -56,31 +56,26 @@ class _UnixFakeServer(socketserver.ThreadingUnixStreamServer):
 class EmbeddedRedis:
     """The running service's private Redis, shared with the CLI through a socket."""
 
-    def __init__(
-        self, runtime_dir: Path, state_dir: Path | None = None, keys: Keys | None = None
-    ) -> None:
+    def __init__(self, runtime_dir: Path, state_dir: Path, keys: Keys) -> None:
         self.socket_path = runtime_dir / SOCKET_NAME
         self.server = fakeredis.FakeServer()
-        # None: nothing on disk (tests and benches that want a throw-away store)
-        self.persister = (
-            Persister(self.server, keys or Keys(), state_dir) if state_dir is not None else None
-        )
+        self.persister: Persister | None = Persister(self.server, keys, state_dir)
         self._unix: _UnixFakeServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Restore the saved bans, then open the control socket: whoever connects
         (the agent, `fastagi-ctl status`) sees them from the first command on."""
-        if self.persister is not None:
-            try:
-                self.persister.start()
-            except StateError as error:
-                raise EmbeddedError(str(error)) from None
+        assert self.persister is not None, "an EmbeddedRedis starts once"
+        try:
+            self.persister.start()
+        except StateError as error:
+            raise EmbeddedError(str(error)) from None
         try:
             self._listen()
         except BaseException:
-            if self.persister is not None:
-                self.persister.stop()
+            self.persister.stop()
+            self.persister = None
             raise
 
     def _listen(self) -> None:
