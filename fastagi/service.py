@@ -58,7 +58,7 @@ def persistence_problem(facts: RedisFacts) -> str | None:
             f"cannot tell whether Redis keeps its data over a restart ({refused or 'no answer'})"
             ": make sure it runs with appendonly yes"
         )
-    fix = "set appendonly yes, appendfsync everysec (README: Install)"
+    fix = "set appendonly yes, appendfsync everysec (README: Install on a PBX)"
     if facts.save:
         return (
             f"Redis keeps snapshots only (appendonly no, save {facts.save!r}): a crash loses "

@@ -138,6 +138,7 @@ class RedisFacts:
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
+    """ "7.0.15" -> (7, 0, 15), comparable with MIN_REDIS; a part without digits is 0."""
     parts = []
     for part in text.split("."):
         digits = "".join(c for c in part if c.isdigit())
@@ -353,7 +354,7 @@ class Store:
         items = list(bans.items())
         epoch, written = token, 0
         k = self.keys
-        # at least one call, so an empty write-back still sets the token
+        # batches as for unban; at least one call, so an empty write-back sets the token
         for start in range(0, max(len(items), 1), UNBAN_BATCH):
             chunk = items[start : start + UNBAN_BATCH]
             args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, token, reason]
