@@ -339,23 +339,24 @@ class Persister:
         return _text(rows[0][0]) if rows else ""
 
     def save(self) -> None:
-        """Write the saved keys now; a failure is logged (once per failing spell)."""
+        """Write the saved keys now. A failure (a full disk, an odd reply) is logged once
+        per failing spell and tried again at the next change: the thread never dies."""
         started = time.monotonic()
-        event = self._last_event()
-        document = {
-            "format": FORMAT,
-            "version": VERSION,
-            "saved_at": int(time.time() * 1000),
-            "keys": dump(self.client, self.keys),
-        }
         try:
+            event = self._last_event()
+            document = {
+                "format": FORMAT,
+                "version": VERSION,
+                "saved_at": int(time.time() * 1000),
+                "keys": dump(self.client, self.keys),
+            }
             self.file.write(json.dumps(document, separators=(",", ":")).encode())
-        except OSError as error:
+        except Exception as error:  # any of them: log it, keep the thread
             if not self._failing:
                 log.error(
                     "embedded store: cannot save %s (%s): bans made now will not survive a restart",
                     self.path,
-                    error.strerror or error,
+                    getattr(error, "strerror", None) or error,
                 )
             self._failing = True
             return
@@ -369,16 +370,16 @@ class Persister:
     def _watch(self) -> None:
         last_save = time.monotonic()
         while not self._stop.wait(POLL):
+            now = time.monotonic()
+            if now - last_save < max(MIN_GAP, GAP_FACTOR * self.last_save_seconds):
+                continue
             try:
-                now = time.monotonic()
-                gap = max(MIN_GAP, GAP_FACTOR * self.last_save_seconds)
-                if now - last_save < gap:
-                    continue
-                if self._last_event() != self._saved_event or now - last_save >= REFRESH:
-                    self.save()
-                    last_save = time.monotonic()
-            except redis.RedisError as error:  # never leave the thread on an odd reply
-                log.error("embedded store: save failed: %s", error)
+                changed = self._last_event() != self._saved_event
+            except redis.RedisError:
+                changed = True  # let save() report it, once
+            if changed or now - last_save >= REFRESH:
+                self.save()
+                last_save = time.monotonic()
 
     def stop(self) -> None:
         """The last save (a clean stop loses nothing), then release the directory."""

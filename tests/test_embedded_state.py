@@ -172,6 +172,35 @@ def test_a_state_file_that_cannot_be_read_is_set_aside(tmp_path, caplog):
     assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["keys"] == []
 
 
+def test_a_failing_save_is_reported_once_and_retried(tmp_path, caplog):
+    """A save that cannot write (here: a directory where the temporary file goes, as
+    a full disk would fail it) is one error line, however many bans follow; the next
+    change after the cause is gone is saved, and said so."""
+    state = tmp_path / "state"
+    embedded = _embedded(tmp_path)
+    try:
+        store = _store(embedded)
+        (state / (STATE_FILE + ".tmp")).mkdir()
+        for n in range(5):
+            asyncio.run(store.ban(f"203.0.113.{n}", 600, "manual"))
+            time.sleep(0.3)  # a save attempt each
+        failed_saves = embedded.persister.saves
+        (state / (STATE_FILE + ".tmp")).rmdir()
+        asyncio.run(store.ban("203.0.113.99", 600, "manual"))
+        deadline = time.monotonic() + 5
+        while embedded.persister.saves == failed_saves and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        embedded.stop()
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(messages) == 2, messages
+    assert "cannot save" in messages[0] and "will not survive a restart" in messages[0]
+    assert "works again" in messages[1]
+    saved = json.loads((state / STATE_FILE).read_text())["keys"]
+    banned = next(entry["value"] for entry in saved if entry["key"] == KEYS.banned)
+    assert {member for member, _ in banned} == {f"203.0.113.{n}" for n in (0, 1, 2, 3, 4, 99)}
+
+
 def test_the_state_directory_is_ours_alone(tmp_path):
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
