@@ -93,7 +93,9 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
         async with client_store(config) as store:
             await store.ping()
             print(f"ok   store: {redacted(config.redis.url)} answers")
-            if not config.redis.url.startswith("memory://"):
+            if config.redis.url.startswith("memory://"):
+                _check_embedded_state(await store.embedded_state())
+            else:
                 ok = await _check_shared_redis(store) and ok
     except StoreError as error:
         ok = False
@@ -112,6 +114,18 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
     return 0 if ok else 1
+
+
+def _check_embedded_state(state: dict[str, str]) -> None:
+    """Where the running service saves its bans, and whether that works (a warning)."""
+    path = state.get("path", "?")
+    if state.get("error"):
+        print(f"warn store: cannot save {path} ({state['error']}): bans will not survive a restart")
+    elif state.get("saved_at"):
+        ago = time.time() - int(state["saved_at"]) / 1000
+        print(f"ok   store: bans saved in {path} ({ago:.0f}s ago)")
+    else:
+        print(f"ok   store: bans saved in {path} (nothing to save yet)")
 
 
 async def _check_shared_redis(store: Store) -> bool:

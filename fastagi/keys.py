@@ -61,6 +61,12 @@ class Keys:
         so agents tell "Redis was wiped" from "everything was unbanned"."""
         return f"{self.base}epoch"
 
+    @property
+    def embedded_state(self) -> str:
+        """Hash, embedded store only: the state file (path), its last save (saved_at, ms)
+        and the last save's error, for `check`. Not saved itself."""
+        return f"{self.base}embedded-state"
+
     def persisted(self) -> tuple[tuple[str, str], ...]:
         """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
         every key so named. The ban list, the records (history, escalation) and the

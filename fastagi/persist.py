@@ -23,6 +23,7 @@ line, and the service starts empty: a damaged file never stops the service.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -304,6 +305,8 @@ class Persister:
         except BaseException:
             self.file.close()
             raise
+        with contextlib.suppress(redis.RedisError):
+            self.client.hset(self.keys.embedded_state, "path", str(self.path))
         self._thread = threading.Thread(target=self._watch, name="embedded-persist", daemon=True)
         self._thread.start()
 
@@ -352,6 +355,7 @@ class Persister:
             }
             self.file.write(json.dumps(document, separators=(",", ":")).encode())
         except Exception as error:  # any of them: log it, keep the thread
+            self._tell(getattr(error, "strerror", None) or str(error))
             if not self._failing:
                 log.error(
                     "embedded store: cannot save %s (%s): bans made now will not survive a restart",
@@ -360,12 +364,21 @@ class Persister:
                 )
             self._failing = True
             return
+        self._tell("")
         if self._failing:
             log.warning("embedded store: saving to %s works again", self.path)
         self._failing = False
         self._saved_event = event
         self.saves += 1
         self.last_save_seconds = time.monotonic() - started
+
+    def _tell(self, error: str) -> None:
+        """Where and how saving goes, in the store itself, for `fastagi-ctl check`."""
+        with contextlib.suppress(redis.RedisError):
+            fields = {"path": str(self.path), "error": error}
+            if not error:
+                fields["saved_at"] = str(int(time.time() * 1000))
+            self.client.hset(self.keys.embedded_state, mapping=fields)
 
     def _watch(self) -> None:
         last_save = time.monotonic()

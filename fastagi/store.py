@@ -475,6 +475,11 @@ class Store:
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
+    async def embedded_state(self) -> dict[str, str]:
+        """The embedded store's saving (persist.py): path, saved_at (ms), error."""
+        raw = await self._call("state read", self.redis.hgetall(self.keys.embedded_state))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
     async def redis_facts(self) -> RedisFacts:
         """The Redis version and its persistence settings, each read as far as allowed:
         CONFIG GET first (the settings), else INFO persistence (whether the append-only

@@ -21,6 +21,7 @@ from fastagi.embedded import EmbeddedError, EmbeddedRedis
 from fastagi.keys import Keys
 from fastagi.persist import STATE_FILE
 from fastagi.store import Policy, Store
+from tests.procs import Service, ctl
 
 KEYS = Keys()
 POLICY = Policy(threshold=3, window=600, ban_time=3600, ban_time_factor=2.0, ban_time_max=86400)
@@ -220,3 +221,35 @@ def test_the_state_directory_is_ours_alone(tmp_path):
     os.chown(other, 65534, 65534)
     with pytest.raises(EmbeddedError, match="belongs to uid 65534"):
         EmbeddedRedis(tmp_path / "run3", other, KEYS).start()
+
+
+def test_check_says_where_the_running_service_saves_and_whether_it_works(tmp_path):
+    state = tmp_path / "state"
+    path = state / STATE_FILE
+    env = {
+        "FASTAGI_RUNTIME_DIR": str(tmp_path / "run"),
+        "FASTAGI_SERVER_STATE_DIR": str(state),
+    }
+
+    def check_until(wanted: str) -> list[str]:
+        """`check`'s store lines, asked again until one starts with `wanted` (a save
+        comes within 0.3 s of a ban; 10 s for a loaded machine)."""
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [line for line in ctl("check", env=env).stdout.splitlines() if "store" in line]
+            if any(line.startswith(wanted) for line in lines) or time.monotonic() > deadline:
+                return lines
+
+    with Service(env, log=tmp_path / "serve.log"):
+        fresh = check_until(f"ok   store: bans saved in {path} (nothing")
+        assert ctl("ban", "203.0.113.7", env=env).returncode == 0
+        saved = check_until(f"ok   store: bans saved in {path} (0s ago)")
+        (state / (STATE_FILE + ".tmp")).mkdir()
+        assert ctl("ban", "203.0.113.8", env=env).returncode == 0
+        failing = check_until("warn store: cannot save")
+        (state / (STATE_FILE + ".tmp")).rmdir()
+    assert f"ok   store: bans saved in {path} (nothing to save yet)" in fresh, fresh
+    assert any(line.startswith(f"ok   store: bans saved in {path} (") for line in saved), saved
+    assert f"warn store: cannot save {path} (Is a directory): bans will not survive a restart" in (
+        failing
+    ), failing
