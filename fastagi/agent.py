@@ -30,6 +30,7 @@ RETRY_MAX = 5.0
 FULL_EVERY = 10  # every 10th periodic sync rewrites the whole list anyway
 EXPIRE_TICK = 0.5  # seconds between local expiry checks while Redis is away
 UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-applied
+EPOCH_EVERY = 1.0  # seconds between looks at the ban list's epoch token (one GET)
 
 
 def _event_id(text: str) -> tuple[int, int]:
@@ -68,6 +69,7 @@ class Agent:
         self._task: asyncio.Task | None = None
         self.epoch: str | None = None  # the ban list's epoch token as last seen (keys.py)
         self.written_back = 0  # bans this agent wrote back after Redis lost its data
+        self._next_epoch_check = 0.0
 
     async def _firewall(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -240,6 +242,7 @@ class Agent:
             # meanwhile waits for one firewall call at most, not for the whole check
             self._next_sync = time.monotonic() + self.sync_interval
             self._check = asyncio.create_task(self._periodic_check())
+        await self._epoch_check_due()
         events = await self.store.events_after(self.last_id, block_ms=self.block_ms)
         if events:
             await self.apply(events)
@@ -257,7 +260,6 @@ class Agent:
             ):
                 self._full_due = True
                 return
-            await self._heal_if_wiped()
             intact = await self._intact()
             await self._firewall("setup")
             if not intact:
@@ -277,6 +279,14 @@ class Agent:
             self._check = None
 
     # -- a Redis that lost its data -------------------------------------------------------
+
+    async def _epoch_check_due(self) -> None:
+        """A FLUSHALL breaks no connection and sends no event: look at the token every
+        EPOCH_EVERY (at most sync_interval) seconds, so the cluster heals well within
+        sync_interval."""
+        if time.monotonic() >= self._next_epoch_check:
+            self._next_epoch_check = time.monotonic() + min(EPOCH_EVERY, self.sync_interval)
+            await self._heal_if_wiped()
 
     async def _heal_if_wiped(self) -> None:
         """Before the ban list is read: if its epoch token is gone or changed, Redis lost
