@@ -110,6 +110,54 @@ def test_a_ban_reaches_the_disk_without_a_stop(tmp_path):
     assert mode == (0o600, 0o700)
 
 
+def test_a_save_after_a_few_changes_equals_a_full_read(tmp_path, monkeypatch):
+    """Saves after the first re-read only the keys the new events name; what they write
+    is what reading everything would write."""
+    from fastagi import persist
+
+    full_reads = []
+    real_dump = persist.dump
+    monkeypatch.setattr(persist, "dump", lambda *a: full_reads.append(1) or real_dump(*a))
+    embedded = _embedded(tmp_path)
+    path = tmp_path / "state" / STATE_FILE
+
+    def saved_through(store: Store) -> list:
+        """The file, once it holds every event so far."""
+        last = asyncio.run(store.last_event_id())
+        deadline = time.monotonic() + 5
+        while embedded.persister._saved_event != last and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sorted(json.loads(path.read_text())["keys"], key=lambda e: e["key"])
+
+    async def changes(store: Store, first: int) -> None:
+        for n in range(first, first + 3):
+            for _ in range(3):
+                await store.screen(f"198.51.100.{n}")  # threshold bans
+        await store.ban("2001:db8::5", 900, "manual")
+        await store.unban([f"198.51.100.{first}"])  # a record changed, off the list
+        await store.ban(f"198.51.100.{first + 1}", None, "threshold")  # escalated again
+
+    try:
+        store = _store(embedded)
+        asyncio.run(changes(store, 1))
+        saved_through(store)
+        reads_after_first = len(full_reads)
+        asyncio.run(changes(store, 10))
+        incremental = saved_through(store)
+        reads_after_second = len(full_reads)
+        everything = sorted(real_dump(embedded.persister.client, KEYS), key=lambda e: e["key"])
+    finally:
+        embedded.stop()
+    assert reads_after_first == reads_after_second == 1  # the second save read a few keys
+    banned = next(e for e in incremental if e["key"] == KEYS.banned)
+    assert len(banned["value"]) == 5  # 6 threshold bans, 2 unbanned, one manual
+    for entry in everything:
+        if entry["key"] == KEYS.banned:
+            entry["value"] = sorted(entry["value"])
+    banned["value"] = sorted(banned["value"])
+    assert incremental == everything
+
+
 DAMAGED = {
     "empty": b"",
     "not json": b"\x00\xffgarbage",
