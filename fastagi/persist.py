@@ -299,6 +299,7 @@ class Persister:
         self._mirror: dict[str, dict[str, Any]] | None = None  # None: read all next time
         self._banned: dict[str, float] = {}
         self._stop = threading.Event()
+        self._saving = threading.Lock()
         self._thread: threading.Thread | None = None
         self._failing = False
 
@@ -354,7 +355,11 @@ class Persister:
         """Write the saved keys now: all of them read afresh (`full`), or only what the
         events since the last save touched. A failure (a full disk, an odd reply) is
         logged once per failing spell and tried again at the next change: the thread
-        never dies."""
+        never dies. One save at a time (the final one may meet the thread's last)."""
+        with self._saving:
+            self._save(full)
+
+    def _save(self, full: bool) -> None:
         started = time.monotonic()
         try:
             event = self._last_event()
