@@ -301,3 +301,25 @@ def test_check_says_where_the_running_service_saves_and_whether_it_works(tmp_pat
     assert f"warn store: cannot save {path} (Is a directory): bans will not survive a restart" in (
         failing
     ), failing
+
+
+def test_where_the_state_lives(monkeypatch, tmp_path):
+    """server.state_dir, else systemd's $STATE_DIRECTORY, else /var/lib/fastagi for
+    root, else $XDG_STATE_HOME/fastagi, else ~/.local/state/fastagi."""
+    from fastagi import config as configuration
+
+    def where(**environ: str) -> Path:
+        return configuration.load(None, {**environ}).state_dir()
+
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/fastagi-unit:/var/lib/other")
+    assert where(FASTAGI_SERVER_STATE_DIR="/srv/bans") == Path("/srv/bans")
+    assert where() == Path("/var/lib/fastagi-unit")
+    monkeypatch.delenv("STATE_DIRECTORY")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert where() == Path("/var/lib/fastagi")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert where() == tmp_path / ".local" / "state" / "fastagi"
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert where() == tmp_path / "xdg" / "fastagi"
