@@ -13,8 +13,8 @@ from fastagi.access import url_with_key
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
-from fastagi.service import make_store
-from fastagi.store import StoreError, redis_client
+from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
+from fastagi.store import MIN_REDIS, Store, StoreError, redis_client, version_tuple
 
 
 class UsageError(Exception):
@@ -95,10 +95,14 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
     try:
         async with client_store(config) as store:
             await store.ping()
-        print(f"ok   store: {redacted(config.redis.url)} answers")
+            print(f"ok   store: {redacted(config.redis.url)} answers")
+            if config.redis.url.startswith("memory://"):
+                _check_embedded_state(await store.embedded_state())
+            else:
+                ok = await _check_shared_redis(store) and ok
     except StoreError as error:
         ok = False
-        print(f"FAIL store: {error}")
+        print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)
@@ -113,6 +117,38 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
     return 0 if ok else 1
+
+
+def _check_embedded_state(state: dict[str, str]) -> None:
+    """Where the running service saves its bans, and whether that works (a warning)."""
+    path = state.get("path", "?")
+    if state.get("error"):
+        print(f"warn store: cannot save {path} ({state['error']}): bans will not survive a restart")
+    elif state.get("saved_at"):
+        ago = time.time() - int(state["saved_at"]) / 1000
+        print(f"ok   store: bans saved in {path} ({ago:.0f}s ago)")
+    else:
+        print(f"ok   store: bans saved in {path} (nothing to save yet)")
+
+
+async def _check_shared_redis(store: Store) -> bool:
+    """The Redis version (FAIL below the minimum) and its persistence (a warning)."""
+    facts = await store.redis_facts()
+    ok = True
+    if facts.version is None:
+        print(f"warn store: Redis version unknown ({'; '.join(facts.refused)})")
+    elif version_tuple(facts.version) < MIN_REDIS:
+        ok = False
+        print(f"FAIL store: Redis {facts.version}: needs {MIN_REDIS_TEXT} or later")
+    else:
+        print(f"ok   store: Redis {facts.version} (needs {MIN_REDIS_TEXT} or later)")
+    problem = persistence_problem(facts)
+    if problem:
+        print(f"warn store: {problem}")
+    else:
+        fsync = f", appendfsync {facts.appendfsync}" if facts.appendfsync else ""
+        print(f"ok   store: persistence: appendonly yes{fsync}")
+    return ok
 
 
 def _check_target(target: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,6 +30,7 @@ RETRY_MAX = 5.0
 FULL_EVERY = 10  # every 10th periodic sync rewrites the whole list anyway
 EXPIRE_TICK = 0.5  # seconds between local expiry checks while Redis is away
 UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-applied
+EPOCH_EVERY = 1.0  # seconds between looks at the ban list's epoch token (one GET)
 
 
 def _event_id(text: str) -> tuple[int, int]:
@@ -64,6 +67,9 @@ class Agent:
         self._next_heartbeat = 0.0
         self._stopping = False
         self._task: asyncio.Task | None = None
+        self.epoch: str | None = None  # the ban list's epoch token as last seen (keys.py)
+        self.written_back = 0  # bans this agent wrote back after Redis lost its data
+        self._next_epoch_check = 0.0
 
     async def _firewall(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
@@ -94,6 +100,7 @@ class Agent:
         this agent applied is the list read and the difference added or deleted.
         """
         last_id = await self.store.last_event_id()
+        await self._heal_if_wiped()
         if not full and self._syncs_since_full + 1 >= FULL_EVERY:
             full = not getattr(self.firewall, "intact_sees_entries", False)
         if not full and not await self._intact():
@@ -235,6 +242,7 @@ class Agent:
             # meanwhile waits for one firewall call at most, not for the whole check
             self._next_sync = time.monotonic() + self.sync_interval
             self._check = asyncio.create_task(self._periodic_check())
+        await self._epoch_check_due()
         events = await self.store.events_after(self.last_id, block_ms=self.block_ms)
         if events:
             await self.apply(events)
@@ -269,6 +277,45 @@ class Agent:
             self._full_due = True
         finally:
             self._check = None
+
+    # -- a Redis that lost its data -------------------------------------------------------
+
+    async def _epoch_check_due(self) -> None:
+        """A FLUSHALL breaks no connection and sends no event: look at the token every
+        EPOCH_EVERY (at most sync_interval) seconds, so the cluster heals well within
+        sync_interval."""
+        if time.monotonic() >= self._next_epoch_check:
+            self._next_epoch_check = time.monotonic() + min(EPOCH_EVERY, self.sync_interval)
+            await self._heal_if_wiped()
+
+    async def _heal_if_wiped(self) -> None:
+        """Before the ban list is read: if its epoch token is gone or changed, Redis lost
+        its data (restarted without persistence, FLUSHALL), not "everything was
+        unbanned" (an unban keeps the token). Then this agent keeps what it applied and
+        writes it back, so the cluster heals instead of lifting every ban everywhere."""
+        current = await self.store.epoch()
+        if current is not None and current == self.epoch:
+            return
+        if current is not None and self.epoch is None:
+            self.epoch = current  # first look: this is the list we follow
+            return
+        now = time.time()
+        running = {
+            str(a): until
+            for a, until in self.applied.items()
+            if math.isfinite(until) and until > now
+        }
+        if self.epoch is not None:
+            log.warning(
+                "Redis lost its data (the ban list's epoch token is %s): writing back the "
+                "%d running bans this agent applied",
+                "gone" if current is None else "new",
+                len(running),
+            )
+        self.epoch, written = await self.store.restore_bans(running, secrets.token_hex(8))
+        self.written_back += written
+        if running:
+            log.info("wrote back %d bans (the others were there already)", written)
 
     async def _wait_expiring(self, seconds: float) -> None:
         """Wait before a retry, lifting due bans meanwhile: with Redis away for minutes,

@@ -222,6 +222,11 @@ def read_key_file(path: str) -> str:
         return _key(text)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+def _absolute_or_empty(value: Any) -> str:
+    text = _string(value)
+    if text and not Path(text).is_absolute():
+        raise ValueError(f"{text!r} is not an absolute path")
+    return text
 
 
 def _chain(value: Any) -> str:
@@ -243,6 +248,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # or the file holding it; empty: none.
         "key": (_key, ""),
         "key_file": (_string, ""),
+        # where the embedded (memory://) store keeps its bans across restarts
+        "state_dir": (_absolute_or_empty, ""),
     },
     "screening": {
         "threshold": (_whole(1, 1_000_000), 5),
@@ -289,6 +296,7 @@ class ServerConfig:
     runtime_dir: str
     key: str = field(default="", repr=False)  # from `key` or `key_file`; never shown
     key_file: str = ""
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -353,6 +361,23 @@ class Config:
         if xdg := os.environ.get("XDG_RUNTIME_DIR"):
             return Path(xdg) / "fastagi"
         return Path(f"/tmp/fastagi-{os.getuid()}")
+
+    def state_dir(self) -> Path:
+        """Where the embedded store saves its bans: `server.state_dir`, else systemd's
+        `StateDirectory=` ($STATE_DIRECTORY), else /var/lib/fastagi for root (a system
+        service), else $XDG_STATE_HOME/fastagi or ~/.local/state/fastagi."""
+        if self.server.state_dir:
+            return Path(self.server.state_dir)
+        if systemd := os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
+            return Path(systemd)
+        if os.geteuid() == 0:
+            return Path("/var/lib/fastagi")
+        if xdg := os.environ.get("XDG_STATE_HOME"):
+            return Path(xdg) / "fastagi"
+        try:
+            return Path.home() / ".local" / "state" / "fastagi"
+        except RuntimeError:
+            raise ConfigError("server.state_dir: this user has no home directory; set it") from None
 
 
 _SECTIONS = {

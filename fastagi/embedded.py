@@ -3,7 +3,8 @@
 `serve` talks to it directly (no socket on the per-call path); `fastagi-ctl
 status/ban/unban` from another shell reach the same data through a Unix socket in
 the runtime directory, readable by the service's user only. Same redis-py code,
-same Lua: one store implementation, two places for the data.
+same Lua: one store implementation, two places for the data. With a state directory
+its bans, records and counters are saved to disk and restored at start (persist.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 import fakeredis
 import fakeredis.aioredis
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+
+from fastagi.keys import Keys
+from fastagi.persist import Persister, StateError
 
 SOCKET_NAME = "embedded.sock"
 
@@ -155,14 +159,31 @@ class _UnixFakeServer(socketserver.ThreadingUnixStreamServer):
 class EmbeddedRedis:
     """The running service's private Redis, shared with the CLI through a socket."""
 
-    def __init__(self, runtime_dir: Path) -> None:
+    def __init__(self, runtime_dir: Path, state_dir: Path, keys: Keys) -> None:
         self.socket_path = runtime_dir / SOCKET_NAME
         self.server = fakeredis.FakeServer()
+        self.persister: Persister | None = Persister(self.server, keys, state_dir)
         self._unix: _UnixFakeServer | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Check the runtime directory, restore the saved bans, then open the control
+        socket: whoever connects (the agent, `fastagi-ctl status`) sees them from the first
+        command on."""
         prepare_runtime_dir(self.socket_path.parent)
+        assert self.persister is not None, "an EmbeddedRedis starts once"
+        try:
+            self.persister.start()
+        except StateError as error:
+            raise EmbeddedError(str(error)) from None
+        try:
+            self._listen()
+        except BaseException:
+            self.persister.stop()
+            self.persister = None
+            raise
+
+    def _listen(self) -> None:
         if self.socket_path.exists():
             if reachable(self.socket_path):
                 raise EmbeddedError(
@@ -187,12 +208,16 @@ class EmbeddedRedis:
         return fakeredis.aioredis.FakeRedis(server=self.server)
 
     def stop(self) -> None:
+        """Close the socket first (no change after it), then the final save."""
         if self._unix is not None:
             self._unix.shutdown()
             self._unix.server_close()
             self._unix = None
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
+        if self.persister is not None:
+            self.persister.stop()
+            self.persister = None
 
 
 def reachable(path: Path) -> bool:

@@ -53,3 +53,22 @@ class Keys:
     def agents(self) -> str:
         """Hash: pbx_id -> JSON heartbeat of that PBX's agent."""
         return f"{self.base}agents"
+
+    @property
+    def epoch(self) -> str:
+        """String: a token made once per life of the ban list. A Redis that lost its data
+        (restarted without persistence, FLUSHALL) loses it too, while an unban keeps it,
+        so agents tell "Redis was wiped" from "everything was unbanned"."""
+        return f"{self.base}epoch"
+
+    @property
+    def embedded_state(self) -> str:
+        """Hash, embedded store only: the state file (path), its last save (saved_at, ms)
+        and the last save's error, for `check`. Not saved itself."""
+        return f"{self.base}embedded-state"
+
+    def persisted(self) -> tuple[tuple[str, str], ...]:
+        """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
+        every key so named. The ban list, the records (history, escalation) and the
+        totals; counting windows, events and heartbeats are short-lived, start afresh."""
+        return ((self.banned, "zset"), (self.record("*"), "hash"), (self.stats, "hash"))

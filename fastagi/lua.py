@@ -122,3 +122,42 @@ end
 return lifted
 """
 )
+
+# KEYS: banned, events, epoch, then record_1, record_2, ...
+# ARGV: pbx_id, events_maxlen, history_ms, epoch token (set if none), reason, then
+#       ip_1, until_ms_1, ip_2, until_ms_2, ...
+# An agent writes back the bans it applied after Redis lost its data. The longer end
+# wins (so agents healing at once agree, in any order); a ban that ended is skipped; an
+# event goes out for each ban written, so agents that lost it apply it again. The epoch
+# token is set only if there is none: the first healer's stays, and the others adopt it.
+# Returns {epoch token in place, bans written}
+RESTORE = (
+    _COMMON
+    + """
+local written, n = 0, 3
+for i = 6, #ARGV, 2 do
+  n = n + 1
+  local ip = ARGV[i]
+  local ban_until = tonumber(ARGV[i + 1])
+  local old = tonumber(redis.call('ZSCORE', KEYS[1], ip))
+  if ban_until > now and (not old or old < ban_until) then
+    local record = KEYS[n]
+    redis.call('ZADD', KEYS[1], int(ban_until), ip)
+    redis.call('HSET', record, 'until', int(ban_until), 'reason', ARGV[5], 'pbx_id', ARGV[1])
+    redis.call('HSETNX', record, 'since', int(now))
+    redis.call('HSETNX', record, 'first_seen', int(now))
+    redis.call('HSETNX', record, 'bans', '1')
+    redis.call('HDEL', record, 'unbanned_at')
+    local keep = ban_until - now + tonumber(ARGV[3])
+    if redis.call('PTTL', record) < keep then
+      redis.call('PEXPIRE', record, int(keep))
+    end
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'op', 'ban', 'ip', ip,
+               'until', int(ban_until), 'pbx_id', ARGV[1], 'reason', ARGV[5])
+    written = written + 1
+  end
+end
+redis.call('SET', KEYS[3], ARGV[4], 'NX')
+return {redis.call('GET', KEYS[3]), written}
+"""
+)

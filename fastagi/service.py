@@ -23,7 +23,15 @@ from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
 from fastagi.keys import Keys
 from fastagi.redis_link import SharedLink
-from fastagi.store import Policy, Store, StoreError, redis_client
+from fastagi.store import (
+    MIN_REDIS,
+    Policy,
+    RedisFacts,
+    Store,
+    StoreError,
+    redis_client,
+    version_tuple,
+)
 
 if TYPE_CHECKING:
     from fastagi.server import FastAGIServer
@@ -35,6 +43,73 @@ EMBEDDED_SPARE_CONNECTIONS = 16  # beyond max_sessions: the agent, /metrics, sta
 
 class ServiceUsageError(Exception):
     """A long-running command asked for something this config cannot give: exit 2."""
+
+
+class RedisTooOld(StoreError):
+    """The shared Redis lacks what the scripts need: exit 1, one line."""
+
+
+# -- the shared Redis: version and persistence -----------------------------------------
+
+MIN_REDIS_TEXT = ".".join(map(str, MIN_REDIS))
+
+
+def persistence_problem(facts: RedisFacts) -> str | None:
+    """What a restart of this Redis would cost, in one line; None when it keeps its data."""
+    if facts.appendonly:
+        return None
+    refused = "; ".join(facts.refused)
+    if facts.appendonly is None:
+        return (
+            f"cannot tell whether Redis keeps its data over a restart ({refused or 'no answer'})"
+            ": make sure it runs with appendonly yes"
+        )
+    fix = "set appendonly yes, appendfsync everysec (README: Install on a PBX)"
+    if facts.save:
+        return (
+            f"Redis keeps snapshots only (appendonly no, save {facts.save!r}): a crash loses "
+            f"the bans since the last one; {fix}"
+        )
+    settings = f"appendonly no; {refused}" if refused else "appendonly no, save ''"
+    return (
+        f"Redis has no persistence ({settings}): a restart loses every ban record, history "
+        f"and count (agents write back the bans they applied); {fix}"
+    )
+
+
+def too_old(error: StoreError, where: str) -> RedisTooOld | None:
+    """A Redis before 6.0 refuses the client's first command, HELLO (RESP3): then say
+    that, not "ping failed"."""
+    text = str(error).lower()
+    if "unknown command" in text and "hello" in text:
+        return RedisTooOld(
+            f"Redis at {where} does not know HELLO, so it is older than 6.0: fastagi-screen "
+            f"needs Redis {MIN_REDIS_TEXT} or later"
+        )
+    return None
+
+
+async def check_shared_redis(store: Store, config: Config) -> None:
+    """At start: refuse a Redis older than MIN_REDIS, warn when it keeps no data."""
+    where = redacted(config.redis.url)
+    try:
+        facts = await store.redis_facts()
+    except StoreError as error:
+        raise too_old(error, where) or error from None
+    if facts.version is None:
+        log.warning(
+            "cannot read the Redis version at %s (%s); fastagi-screen needs %s or later",
+            where,
+            "; ".join(facts.refused),
+            MIN_REDIS_TEXT,
+        )
+    elif version_tuple(facts.version) < MIN_REDIS:
+        raise RedisTooOld(
+            f"Redis {facts.version} at {where} is too old: fastagi-screen needs Redis "
+            f"{MIN_REDIS_TEXT} or later (RESP3, streams, scripts replicated by their effects)"
+        )
+    if problem := persistence_problem(facts):
+        log.warning("%s: %s", where, problem)
 
 
 # -- the store, as the service or as a client of a running service ---------------
@@ -129,17 +204,26 @@ def run_service(main: Coroutine[Any, Any, int]) -> int:
 
 async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | None]:
     if config.redis.url.startswith("memory://"):
-        embedded = EmbeddedRedis(config.runtime_dir())
+        embedded = EmbeddedRedis(
+            config.runtime_dir(), config.state_dir(), Keys(config.redis.key_prefix)
+        )
         embedded.start()
         return make_embedded_store(config, embedded.server), embedded
     store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
             await store.ping()
+            await check_shared_redis(store, config)
+    except RedisTooOld:
+        await store.close()
+        raise
+    except StoreError as error:
+        if old := too_old(error, redacted(config.redis.url)):
+            await store.close()
+            raise old from None
+        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     except TimeoutError:
         log.warning("Redis did not answer; serving anyway, calls get SCREEN_RESULT=ERROR")
-    except StoreError as error:
-        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     return store, None
 
 
@@ -188,9 +272,10 @@ AGENT_BLOCK_MS = 500
 
 
 async def _start_agent(
-    config: Config, store: Store | None
+    config: Config, store: Store | None, check: bool = False
 ) -> tuple[Agent, asyncio.Task, Store | None]:
-    """The agent, on the service's store (embedded) or on a Redis client of its own."""
+    """The agent, on the service's store (embedded) or on a Redis client of its own;
+    `check`: the Redis version first (`agent`; `serve` checked its own store)."""
     from fastagi.firewall import create
 
     own_store = None
@@ -199,6 +284,15 @@ async def _start_agent(
         timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
         own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
         block_ms = AGENT_BLOCK_MS
+        if check:
+            try:
+                async with asyncio.timeout(timeout):
+                    await check_shared_redis(own_store, config)
+            except RedisTooOld:
+                await own_store.close()
+                raise
+            except (StoreError, TimeoutError) as error:  # the agent retries by itself
+                log.warning("cannot check the Redis version now: %s", error or "no answer")
     assert store is not None
     agent = Agent(
         store,
@@ -231,7 +325,12 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    agent = await _start_agent(config, None)
+    try:
+        agent = await _start_agent(config, None, check=True)
+    except RedisTooOld:
+        if metrics is not None:
+            metrics.close()
+        raise
     try:
         await _until_signalled()
     finally:

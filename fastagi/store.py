@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never retries a coroutine
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
@@ -40,6 +40,10 @@ BAN_LIST_PAGE = 5000  # ban list entries per Redis read
 MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
+# Streams (XADD, XREAD BLOCK) and scripts replicated by their effects by default (the
+# scripts read TIME before they write) came with Redis 5.0; redis-py 8 speaks RESP3,
+# whose HELLO came with 6.0. Tested with 7.0.
+MIN_REDIS = (6, 0)
 
 
 class StoreError(Exception):
@@ -120,6 +124,27 @@ def redis_client(
         hosts.append((host.strip("[]"), int(port)))
     sentinel = Sentinel(hosts, sentinel_kwargs={"socket_timeout": config.timeout}, **options)
     return sentinel.master_for(config.sentinel_service, **options)
+
+
+@dataclass(frozen=True)
+class RedisFacts:
+    """What `check` and the startup check learn of the shared Redis. None: refused
+    (a renamed command or an ACL), with Redis's own words in `refused`."""
+
+    version: str | None
+    appendonly: bool | None
+    appendfsync: str | None
+    save: str | None  # the RDB snapshot schedule ("" = none)
+    refused: tuple[str, ...] = ()
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """ "7.0.15" -> (7, 0, 15), comparable with MIN_REDIS; a part without digits is 0."""
+    parts = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
 
 def _verdict(reply: list) -> Verdict:
@@ -234,6 +259,7 @@ class Store:
         self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
+        self._restore = client.register_script(lua.RESTORE)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -336,6 +362,31 @@ class Store:
             )
             lifted += [_text(ip) for ip in result]
         return lifted
+
+    async def epoch(self) -> str | None:
+        """The ban list's epoch token (keys.py): gone or changed when Redis lost its data."""
+        value = await self._call("epoch read", self.redis.get(self.keys.epoch))
+        return None if value is None else _text(value)
+
+    async def restore_bans(
+        self, bans: dict[str, float], token: str, reason: str = "restored"
+    ) -> tuple[str, int]:
+        """Write back bans (address -> end, unix s) an agent applied before Redis lost
+        its data, the longer end winning, and set the epoch token unless one is there.
+        The token in place and how many bans were written (new or longer)."""
+        items = list(bans.items())
+        epoch, written = token, 0
+        k = self.keys
+        # batches as for unban; at least one call, so an empty write-back sets the token
+        for start in range(0, max(len(items), 1), UNBAN_BATCH):
+            chunk = items[start : start + UNBAN_BATCH]
+            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, token, reason]
+            for ip, until in chunk:
+                args += [ip, int(until * 1000)]
+            keys = [k.banned, k.events, k.epoch, *(k.record(ip) for ip, _ in chunk)]
+            reply = await self._call("ban write-back", self._restore(keys=keys, args=args))
+            epoch, written = _text(reply[0]), written + int(reply[1])
+        return epoch, written
 
     async def unban_all(self) -> list[str]:
         return await self.unban(list(await self.banned()))
@@ -462,6 +513,49 @@ class Store:
         time or count that is not a number) is `{"unreadable": its text, escaped}`."""
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
         return {_text(k): _heartbeat(_text(v)) for k, v in raw.items()}
+
+    async def embedded_state(self) -> dict[str, str]:
+        """The embedded store's saving (persist.py): path, saved_at (ms), error."""
+        raw = await self._call("state read", self.redis.hgetall(self.keys.embedded_state))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def redis_facts(self) -> RedisFacts:
+        """The Redis version and its persistence settings, each read as far as allowed:
+        CONFIG GET first (the settings), else INFO persistence (whether the append-only
+        file is on). A refusal is recorded, not raised; an unreachable Redis raises."""
+        refused: list[str] = []
+
+        async def allowed(what: str, awaitable: Any) -> Any:
+            try:
+                return await awaitable
+            except ResponseError as error:
+                if "hello" in str(error).lower():  # the connection itself: RESP3 unknown
+                    raise StoreError(f"Redis {what} failed: {error}") from None
+                refused.append(f"{what} refused ({error})")
+                return None
+            except (RedisError, RedisClusterException, OSError) as error:
+                raise StoreError(f"Redis {what} failed: {error or type(error).__name__}") from None
+
+        server = await allowed("INFO", self.redis.info("server"))
+        version = str(server.get("redis_version")) if server else None
+        config: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            reply = await allowed("CONFIG GET", self.redis.config_get(name))
+            if reply is None:
+                break
+            config.update({_text(k): _text(v) for k, v in reply.items()})
+        appendonly = config["appendonly"] == "yes" if "appendonly" in config else None
+        if appendonly is None:
+            persistence = await allowed("INFO", self.redis.info("persistence"))
+            if persistence and "aof_enabled" in persistence:
+                appendonly = int(persistence["aof_enabled"]) == 1
+        return RedisFacts(
+            version,
+            appendonly,
+            config.get("appendfsync"),
+            config.get("save"),
+            tuple(dict.fromkeys(refused)),
+        )
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())

@@ -43,6 +43,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "server.runtime_dir": ["5", "true", '["/tmp"]'],
     "server.key": ['"short"', "5", '"a key with blanks in it"', '"0123456789abcdef,x"'],
     "server.key_file": ['"/nonexistent/key"', "5", '"/etc/passwd"'],
+    "server.state_dir": ["5", "true", '"relative/dir"', '["/var/lib/fastagi"]'],
     "screening.threshold": ['"five"', "0", "false", "2.5", *BAD_COUNT],
     "screening.window": BAD_DURATION,
     "screening.ban_time": BAD_DURATION,
