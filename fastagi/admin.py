@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import re
 import time
 from urllib.parse import urlsplit
 
@@ -13,7 +14,11 @@ from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
 from fastagi.service import make_store
-from fastagi.store import StoreError, redis_client
+from fastagi.store import ADMIN_HOLD, StoreError, redis_client
+
+# A hold's name (a ban's source): shown by `status`, typed by fail2ban's action
+# (`f2b-<jail>`), so printable and without spaces.
+HOLD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,63}")
 
 
 class UsageError(Exception):
@@ -52,6 +57,17 @@ def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
     return address
 
 
+def hold_name(text: str | None, default: str | None) -> str | None:
+    """The --hold argument checked: letters, digits and _.:@+=- up to 64, or `default`."""
+    if text is None:
+        return default
+    if not HOLD_NAME.fullmatch(text):
+        raise UsageError(
+            f"--hold: {text[:80]!r} is not a hold name (letters, digits, _.:@+=-, up to 64)"
+        )
+    return text
+
+
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
 
@@ -64,22 +80,45 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             duration = parse_duration(args.duration)
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
+    hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
-        until = await store.ban(str(address), duration, args.reason[:64])
-    print(f"{address} banned until {when(until)}")
+        placed = await store.hold(str(address), hold, args.reason[:64], duration=duration)
+    if placed.hold_until >= placed.until:
+        print(f"{address} banned until {when(placed.until)} (hold {hold})")
+    else:
+        print(
+            f"{address} banned until {when(placed.until)}; its hold {hold} ends "
+            f"{when(placed.hold_until)}, a longer hold keeps the ban"
+        )
     return 0
 
 
 async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
+    hold = hold_name(args.hold, None)
     addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
-        lifted = await (store.unban_all() if args.all else store.unban(addresses))
+        targets = list(await store.banned()) if args.all else addresses
+        lifted = await store.lift(targets, hold)
     for ip in addresses:
-        print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")
+        result = lifted[ip]
+        if hold is None:
+            print(f"{ip} unbanned" if result.ended else f"{ip} was not banned (count reset)")
+        elif not result.held:
+            print(f"{ip} had no hold {hold}: nothing changed")
+        elif result.ended:
+            print(f"{ip} unbanned (its last hold, {hold}, lifted)")
+        else:
+            until = when(result.until)
+            print(f"{ip}: hold {hold} lifted; other holds keep it banned until {until}")
     if args.all:
-        print(f"{len(lifted)} bans lifted")
+        ended = sum(1 for result in lifted.values() if result.ended)
+        if hold is None:
+            print(f"{ended} bans lifted")
+        else:
+            held = sum(1 for result in lifted.values() if result.held)
+            print(f"hold {hold} lifted on {held} addresses, {ended} bans ended")
     return 0
 
 

@@ -101,11 +101,15 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
+            holds = await store.holds(address)
             report: dict[str, Any] = {
                 "ip": address,
                 "count": count,
                 "banned": address in banned,
                 "until": banned.get(address),
+                "holds": [
+                    {"source": h.source, "until": h.until, "reason": h.reason} for h in holds
+                ],
                 "ignored": parse_address(address) in config.screening.ignore,
                 "history": record,
             }
@@ -116,6 +120,10 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 print(f"|- Count in window: {count}")
                 if report["banned"]:
                     print(f"|- Banned until:    {when(report['until'])}")
+                    print("|- Holds (the longest wins)")
+                    for n, hold in enumerate(holds):
+                        mark = "`-" if n == len(holds) - 1 else "|-"
+                        print(f"|  {mark} {hold.source} until {when(hold.until)} ({hold.reason})")
                 else:
                     print("|- Banned:          no")
                 print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
