@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import time
 from urllib.parse import urlsplit
 
@@ -16,9 +15,7 @@ from fastagi.embedded import SOCKET_NAME, reachable
 from fastagi.service import make_store
 from fastagi.store import ADMIN_HOLD, StoreError, redis_client
 
-# A hold's name (a ban's source): shown by `status`, typed by fail2ban's action
-# (`f2b-<jail>`), so printable and without spaces.
-HOLD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+=-]{0,63}")
+HOLD_NAME_MAX = 64
 
 
 class UsageError(Exception):
@@ -58,12 +55,15 @@ def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
 
 
 def hold_name(text: str | None, default: str | None) -> str | None:
-    """The --hold argument checked: letters, digits and _.:@+=- up to 64, or `default`."""
+    """The --hold argument checked, or `default`. A hold's name (a ban's source) is shown
+    by `status` and built by fail2ban's action from any jail name (`f2b-<jail>`): one
+    printable word, whatever its characters."""
     if text is None:
         return default
-    if not HOLD_NAME.fullmatch(text):
+    if not 0 < len(text) <= HOLD_NAME_MAX or not text.isprintable() or any(map(str.isspace, text)):
         raise UsageError(
-            f"--hold: {text[:80]!r} is not a hold name (letters, digits, _.:@+=-, up to 64)"
+            f"--hold: {text[:80]!r} is not a hold name (one printable word, up to "
+            f"{HOLD_NAME_MAX} characters)"
         )
     return text
 
