@@ -16,6 +16,7 @@ from fastagi.service import make_store
 from fastagi.store import ADMIN_HOLD, StoreError, redis_client
 
 HOLD_NAME_MAX = 64
+REASON_MAX = 64
 
 
 class UsageError(Exception):
@@ -68,6 +69,13 @@ def hold_name(text: str | None, default: str | None) -> str | None:
     return text
 
 
+def printable(text: str) -> str:
+    """`text` with every unprintable character (newline, escape, U+2028, ...) as its
+    escape, so a reason or a name can neither forge a line nor drive the terminal;
+    printable non-ASCII text stays as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
 
@@ -82,7 +90,8 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             raise UsageError(f"--for: {error}") from None
     hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
-        placed = await store.hold(str(address), hold, args.reason[:64], duration=duration)
+        reason = printable(args.reason)[:REASON_MAX]
+        placed = await store.hold(str(address), hold, reason, duration=duration)
     if placed.hold_until >= placed.until:
         print(f"{address} banned until {when(placed.until)} (hold {hold})")
     else:

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, when
+from fastagi.admin import cli_address, client_store, printable, when
 from fastagi.config import Config, redacted
 from fastagi.store import Store
 
@@ -92,7 +92,32 @@ def render_status(status: dict[str, Any]) -> str:
         )
     if not agents:
         lines.append("   `- (none)")
-    return "\n".join(lines)
+    return _shown(lines)
+
+
+def render_address(report: dict[str, Any]) -> str:
+    """`status IP`: its count, its ban with the holds that make it, its history."""
+    record = report["history"]
+    lines = [f"Status for {report['ip']}", f"|- Count in window: {report['count']}"]
+    if report["banned"]:
+        lines += [f"|- Banned until:    {when(report['until'])}", "|- Holds (the longest wins)"]
+        holds = report["holds"]
+        for n, hold in enumerate(holds):
+            mark = "`-" if n == len(holds) - 1 else "|-"
+            until = when(hold["until"])
+            lines.append(f"|  {mark} {hold['source']} until {until} ({hold['reason']})")
+    else:
+        lines.append("|- Banned:          no")
+    lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+    last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
+    lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
+    return _shown(lines)
+
+
+def _shown(lines: list[str]) -> str:
+    """Lines for a terminal: any text in them came from Redis, where any host (or an
+    older version) may have written control characters; they show as escapes."""
+    return "\n".join(printable(line) for line in lines)
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -113,28 +138,7 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 "ignored": parse_address(address) in config.screening.ignore,
                 "history": record,
             }
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                print(f"Status for {address}")
-                print(f"|- Count in window: {count}")
-                if report["banned"]:
-                    print(f"|- Banned until:    {when(report['until'])}")
-                    print("|- Holds (the longest wins)")
-                    for n, hold in enumerate(holds):
-                        mark = "`-" if n == len(holds) - 1 else "|-"
-                        print(f"|  {mark} {hold.source} until {when(hold.until)} ({hold.reason})")
-                else:
-                    print("|- Banned:          no")
-                print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
-                print(
-                    f"`- Previous bans:   {record.get('bans', '0')}"
-                    + (
-                        f" (last by {record['pbx_id']}, {record.get('reason')})"
-                        if record.get("pbx_id")
-                        else ""
-                    )
-                )
+            print(json.dumps(report, indent=2) if args.json else render_address(report))
             return 0
         status = await gather_status(store, config)
     print(json.dumps(status, indent=2) if args.json else render_status(status))

@@ -172,6 +172,24 @@ def test_a_short_ban_from_another_source_keeps_the_long_one(embedded):
     assert json.loads(ctl("status", "203.0.113.45", "--json", env=env).stdout)["holds"] == []
 
 
+def test_control_characters_in_reasons_never_reach_the_terminal(redis_server, redis_url):
+    """`ban --reason` stores them escaped; text another host wrote raw into Redis is
+    escaped when `status` prints it."""
+    env = {"FASTAGI_REDIS_URL": redis_url}
+    reason = "x\n198.51.100.66 until never\x1b[2J\u2028é"
+    assert ctl("ban", "198.51.100.65", "--reason", reason, env=env).returncode == 0
+    assert ctl("ban", "198.51.100.66", env=env).returncode == 0
+    redis_server.client().hset("fastagi:{screen}:record:198.51.100.66", "reason", "y\r\nz\x07")
+    plain = ctl("status", env=env).stdout + ctl("status", "198.51.100.65", env=env).stdout
+    plain += ctl("status", "198.51.100.66", env=env).stdout
+    assert not any(c in plain for c in "\r\x1b\x07\u2028")
+    assert r"x\n198.51.100.66 until never\x1b[2J\u2028é" in plain
+    assert r"y\r\nz\x07" in plain
+    assert "\n198.51.100.66 until never" not in plain  # no forged line
+    stored = json.loads(ctl("status", "198.51.100.65", "--json", env=env).stdout)
+    assert stored["holds"][0]["reason"] == r"x\n198.51.100.66 until never\x1b[2J\u2028é"[:64]
+
+
 def test_status_on_a_real_redis(redis_url):
     env = {"FASTAGI_REDIS_URL": redis_url}
     assert ctl("ban", "198.51.100.9", "--for", "1h", env=env).returncode == 0
