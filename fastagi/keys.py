@@ -22,7 +22,8 @@ class Keys:
         return f"{self.base}count:{ip}"
 
     def record(self, ip: str) -> str:
-        """Hash: until, since, reason, pbx_id, bans (previous bans), count, first/last seen."""
+        """Hash: until and reason (of the longest hold), since and pbx_id (of the last ban),
+        bans (previous bans), count, first/last seen."""
         return f"{self.base}record:{ip}"
 
     def holds(self, target: str) -> str:

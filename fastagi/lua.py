@@ -100,14 +100,13 @@ local function place_hold(k, target, source, hold_end, reason, pbx, counts, coun
   publish(k, target, old_top, top, why, pbx, maxlen)
   if counts then
     local previous = tonumber(redis.call('HGET', k.record, 'bans') or '0')
-    redis.call('HSET', k.record, 'since', int(now), 'reason', reason, 'pbx_id', pbx,
-               'bans', int(previous + 1), 'count', int(count), 'last_seen', int(now))
+    redis.call('HSET', k.record, 'since', int(now), 'pbx_id', pbx, 'bans', int(previous + 1),
+               'count', int(count), 'last_seen', int(now))
     redis.call('HINCRBY', k.stats, 'bans', 1)
   else
-    redis.call('HSETNX', k.record, 'reason', reason)
     redis.call('HSETNX', k.record, 'pbx_id', pbx)
   end
-  redis.call('HSET', k.record, 'until', int(top))
+  redis.call('HSET', k.record, 'until', int(top), 'reason', why)
   redis.call('HSETNX', k.record, 'first_seen', int(now))
   redis.call('HDEL', k.record, 'unbanned_at')
   keep_record(k, top, history)
@@ -227,7 +226,9 @@ for i = 4, #ARGV do
     end
     out[#out + 1] = {1, 0}
   else
-    if redis.call('EXISTS', k.record) == 1 then redis.call('HSET', k.record, 'until', int(top)) end
+    if redis.call('EXISTS', k.record) == 1 then
+      redis.call('HSET', k.record, 'until', int(top), 'reason', why)
+    end
     out[#out + 1] = {2, int(top)}
   end
 end

@@ -116,6 +116,7 @@ def test_lifting_the_longest_hold_shortens_the_ban_for_the_agents_too(make):
         await agent.step()
         await store.ban("198.51.100.5", 2 * HOUR, "manual")
         short = await store.hold("198.51.100.5", "f2b-asterisk", "jail", duration=600)
+        before = (await store.record("198.51.100.5"))["reason"]
         lifted = (await store.lift(["198.51.100.5"], ADMIN_HOLD))["198.51.100.5"]
         await agent.apply(await store.events_after("0"))
         return (
@@ -123,10 +124,14 @@ def test_lifting_the_longest_hold_shortens_the_ban_for_the_agents_too(make):
             lifted,
             {str(a): u for a, u in agent.applied.items()},
             await store.events_after("0"),
+            (before, await store.record("198.51.100.5")),
         )
 
-    short, lifted, applied, events = _run(make, main)
+    short, lifted, applied, events, (before, record) = _run(make, main)
     assert lifted.held and not lifted.ended and lifted.until == short.hold_until
+    # the record tells the reason of the hold that makes the ban
+    assert before == "manual" and record["reason"] == "jail"
+    assert int(record["until"]) / 1000 == short.hold_until
     assert applied == {"198.51.100.5": short.hold_until}
     assert [(e["op"], e["reason"]) for _, e in events] == [("ban", "manual"), ("ban", "jail")]
 
