@@ -15,7 +15,7 @@ from fastagi.embedded import SOCKET_NAME, reachable
 from fastagi.service import make_store
 from fastagi.store import ADMIN_HOLD, StoreError, redis_client
 
-HOLD_NAME_MAX = 64
+HOLD_NAME_MAX = 128
 REASON_MAX = 64
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -118,14 +119,14 @@ def test_fail2ban_bans_reach_the_shared_list_and_its_unban_lifts_only_its_own_ho
             for ip in ("198.51.100.77", "198.51.100.78", *["198.51.100.79", "198.51.100.80"] * 2):
                 out.write(_line(ip))
             out.write(_line("198.51.100.77"))
-        jail = f"f2b-{JAIL}"
+        jail = f"f2b-{JAIL}@{socket.gethostname()}"  # the action's hold: this jail on this host
         assert _wait(lambda: jail in _holds(env, "198.51.100.77"))
         assert _wait(
             lambda: all(jail in _holds(env, ip) for ip in ("198.51.100.79", "198.51.100.80"))
         )
         assert _banned(env) == ["198.51.100.77", "198.51.100.79", "198.51.100.80"]
         status = json.loads(ctl("status", "198.51.100.77", "--json", env=env).stdout)
-        assert status["history"]["reason"] == jail
+        assert status["history"]["reason"] == f"f2b-{JAIL}"
         assert 590 <= status["until"] - time.time() <= 601
         assert set(_holds(env, "198.51.100.79")) == {"admin", jail}
         assert set(_holds(env, "198.51.100.80")) == {"threshold", jail}
