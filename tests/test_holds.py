@@ -277,3 +277,21 @@ def test_the_ban_is_its_longest_hold_whatever_the_sequence(make, ops):
                 ]
 
     _run(make, main)
+
+
+def test_a_hold_waits_for_replicas_like_a_ban(redis_url):
+    """With wait_replicas, the hold is placed and WAITed for on one connection; a Redis
+    without replicas cannot confirm it, which is counted and logged."""
+
+    async def main():
+        config = harness.settings(redis_url)
+        store = Store(redis_client(config.redis), Keys(), POLICY, "pbx-w", wait=(1, 0.05))
+        try:
+            placed = await store.hold("198.51.100.12", "f2b-asterisk", "x", duration=60)
+            return placed, store.unreplicated_bans, await store.banned()
+        finally:
+            await store.close()
+
+    placed, unreplicated, banned = asyncio.run(main())
+    assert placed.placed and banned == {"198.51.100.12": placed.until}
+    assert unreplicated == 1
