@@ -18,8 +18,19 @@ local function int(x) return string.format('%d', math.floor(x)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- The longest hold: its end (0: none) and reason.
+local function longest(holds)
+  local top, why = 0, ''
+  for _, hold in pairs(holds) do
+    if hold[1] > top then top, why = hold[1], hold[2] end
+  end
+  return top, why
+end
+
 -- The target's running holds: source -> {end, reason}. Ended ones leave the hash. A ban
--- written before holds existed (on the list, no hash) counts as the hold 'legacy'.
+-- list end beyond every hold was written without one (before holds existed, or by an
+-- older version during an upgrade): it counts as the hold 'legacy', so nothing here
+-- ever shortens it.
 local function read_holds(k, target)
   local flat = redis.call('HGETALL', k.holds)
   local holds = {}
@@ -32,24 +43,13 @@ local function read_holds(k, target)
       redis.call('HDEL', k.holds, flat[i])
     end
   end
-  if #flat == 0 then
-    local e = tonumber(redis.call('ZSCORE', k.banned, target))
-    if e and e > now then
-      holds['legacy'] = {e, redis.call('HGET', k.record, 'reason') or ''}
-      redis.call('HSET', k.holds, 'legacy', int(e) .. ' ' .. holds['legacy'][2])
-      redis.call('PEXPIREAT', k.holds, int(e))
-    end
+  local listed = tonumber(redis.call('ZSCORE', k.banned, target))
+  if listed and listed > now and listed > longest(holds) then
+    holds['legacy'] = {listed, redis.call('HGET', k.record, 'reason') or ''}
+    redis.call('HSET', k.holds, 'legacy', int(listed) .. ' ' .. holds['legacy'][2])
+    redis.call('PEXPIREAT', k.holds, int(listed))
   end
   return holds
-end
-
--- The longest hold: its end (0: none) and reason.
-local function longest(holds)
-  local top, why = 0, ''
-  for _, hold in pairs(holds) do
-    if hold[1] > top then top, why = hold[1], hold[2] end
-  end
-  return top, why
 end
 
 -- The record lives as long as the ban plus the history that escalation looks back on.

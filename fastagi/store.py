@@ -384,21 +384,22 @@ class Store:
         return await self.unban(list(await self.banned()), hold)
 
     async def holds(self, target: str) -> list[Hold]:
-        """The running holds on `target`, longest first. A ban written before holds
-        existed shows as the hold "legacy", as the scripts treat it."""
+        """The running holds on `target`, longest first. A ban list end beyond every
+        hold (written before holds existed) shows as the hold "legacy", as the scripts
+        treat it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.holds(target))
             pipe.zscore(self.keys.banned, target)
             pipe.hget(self.keys.record(target), "reason")
-            raw, legacy_end, legacy_reason = await self._call("holds read", pipe.execute())
+            raw, listed, record_reason = await self._call("holds read", pipe.execute())
         now = time.time()
-        if not raw and legacy_end:
-            raw = {"legacy": f"{int(legacy_end)} {_text(legacy_reason or '')}"}
         out = []
         for source, value in raw.items():
             end, _, reason = _text(value).partition(" ")
             if end.isdigit() and int(end) / 1000.0 > now:
                 out.append(Hold(_text(source), int(end) / 1000.0, reason))
+        if listed and listed / 1000.0 > max([now, *(hold.until for hold in out)]):
+            out.append(Hold("legacy", listed / 1000.0, _text(record_reason or "")))
         return sorted(out, key=lambda hold: (-hold.until, hold.source))
 
     async def banned(self) -> dict[str, float]:

@@ -199,17 +199,24 @@ def test_escalation_counts_every_ban_whatever_its_source(make):
     assert record["bans"] == "2" and record["reason"] == THRESHOLD_HOLD
 
 
-def test_a_ban_from_before_holds_is_kept_as_a_legacy_hold(make):
+@pytest.mark.parametrize("hold_first", [False, True])
+def test_a_ban_written_without_a_hold_is_kept_as_a_legacy_hold(make, hold_first):
+    """As before holds existed, or by an older version during a rolling upgrade (its own
+    ban list entry and record, beside a running hold): nothing here shortens it."""
+
     async def main(store):
         end_ms = int((time.time() + HOUR) * 1000)
+        if hold_first:
+            await store.hold("198.51.100.10", "f2b-asterisk", "x", duration=60)
         await store.redis.zadd(store.keys.banned, {"198.51.100.10": end_ms})  # as before
+        await store.redis.hset(store.keys.record("198.51.100.10"), "reason", "old")
         listed = await store.holds("198.51.100.10")
         await store.hold("198.51.100.10", "f2b-asterisk", "x", duration=60)
         lifted = await store.lift(["198.51.100.10"], "f2b-asterisk")
         return end_ms / 1000, listed, lifted["198.51.100.10"], await _state(store, "198.51.100.10")
 
     end, listed, lifted, (until, holds) = _run(make, main)
-    assert [(h.source, h.until) for h in listed] == [("legacy", end)]
+    assert (listed[0].source, listed[0].until, listed[0].reason) == ("legacy", end, "old")
     assert lifted.held and not lifted.ended
     assert until == end and holds == {"legacy": end}
 
