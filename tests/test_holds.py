@@ -235,13 +235,14 @@ def test_a_restored_hold_keeps_the_ban_count(make):
     assert int(record["until"]) == int(end * 1000)
 
 
-# An operation: (source, hours from a base far enough ahead that nothing expires) to hold,
-# (source, None) to lift one source's hold, (None, None) for an admin's unban of all.
+# An operation: (source, hours from a base far enough ahead that nothing expires, reason)
+# to hold, (source, None, _) to lift one source's hold, (None, None, _) for an admin's
+# unban of all. Reasons are any text: the store keeps them beside the end in one field.
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.sampled_from(SOURCES), st.integers(1, 6)),
-        st.tuples(st.sampled_from(SOURCES), st.none()),
-        st.tuples(st.none(), st.none()),
+        st.tuples(st.sampled_from(SOURCES), st.integers(1, 6), st.text(max_size=12)),
+        st.tuples(st.sampled_from(SOURCES), st.none(), st.none()),
+        st.tuples(st.none(), st.none(), st.none()),
     ),
     max_size=12,
 )
@@ -252,24 +253,27 @@ OPS = st.lists(
 )
 @given(ops=OPS)
 def test_the_ban_is_its_longest_hold_whatever_the_sequence(make, ops):
-    """Against a model: source -> end, a hold never shortened, the ban = the longest."""
+    """Against a model: source -> (end, reason), a hold never shortened, the ban = the
+    longest, an event exactly when the ban's end changes."""
     target = "2001:db8:1:2::/64"  # the store never looks at the target's shape
 
     async def main(store):
         base = int(time.time() + 100 * HOUR)
-        model: dict[str, float] = {}
+        model: dict[str, tuple[float, str]] = {}
         last_event = "0-0"
-        for source, hours in ops:
-            before = max(model.values(), default=None)
+        for source, hours, reason in ops:
+            before = max((end for end, _ in model.values()), default=None)
             if hours is not None:
                 end = base + hours * HOUR
-                await store.hold(target, source, f"r-{source}", until=end)
-                model[source] = max(model.get(source, 0), end)
+                await store.hold(target, source, reason, until=end)
+                if end > model.get(source, (0, ""))[0]:
+                    model[source] = (end, reason)
             else:
                 await store.lift([target], source)
-                model = {} if source is None else {s: e for s, e in model.items() if s != source}
-            after = max(model.values(), default=None)
-            until, holds = await _state(store, target)
+                model = {} if source is None else {s: h for s, h in model.items() if s != source}
+            after = max((end for end, _ in model.values()), default=None)
+            until = (await store.banned()).get(target)
+            holds = {h.source: (h.until, h.reason) for h in await store.holds(target)}
             assert until == after and holds == model
             events = await store.events_after(last_event)
             if events:
