@@ -119,6 +119,9 @@ local function place_hold(k, target, source, hold_end, reason, pbx, counts, coun
 end
 """
 
+# The clock and the holds' functions: what every script but the screening step begins with.
+_COMMON = _CLOCK + _HOLDS
+
 # KEYS: count, record, banned, counted, events, stats, holds
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source (the
 #       threshold's hold, also its reason), member (unique per call), events_maxlen,
@@ -175,8 +178,7 @@ return {'COUNTED', count, 0, 0}
 #       ban; 0: a restored one, leaving the previous-ban count and stats alone)
 # Returns {ban_until_ms, hold_until_ms, placed (0: this source already held it as long)}
 BAN = (
-    _CLOCK
-    + _HOLDS
+    _COMMON
     + """
 local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
            holds = KEYS[7]}
@@ -202,8 +204,7 @@ return placed
 # Returns per address {state, ban_until_ms}: state 0 this source held no ban there, 1 the
 # ban ended, 2 the hold was lifted and others keep the address banned until ban_until_ms.
 UNBAN = (
-    _CLOCK
-    + _HOLDS
+    _COMMON
     + """
 local source = ARGV[3]
 local out = {}
