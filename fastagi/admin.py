@@ -14,7 +14,10 @@ from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
 from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
-from fastagi.store import MIN_REDIS, Store, StoreError, redis_client, version_tuple
+from fastagi.store import ADMIN_HOLD, MIN_REDIS, Store, StoreError, redis_client, version_tuple
+
+HOLD_NAME_MAX = 128
+REASON_MAX = 64
 
 
 class UsageError(Exception):
@@ -55,6 +58,27 @@ def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
     return address
 
 
+def hold_name(text: str | None, default: str | None) -> str | None:
+    """The --hold argument checked, or `default`. A hold's name (a ban's source) is shown
+    by `status` and built by fail2ban's action from any jail name (`f2b-<jail>`): one
+    printable word, whatever its characters."""
+    if text is None:
+        return default
+    if not 0 < len(text) <= HOLD_NAME_MAX or not text.isprintable() or any(map(str.isspace, text)):
+        raise UsageError(
+            f"--hold: {text[:80]!r} is not a hold name (one printable word, up to "
+            f"{HOLD_NAME_MAX} characters)"
+        )
+    return text
+
+
+def printable(text: str) -> str:
+    """`text` with every unprintable character (newline, escape, U+2028, ...) as its
+    escape, so a reason or a name can neither forge a line nor drive the terminal;
+    printable non-ASCII text stays as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
 
@@ -67,22 +91,46 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             duration = parse_duration(args.duration)
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
+    hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
-        until = await store.ban(str(address), duration, args.reason[:64])
-    print(f"{address} banned until {when(until)}")
+        reason = printable(args.reason)[:REASON_MAX]
+        placed = await store.hold(str(address), hold, reason, duration=duration)
+    if placed.hold_until >= placed.until:
+        print(f"{address} banned until {when(placed.until)} (hold {hold})")
+    else:
+        print(
+            f"{address} banned until {when(placed.until)}; its hold {hold} ends "
+            f"{when(placed.hold_until)}, a longer hold keeps the ban"
+        )
     return 0
 
 
 async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
+    hold = hold_name(args.hold, None)
     addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
-        lifted = await (store.unban_all() if args.all else store.unban(addresses))
+        targets = list(await store.banned()) if args.all else addresses
+        lifted = await store.lift(targets, hold)
     for ip in addresses:
-        print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")
+        result = lifted[ip]
+        if hold is None:
+            print(f"{ip} unbanned" if result.ended else f"{ip} was not banned (count reset)")
+        elif not result.held:
+            print(f"{ip} had no hold {hold}: nothing changed")
+        elif result.ended:
+            print(f"{ip} unbanned (its last hold, {hold}, lifted)")
+        else:
+            until = when(result.until)
+            print(f"{ip}: hold {hold} lifted; other holds keep it banned until {until}")
     if args.all:
-        print(f"{len(lifted)} bans lifted")
+        ended = sum(1 for result in lifted.values() if result.ended)
+        if hold is None:
+            print(f"{ended} bans lifted")
+        else:
+            held = sum(1 for result in lifted.values() if result.held)
+            print(f"hold {hold} lifted on {held} addresses, {ended} bans ended")
     return 0
 
 

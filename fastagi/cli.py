@@ -49,11 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     ban.add_argument("ip")
     ban.add_argument("--for", dest="duration", metavar="DURATION")
     ban.add_argument("--reason", default="manual")
+    ban.add_argument(
+        "--hold",
+        metavar="NAME",
+        help="the ban's source (default admin); the longest hold wins, `unban --hold NAME` "
+        "lifts only this one",
+    )
     ban.set_defaults(func=cmd_ban)
 
     unban = sub.add_parser("unban", help="lift bans on every PBX and reset the counts")
     unban.add_argument("ips", nargs="*", metavar="IP")
     unban.add_argument("--all", action="store_true")
+    unban.add_argument(
+        "--hold", metavar="NAME", help="lift only this source's hold (default: every hold)"
+    )
     unban.set_defaults(func=cmd_unban)
 
     status = sub.add_parser("status", help="what is counted and banned, cluster-wide")

@@ -222,6 +222,8 @@ def read_key_file(path: str) -> str:
         return _key(text)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
+
+
 def _absolute_or_empty(value: Any) -> str:
     text = _string(value)
     if text and not Path(text).is_absolute():

@@ -22,16 +22,24 @@ class Keys:
         return f"{self.base}count:{ip}"
 
     def record(self, ip: str) -> str:
-        """Hash: until, since, reason, pbx_id, bans (previous bans), count, first/last seen."""
+        """Hash: until and reason (of the longest hold), since and pbx_id (of the last ban),
+        bans (previous bans), count, first/last seen."""
         return f"{self.base}record:{ip}"
 
-    def per_address_prefixes(self) -> tuple[bytes, bytes]:
-        """count() and record() up to the address, encoded once for the per-call step."""
-        return self.count("").encode(), self.record("").encode()
+    def holds(self, target: str) -> str:
+        """Hash: source -> "<end ms> <reason>", one hold per source of this target's ban
+        (threshold, a fail2ban jail, an admin); expires with the longest."""
+        return f"{self.base}holds:{target}"
+
+    def per_address_prefixes(self) -> tuple[bytes, bytes, bytes]:
+        """count(), record() and holds() up to the address, encoded once for the per-call
+        step."""
+        return self.count("").encode(), self.record("").encode(), self.holds("").encode()
 
     @property
     def banned(self) -> str:
-        """Sorted set: ip -> ban end (ms). The ban list every agent reconciles to."""
+        """Sorted set: ip -> ban end (ms), the end of its longest hold. The ban list every
+        agent reconciles to."""
         return f"{self.base}banned"
 
     @property

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, when
+from fastagi.admin import cli_address, client_store, printable, when
 from fastagi.config import Config, redacted
 from fastagi.store import Store
 
@@ -117,7 +117,32 @@ def render_status(status: dict[str, Any]) -> str:
     if status["unreadable"]:
         lines.append("Unreadable in Redis (written by something else; skipped):")
         lines += [f"   {entry}" for entry in status["unreadable"]]
-    return "\n".join(lines)
+    return _for_terminal(lines)
+
+
+def render_address(report: dict[str, Any]) -> str:
+    """`status IP`: its count, its ban with the holds that make it, its history."""
+    record = report["history"]
+    lines = [f"Status for {report['ip']}", f"|- Count in window: {report['count']}"]
+    if report["banned"]:
+        lines += [f"|- Banned until:    {when(report['until'])}", "|- Holds (the longest wins)"]
+        holds = report["holds"]
+        for n, hold in enumerate(holds):
+            mark = "`-" if n == len(holds) - 1 else "|-"
+            until = when(hold["until"])
+            lines.append(f"|  {mark} {hold['source']} until {until} ({hold['reason']})")
+    else:
+        lines.append("|- Banned:          no")
+    lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+    last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
+    lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
+    return _for_terminal(lines)
+
+
+def _for_terminal(lines: list[str]) -> str:
+    """Lines for a terminal: any text in them came from Redis, where any host (or an
+    older version) may have written control characters; they show as escapes."""
+    return "\n".join(printable(line) for line in lines)
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
@@ -126,32 +151,19 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
+            holds = await store.holds(address)
             report: dict[str, Any] = {
                 "ip": address,
                 "count": count,
                 "banned": address in banned,
                 "until": banned.get(address),
+                "holds": [
+                    {"source": h.source, "until": h.until, "reason": h.reason} for h in holds
+                ],
                 "ignored": parse_address(address) in config.screening.ignore,
                 "history": record,
             }
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                print(f"Status for {address}")
-                print(f"|- Count in window: {count}")
-                if report["banned"]:
-                    print(f"|- Banned until:    {when(report['until'])}")
-                else:
-                    print("|- Banned:          no")
-                print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
-                print(
-                    f"`- Previous bans:   {record.get('bans', '0')}"
-                    + (
-                        f" (last by {record['pbx_id']}, {record.get('reason')})"
-                        if record.get("pbx_id")
-                        else ""
-                    )
-                )
+            print(json.dumps(report, indent=2) if args.json else render_address(report))
             return 0
         status = await gather_status(store, config)
     print(json.dumps(status, indent=2) if args.json else render_status(status))

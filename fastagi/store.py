@@ -45,6 +45,12 @@ PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list en
 # whose HELLO came with 6.0. Tested with 7.0.
 MIN_REDIS = (6, 0)
 
+# Sources of a ban (holds). The threshold's is the screening step's; `ban` without
+# `--hold` places the admin's; a ban written back after Redis lost it is "restored".
+THRESHOLD_HOLD = "threshold"
+ADMIN_HOLD = "admin"
+RESTORED_HOLD = "restored"
+
 
 class StoreError(Exception):
     """Redis is unreachable, slow or refused the step; the message says which."""
@@ -74,6 +80,35 @@ class Policy:
     def history_ms(self) -> int:
         """How long a ban record outlives its ban, so repeat offenders escalate."""
         return int(self.ban_time_max * 1000)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One source's hold on a target: the target stays banned until its last hold ends."""
+
+    source: str
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What a ban did: the target's ban end (its longest hold's), this source's hold end,
+    and whether the hold was placed or lengthened (False: it already lasted as long)."""
+
+    until: float
+    hold_until: float
+    placed: bool
+
+
+@dataclass(frozen=True)
+class Lifted:
+    """What lifting one target's hold(s) did: `ended` the ban, or `until` is the end of
+    the holds still keeping it banned; `held` False when the source held no ban there."""
+
+    held: bool
+    ended: bool
+    until: float
 
 
 @dataclass(frozen=True)
@@ -162,7 +197,7 @@ class _ScreenParts:
 
     def __init__(self, encode: Callable[[Any], bytes], keys: Keys, policy: Policy, pbx_id: str):
         p = policy
-        self.count_prefix, self.record_prefix = keys.per_address_prefixes()
+        self.count_prefix, self.record_prefix, self.holds_prefix = keys.per_address_prefixes()
         self.shared_keys = tuple(
             encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
@@ -175,7 +210,7 @@ class _ScreenParts:
                 p.ban_time_factor,
                 int(p.ban_time_max * 1000),
                 pbx_id,
-                "threshold",
+                THRESHOLD_HOLD,
             )
         )
         self.tail = (encode(EVENTS_MAXLEN), encode(p.history_ms))
@@ -190,10 +225,11 @@ class _ScreenParts:
         return (
             "EVALSHA",
             sha,
-            6,
+            7,
             self.count_prefix + address,
             self.record_prefix + address,
             *self.shared_keys,
+            self.holds_prefix + address,
             address,
             *self.rules,
             b"%s%x" % (self.member_prefix, step),
@@ -269,7 +305,7 @@ class Store:
 
     def _step_keys(self, ip: str) -> list[str]:
         k = self.keys
-        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats]
+        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats, k.holds(ip)]
 
     async def screen(self, ip: str, injected: bool = False) -> Verdict:
         """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
@@ -323,12 +359,32 @@ class Store:
                 self.wait_timeout_ms,
             )
 
-    async def ban(self, ip: str, duration: float | None, reason: str) -> float:
-        """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
+    async def ban(
+        self, ip: str, duration: float | None, reason: str, hold: str = ADMIN_HOLD
+    ) -> float:
+        """Ban `ip` now for `duration` seconds (None: the escalating ban_time) under the
+        source `hold`; the end of its ban, which a longer hold may keep beyond this one."""
+        return (await self.hold(ip, hold, reason, duration=duration)).until
+
+    async def hold(
+        self,
+        target: str,
+        source: str,
+        reason: str,
+        duration: float | None = None,
+        until: float | None = None,
+        counts: bool = True,
+    ) -> Placed:
+        """Place `source`'s hold on `target` for `duration` seconds (None: the escalating
+        ban_time) or `until` a unix time. A hold never shortens a ban, not even the same
+        source's own earlier hold. `counts` False (a restored ban) leaves the previous-ban
+        count and the totals alone."""
         p = self.policy
         args = [
-            ip,
+            target,
+            source,
             int((duration or 0) * 1000),
+            round((until or 0) * 1000),
             int(p.ban_time * 1000),
             p.ban_time_factor,
             int(p.ban_time_max * 1000),
@@ -336,32 +392,42 @@ class Store:
             reason,
             EVENTS_MAXLEN,
             p.history_ms,
+            1 if counts else 0,
         ]
+        keys = self._step_keys(target)
         if not self.wait_replicas:
-            until = await self._call("ban", self._ban(keys=self._step_keys(ip), args=args))
-            return int(until) / 1000.0
-        async with self._one_connection("ban") as conn:
-            until = await self._call(
-                "ban", self._ban(keys=self._step_keys(ip), args=args, client=conn)
-            )
-            await self._replicated(conn, ip)
-        return int(until) / 1000.0
+            reply = await self._call("ban", self._ban(keys=keys, args=args))
+        else:
+            async with self._one_connection("ban") as conn:
+                reply = await self._call("ban", self._ban(keys=keys, args=args, client=conn))
+                await self._replicated(conn, target)
+        ban_until, hold_until, placed = (int(x) for x in reply)
+        return Placed(ban_until / 1000.0, hold_until / 1000.0, bool(placed))
 
-    async def unban(self, ips: Iterable[str]) -> list[str]:
-        """Lift these bans everywhere and reset their counts; the addresses that were banned."""
-        lifted: list[str] = []
-        batch = list(ips)
+    async def unban(self, ips: Iterable[str], hold: str | None = None) -> list[str]:
+        """Lift these bans (`hold` None: every hold, and reset their counts; else only that
+        source's hold) everywhere; the addresses whose ban ended."""
+        return [ip for ip, lifted in (await self.lift(ips, hold)).items() if lifted.ended]
+
+    async def lift(self, targets: Iterable[str], hold: str | None = None) -> dict[str, Lifted]:
+        """Lift `hold`'s hold on each target (None: every hold, and reset the counts);
+        what that did to each."""
+        out: dict[str, Lifted] = {}
+        batch = list(targets)
         for start in range(0, len(batch), UNBAN_BATCH):
             chunk = batch[start : start + UNBAN_BATCH]
             k = self.keys
             keys = [k.banned, k.counted, k.events, k.stats]
-            for ip in chunk:
-                keys += [k.count(ip), k.record(ip)]
+            for target in chunk:
+                keys += [k.count(target), k.record(target), k.holds(target)]
             result = await self._call(
-                "unban", self._unban(keys=keys, args=[self.pbx_id, EVENTS_MAXLEN, *chunk])
+                "unban",
+                self._unban(keys=keys, args=[self.pbx_id, EVENTS_MAXLEN, hold or "", *chunk]),
             )
-            lifted += [_text(ip) for ip in result]
-        return lifted
+            for target, (state, until) in zip(chunk, result, strict=True):
+                state = int(state)
+                out[target] = Lifted(state != 0, state == 1, int(until) / 1000.0)
+        return out
 
     async def epoch(self) -> str | None:
         """The ban list's epoch token (keys.py): gone or changed when Redis lost its data."""
@@ -380,16 +446,37 @@ class Store:
         # batches as for unban; at least one call, so an empty write-back sets the token
         for start in range(0, max(len(items), 1), UNBAN_BATCH):
             chunk = items[start : start + UNBAN_BATCH]
-            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, token, reason]
+            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, token]
+            args += [reason, RESTORED_HOLD]
+            keys = [k.banned, k.events, k.epoch, k.stats]
             for ip, until in chunk:
                 args += [ip, int(until * 1000)]
-            keys = [k.banned, k.events, k.epoch, *(k.record(ip) for ip, _ in chunk)]
+                keys += [k.record(ip), k.holds(ip)]
             reply = await self._call("ban write-back", self._restore(keys=keys, args=args))
             epoch, written = _text(reply[0]), written + int(reply[1])
         return epoch, written
 
-    async def unban_all(self) -> list[str]:
-        return await self.unban(list(await self.banned()))
+    async def unban_all(self, hold: str | None = None) -> list[str]:
+        return await self.unban(list(await self.banned()), hold)
+
+    async def holds(self, target: str) -> list[Hold]:
+        """The running holds on `target`, longest first. A ban list end beyond every
+        hold (written before holds existed) shows as the hold "legacy", as the scripts
+        treat it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.holds(target))
+            pipe.zscore(self.keys.banned, target)
+            pipe.hget(self.keys.record(target), "reason")
+            raw, listed, record_reason = await self._call("holds read", pipe.execute())
+        now = time.time()
+        out = []
+        for source, value in raw.items():
+            end, _, reason = _text(value).partition(" ")
+            if end.isdigit() and int(end) / 1000.0 > now:
+                out.append(Hold(_text(source), int(end) / 1000.0, reason))
+        if listed and listed / 1000.0 > max([now, *(hold.until for hold in out)]):
+            out.append(Hold("legacy", listed / 1000.0, _text(record_reason or "")))
+        return sorted(out, key=lambda hold: (-hold.until, hold.source))
 
     async def banned(self) -> dict[str, float]:
         """The ban list: address -> ban end (unix s), expired entries left out.
