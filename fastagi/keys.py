@@ -77,6 +77,12 @@ class Keys:
 
     def persisted(self) -> tuple[tuple[str, str], ...]:
         """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
-        every key so named. The ban list, the records (history, escalation) and the
-        totals; counting windows, events and heartbeats are short-lived, start afresh."""
-        return ((self.banned, "zset"), (self.record("*"), "hash"), (self.stats, "hash"))
+        every key so named. The ban list, each ban's holds (so a fail2ban jail's unban
+        still lifts only its own after a restart), the records (history, escalation) and
+        the totals; counting windows, events and heartbeats are short-lived, start afresh."""
+        return (
+            (self.banned, "zset"),
+            (self.holds("*"), "hash"),
+            (self.record("*"), "hash"),
+            (self.stats, "hash"),
+        )

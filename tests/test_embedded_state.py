@@ -323,3 +323,29 @@ def test_where_the_state_lives(monkeypatch, tmp_path):
     assert where() == tmp_path / ".local" / "state" / "fastagi"
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
     assert where() == tmp_path / "xdg" / "fastagi"
+
+
+def test_holds_survive_a_restart(tmp_path):
+    """A fail2ban jail's hold under an admin's longer one: after a restart the jail's
+    unban still lifts only its own hold, and the admin's ban stays."""
+
+    async def before_stop(store: Store) -> None:
+        await store.ban("198.51.100.8", 7 * 86400, "manual")
+        await store.ban("198.51.100.8", 60, "f2b-asterisk", hold="f2b-asterisk")
+
+    embedded = _embedded(tmp_path)
+    asyncio.run(before_stop(_store(embedded)))
+    embedded.stop()
+
+    async def after_start(store: Store) -> tuple[list[str], list[str], dict]:
+        sources = [hold.source for hold in await store.holds("198.51.100.8")]
+        lifted = await store.unban(["198.51.100.8"], "f2b-asterisk")
+        return sources, lifted, await store.banned()
+
+    embedded = _embedded(tmp_path)
+    try:
+        sources, lifted, banned = asyncio.run(after_start(_store(embedded)))
+    finally:
+        embedded.stop()
+    assert sorted(sources) == ["admin", "f2b-asterisk"]
+    assert lifted == [] and banned["198.51.100.8"] > time.time() + 6 * 86400
