@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -39,6 +40,8 @@ BAN_LIST_PAGE = 5000  # ban list entries per Redis read
 MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
+HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
+STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
 
 class StoreError(Exception):
@@ -177,8 +180,23 @@ class _ScreenParts:
         )
 
 
+def heartbeat_age(info: dict[str, Any], now: float) -> tuple[float, bool]:
+    """(seconds since an agent's last heartbeat, whether that is stale), `now` being
+    Redis's time like the heartbeat's; a heartbeat without a usable time is stale."""
+    try:
+        age = now - float(info["time"])
+        interval = float(info.get("interval", HEARTBEAT_INTERVAL))
+    except (KeyError, TypeError, ValueError):
+        return math.inf, True
+    if not (math.isfinite(age) and math.isfinite(interval)):
+        return math.inf, True
+    return age, age > STALE_BEATS * interval
+
+
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """Redis bytes as text; bytes that are not UTF-8 (another host's garbage) show as
+    escapes instead of raising, so a reader can reject the entry and go on."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 class Store:
@@ -192,8 +210,13 @@ class Store:
         pbx_id: str,
         wait: tuple[int, float] | None = None,
         link: SharedLink | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
+        # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
+        # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
+        self.clock = clock
+        self.clock_offset = 0.0
         # The screening step's own connection (redis_link.py), when the service has one.
         self.link = link
         self.keys = keys
@@ -324,7 +347,7 @@ class Store:
         read and parse. Pages follow the score (the ban end) with an offset among
         equal scores, so entries added or removed meanwhile shift nothing already read.
         """
-        low, offset = f"({int(time.time() * 1000)}", 0
+        low, offset = f"({self.now_ms()}", 0
         out: dict[str, float] = {}
         for _ in range(MAX_PAGES):
             rows = await self._call(
@@ -352,7 +375,7 @@ class Store:
 
     async def banned_count(self) -> int:
         """How many bans are running, in one ZCOUNT."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         return int(
             await self._call(
                 "ban list count", self.redis.zcount(self.keys.banned, f"({now_ms}", "+inf")
@@ -361,7 +384,7 @@ class Store:
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         ips = await self._call(
             "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
         )
@@ -380,7 +403,7 @@ class Store:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count(self, ip: str) -> int:
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         window_start = now_ms - int(self.policy.window * 1000)
         return int(
             await self._call(
@@ -417,12 +440,32 @@ class Store:
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
         """Record that this PBX's agent is alive, for `status` ("agents seen")."""
-        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": time.time()})
+        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": self.now()})
         await self._call("heartbeat", self.redis.hset(self.keys.agents, self.pbx_id, payload))
 
     async def agents(self) -> dict[str, dict[str, Any]]:
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
         return {_text(k): json.loads(v) for k, v in raw.items()}
+
+    # -- Redis's clock -------------------------------------------------------------
+
+    async def sync_clock(self) -> float:
+        """Measure how far Redis's TIME is ahead of this host's clock (the midpoint of
+        the round trip); every reader of ban ends uses it, so a PBX whose clock is off
+        by an hour still holds a ban for its true remaining time. Call it at connect
+        and now and then (the agent: every heartbeat)."""
+        before = self.clock()
+        seconds, micros = await self._call("TIME", self.redis.time())
+        after = self.clock()
+        self.clock_offset = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        return self.clock_offset
+
+    def now(self) -> float:
+        """Redis's time as of the last sync_clock(), in unix seconds."""
+        return self.clock() + self.clock_offset
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())
