@@ -184,7 +184,7 @@ async def supervised(agent: Agent, first: float = RESTART_FIRST) -> None:
                 delay = first
             restarts += 1
             log.error(
-                "agent died: %s: %s; restart #%d in %.0fs",
+                "agent died: %s: %s; restart #%d in %gs",
                 type(error).__name__,
                 str(error)[:200] or "(no message)",
                 restarts,
