@@ -371,7 +371,11 @@ class Agent:
         except FirewallError as error:
             log.warning("agent: cannot read what %s holds: %s", self.firewall.name, error)
             return
-        known = {a: u for a, u in held.items() if u is not None and math.isfinite(u)}
+        known = {
+            parse_target(str(target)): until
+            for target, until in held.items()
+            if until is not None and math.isfinite(until)
+        }
         if known and not self.applied:
             self.applied = known
             log.info("%s holds %d bans with known ends", self.firewall.name, len(known))
