@@ -33,12 +33,16 @@ class Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        self.levels: list[int] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+        self.levels.append(record.levelno)
 
-    def count(self, text: str) -> int:
-        return sum(text in line for line in self.lines)
+    def count(self, text: str, level: int = logging.DEBUG) -> int:
+        return sum(
+            text in line and at >= level for line, at in zip(self.lines, self.levels, strict=True)
+        )
 
 
 @dataclass
@@ -235,14 +239,14 @@ def test_the_reported_event_is_logged_escaped_and_counted(redis_url):
 def test_filtered_entries_do_not_make_every_sync_reread_or_warn(redis_url):
     """An ignored and a malformed entry on the list: logged once each; later periodic
     checks find the count matching (no list re-read), and the dry-run backend is not
-    "changed behind our back" at every sync."""
+    "changed behind our back" at every sync nor announces its chain again."""
 
     async def main():
         client = redis.Redis.from_url(redis_url)
         end = (int(client.time()[0]) + 600) * 1000
         client.zadd(KEYS.banned, {"192.0.2.7": end, "bad\u2028entry": end, "198.51.100.8": end})
         lines = Lines()
-        agent_log = logging.getLogger("fastagi.agent")
+        agent_log = logging.getLogger("fastagi")  # the agent's and the firewall's lines
         agent_log.addHandler(lines)
         level = agent_log.level
         agent_log.setLevel(logging.DEBUG)
@@ -266,3 +270,4 @@ def test_filtered_entries_do_not_make_every_sync_reread_or_warn(redis_url):
     assert lines.count("reconciled (full)") == 1
     assert lines.count("reconciled (difference)") == 0  # the count matched every time
     assert lines.count("behind our back") == 0
+    assert lines.count("would create chain", logging.INFO) == 1  # said once, not every sync

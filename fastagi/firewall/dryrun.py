@@ -31,7 +31,8 @@ class DryRunFirewall:
     def setup(self) -> None:
         hooks = "INPUT and FORWARD" if self.settings.forward else "INPUT"
         ports = "all ports" if self._ports is None else ", ".join(map(str, self.settings.ports))
-        log.info(
+        log.log(
+            logging.DEBUG if self._ready else logging.INFO,  # setup() runs every sync
             "dry-run: would create chain %s hooked from %s for %s",
             self.settings.chain,
             hooks,
