@@ -247,7 +247,7 @@ def test_iptables_agent_restarted_while_redis_is_down_still_lifts_bans(
     settings = FirewallSettings(backend="iptables")
     with FirewallDriver(topo.pbx1, settings) as fw:  # the agent before its restart
         fw.setup()
-        fw.add({ATTACKER4: time.time() + 2, ATTACKER4_B: time.time() + 600})
+        fw.add({ATTACKER4: time.time() + 3, ATTACKER4_B: time.time() + 600})
     assert not reach(topo, 4) and not reach(topo, 4, source=ATTACKER4_B)
 
     async def restarted_agent(fw: FirewallDriver) -> bool:
@@ -257,8 +257,9 @@ def test_iptables_agent_restarted_while_redis_is_down_still_lifts_bans(
         agent = Agent(store, fw, 30, AddressSet.parse([]), block_ms=20)
         task = asyncio.create_task(agent.run())
         try:  # the driver is the agent's alone while it runs: watch the agent
-            adopted = await wait_until(lambda: len(agent.applied) == 2)
-            lifted = await wait_until(lambda: len(agent.applied) == 1, timeout=8)
+            held = lambda: {str(target) for target in agent.applied}  # noqa: E731
+            adopted = await wait_until(lambda: ATTACKER4_B in held(), timeout=10)
+            lifted = await wait_until(lambda: held() == {ATTACKER4_B}, timeout=10)
             return adopted and lifted
         finally:
             agent.stop()
