@@ -205,7 +205,7 @@ def test_the_reported_event_is_logged_escaped_and_counted(redis_url):
     async def main():
         client = redis.Redis.from_url(redis_url)
         metrics = service_metrics.Metrics()
-        metrics.serve("127.0.0.1", port := free_port())
+        await metrics.serve("127.0.0.1", port := free_port())
         lines = Lines()
         logging.getLogger("fastagi.agent").addHandler(lines)
         store, firewall = _store(redis_url), DryRunFirewall()

@@ -32,7 +32,7 @@ def test_a_crashed_agent_is_restarted_loudly_and_counted(redis_url, caplog, monk
 
     async def main():
         metrics = service_metrics.Metrics()
-        metrics.serve("127.0.0.1", port := free_port())
+        await metrics.serve("127.0.0.1", port := free_port())
         store, firewall = _store(redis_url, "pbx-crash"), RecordingFirewall()
         agent = Agent(store, firewall, 30, AddressSet.parse([]), block_ms=20)
         task = asyncio.create_task(service.supervised(agent, first=0.05))
@@ -74,7 +74,7 @@ def test_status_and_metrics_flag_a_stale_agent(redis_url):
         store = _store(redis_url, "pbx-live")
         agent = Agent(store, RecordingFirewall(), 30, AddressSet.parse([]), block_ms=20)
         metrics = service_metrics.Metrics(store)
-        metrics.serve("127.0.0.1", port := free_port())
+        await metrics.serve("127.0.0.1", port := free_port())
         try:
             await agent.step()
             status = await gather_status(store, settings(redis_url))
