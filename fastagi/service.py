@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from redis.asyncio import BlockingConnectionPool
 
 from fastagi import config as configuration
 from fastagi import logs
+from fastagi import metrics as service_metrics
 from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
@@ -228,8 +230,6 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from fastagi import metrics as service_metrics
-
     _setup_logging()
     store, embedded = await open_service_store(config)
     try:
@@ -269,6 +269,39 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 # The agent waits on the event stream this long per read; its own client's timeout is
 # longer than that (the per-call budget of `redis.timeout` is for Asterisk's sessions).
 AGENT_BLOCK_MS = 500
+RESTART_FIRST = 1.0  # seconds before the first restart of an agent that died
+RESTART_MAX = 60.0  # the backoff's cap
+RESTART_HEALTHY = 300.0  # an agent that ran this long starts its backoff afresh
+
+
+async def supervised(agent: Agent, first: float = RESTART_FIRST) -> None:
+    """Run the agent until it is stopped. When it dies of an error nobody expected (a
+    bug, an input no check foresaw), say so in one ERROR line with the cause, count it
+    and start it again after a backoff, instead of leaving a service that answers
+    Asterisk while bans silently stop reaching the firewall."""
+    delay = first
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await agent.run()
+            return  # stopped
+        except Exception as error:
+            if agent.stopping:
+                return
+            if time.monotonic() - started > RESTART_HEALTHY:
+                delay = first
+            restarts += 1
+            log.error(
+                "agent died: %s: %s; restart #%d in %gs",
+                type(error).__name__,
+                str(error)[:200] or "(no message)",
+                restarts,
+                delay,
+            )
+            service_metrics.agent_restarted(agent.store.pbx_id)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX)
 
 
 async def _start_agent(
@@ -301,7 +334,7 @@ async def _start_agent(
         config.screening.ignore,
         block_ms=block_ms,
     )
-    return agent, asyncio.create_task(agent.run(), name="agent"), own_store
+    return agent, asyncio.create_task(supervised(agent), name="agent"), own_store
 
 
 async def _stop_agent(running: tuple[Agent, asyncio.Task, Store | None] | None) -> None:
@@ -318,8 +351,6 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         raise ServiceUsageError(
             "agent needs a shared Redis ([redis] url); with memory:// use serve"
         )
-    from fastagi import metrics as service_metrics
-
     _setup_logging()
     try:
         metrics = await service_metrics.start(config.metrics.listen, None)

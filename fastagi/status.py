@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
-import time
 from typing import Any
 
 from fastagi.addresses import parse_address
 from fastagi.admin import cli_address, client_store, printable, when
 from fastagi.config import Config, redacted
-from fastagi.store import Store
+from fastagi.store import Store, heartbeat_age
 
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
+    await store.sync_clock()  # heartbeats carry Redis's time; so must "now"
     banned, counted, (totals, bad_totals), agents = await asyncio.gather(
         store.banned(), store.counted(), store.read_totals(), store.agents()
     )
@@ -55,17 +56,24 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         },
         "unbanned_total": totals.get("unbans", None if "unbans" in bad_totals else 0),
         "agents": [
-            {
-                "pbx_id": pbx,
-                "last_heartbeat": info.get("time"),
-                "bans_applied": info.get("applied", 0),
-                "backend": info.get("backend", ""),
-            }
+            _agent(pbx, info, store.now())
             for pbx, info in sorted(agents.items())
             if "unreadable" not in info
         ],
         # What another writer left in Redis that status could not read (skipped above).
         "unreadable": unreadable,
+    }
+
+
+def _agent(pbx: str, info: dict[str, Any], now: float) -> dict[str, Any]:
+    age, stale = heartbeat_age(info, now)
+    return {
+        "pbx_id": pbx,
+        "last_heartbeat": info.get("time"),
+        "heartbeat_age": round(age, 1) if math.isfinite(age) else None,
+        "stale": stale,
+        "bans_applied": info.get("applied", 0),
+        "backend": info.get("backend", ""),
     }
 
 
@@ -80,7 +88,6 @@ def _shown(value: int | None) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     """The `fail2ban-client status JAIL` look."""
-    now = time.time()
     lines = [
         f"Status for fastagi-screen (pbx {status['pbx_id']})",
         f"|- Store:    {status['store']['url']}",
@@ -106,11 +113,13 @@ def render_status(status: dict[str, Any]) -> str:
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
-        age = now - (agent["last_heartbeat"] or 0)
+        age = agent["heartbeat_age"]
         mark = "`-" if n == len(agents) - 1 else "|-"
         lines.append(
-            f"   {mark} {agent['pbx_id']}: last heartbeat {age:.0f}s ago, "
-            f"{agent['bans_applied']} bans applied ({agent['backend']})"
+            f"   {mark} {agent['pbx_id']}: last heartbeat "
+            + ("never" if age is None else f"{age:.0f}s ago")
+            + f", {agent['bans_applied']} bans applied ({agent['backend']})"
+            + (" STALE: agent dead or stuck, its firewall lags" if agent["stale"] else "")
         )
     if not agents:
         lines.append("   `- (none)")

@@ -50,6 +50,8 @@ MIN_REDIS = (6, 0)
 THRESHOLD_HOLD = "threshold"
 ADMIN_HOLD = "admin"
 RESTORED_HOLD = "restored"
+HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
+STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
 
 class StoreError(Exception):
@@ -239,8 +241,23 @@ class _ScreenParts:
         )
 
 
+def heartbeat_age(info: dict[str, Any], now: float) -> tuple[float, bool]:
+    """(seconds since an agent's last heartbeat, whether that is stale), `now` being
+    Redis's time like the heartbeat's; a heartbeat without a usable time is stale."""
+    try:
+        age = now - float(info["time"])
+        interval = float(info.get("interval", HEARTBEAT_INTERVAL))
+    except (KeyError, TypeError, ValueError):
+        return math.inf, True
+    if not (math.isfinite(age) and math.isfinite(interval)):
+        return math.inf, True
+    return age, age > STALE_BEATS * interval
+
+
 def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """Redis bytes as text; bytes that are not UTF-8 (another host's garbage) show as
+    escapes instead of raising, so a reader can reject the entry and go on."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _escaped(text: str, limit: int = 80) -> str:
@@ -276,8 +293,13 @@ class Store:
         pbx_id: str,
         wait: tuple[int, float] | None = None,
         link: SharedLink | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = client
+        # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
+        # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
+        self.clock = clock
+        self.clock_offset = 0.0
         # The screening step's own connection (redis_link.py), when the service has one.
         self.link = link
         self.keys = keys
@@ -485,7 +507,7 @@ class Store:
         read and parse. Pages follow the score (the ban end) with an offset among
         equal scores, so entries added or removed meanwhile shift nothing already read.
         """
-        low, offset = f"({int(time.time() * 1000)}", 0
+        low, offset = f"({self.now_ms()}", 0
         out: dict[str, float] = {}
         for _ in range(MAX_PAGES):
             rows = await self._call(
@@ -513,7 +535,7 @@ class Store:
 
     async def banned_count(self) -> int:
         """How many bans are running, in one ZCOUNT."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         return int(
             await self._call(
                 "ban list count", self.redis.zcount(self.keys.banned, f"({now_ms}", "+inf")
@@ -522,7 +544,7 @@ class Store:
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         ips = await self._call(
             "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
         )
@@ -541,7 +563,7 @@ class Store:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count(self, ip: str) -> int:
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         window_start = now_ms - int(self.policy.window * 1000)
         return int(
             await self._call(
@@ -592,7 +614,7 @@ class Store:
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
         """Record that this PBX's agent is alive, for `status` ("agents seen")."""
-        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": time.time()})
+        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": self.now()})
         await self._call("heartbeat", self.redis.hset(self.keys.agents, self.pbx_id, payload))
 
     async def agents(self) -> dict[str, dict[str, Any]]:
@@ -643,6 +665,26 @@ class Store:
             config.get("save"),
             tuple(dict.fromkeys(refused)),
         )
+
+    # -- Redis's clock -------------------------------------------------------------
+
+    async def sync_clock(self) -> float:
+        """Measure how far Redis's TIME is ahead of this host's clock (the midpoint of
+        the round trip); every reader of ban ends uses it, so a PBX whose clock is off
+        by an hour still holds a ban for its true remaining time. Call it at connect
+        and now and then (the agent: every heartbeat)."""
+        before = self.clock()
+        seconds, micros = await self._call("TIME", self.redis.time())
+        after = self.clock()
+        self.clock_offset = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        return self.clock_offset
+
+    def now(self) -> float:
+        """Redis's time as of the last sync_clock(), in unix seconds."""
+        return self.clock() + self.clock_offset
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())

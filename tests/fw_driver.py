@@ -104,6 +104,7 @@ class FirewallDriver:
         if isinstance(raw["ports"], tuple):
             raw["ports"] = list(raw["ports"])
         self.ns = ns
+        self.name = settings.backend  # as the backend names itself, for an agent driving it
         self.timeout = timeout
         self.last_elapsed = 0.0
         self.proc = subprocess.Popen(

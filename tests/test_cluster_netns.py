@@ -107,7 +107,11 @@ def kernel_bans(ns, backend: str) -> list[str]:
     if backend == "iptables":
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             proc = ns.run([tool, "-w", "-S", "FASTAGI"], check=False, timeout=60)
-            found += re.findall(r"^-A FASTAGI -s (\S+?)/\d+ -j DROP", proc.stdout, re.M)
+            found += re.findall(
+                r"^-A FASTAGI -s (\S+?)/\d+ (?:-m comment --comment \S+ )?-j DROP",
+                proc.stdout,
+                re.M,
+            )
     elif backend == "nftables":
         for name in ("ban4", "ban6"):
             proc = ns.run(

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 
-from ._common import as_address, parse_ports, split_live
+from ._common import as_address, expected_bounds, parse_ports, split_live
 from .base import CheckResult, FirewallSettings, FirewallStats, IPAddress
 
 log = logging.getLogger("fastagi.firewall")
@@ -18,6 +18,7 @@ log = logging.getLogger("fastagi.firewall")
 
 class DryRunFirewall:
     name = "dry-run"
+    intact_sees_entries = True  # intact() compares the entries: no periodic rewrite
 
     def __init__(self, settings: FirewallSettings | None = None) -> None:
         self.settings = settings or FirewallSettings()
@@ -30,7 +31,8 @@ class DryRunFirewall:
     def setup(self) -> None:
         hooks = "INPUT and FORWARD" if self.settings.forward else "INPUT"
         ports = "all ports" if self._ports is None else ", ".join(map(str, self.settings.ports))
-        log.info(
+        log.log(
+            logging.DEBUG if self._ready else logging.INFO,  # setup() runs every sync
             "dry-run: would create chain %s hooked from %s for %s",
             self.settings.chain,
             hooks,
@@ -84,6 +86,14 @@ class DryRunFirewall:
         self.expire()
         with self._lock:
             return dict(self._bans)
+
+    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+        """Holds what the agent put here (give or take bans ending now): without it, the
+        agent found us "changed behind our back" at every sync."""
+        must, may = expected_bounds(expected)
+        with self._lock:
+            present = set(self._bans)
+        return self._ready and must <= present <= may
 
     def teardown(self) -> None:
         log.info("dry-run: would remove chain %s and its jump", self.settings.chain)

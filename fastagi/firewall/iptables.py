@@ -1,7 +1,8 @@
 """The iptables backend, through python-iptables (libiptc).
 
     -N FASTAGI
-    -A FASTAGI -s 192.0.2.9/32 -j DROP                  one rule per banned address
+    -A FASTAGI -s 192.0.2.9/32 -m comment --comment fastagi-until=1800000000 -j DROP
+                                                        one rule per banned address
     -I INPUT -j FASTAGI                                 ports "all": one jump
     -I INPUT -p udp -m multiport --dports 5060 -j FASTAGI   else one jump per protocol
     (the same in ip6tables; FORWARD too with firewall.forward)
@@ -13,8 +14,11 @@ Things to know before choosing it:
   -n`. The nftables backend is the native choice there; check() and setup() say so.
 - One rule per address, and libiptc copies the whole table on every commit: fine up to a
   few thousand bans (5,000 load in about a second); for more use ipset or nftables.
-- iptables has no timeouts: expiry is kept here, in memory, and expire() lifts due bans
-  (the agent calls it every second); after a restart the agent's set() restores it.
+- iptables has no timeouts: each rule's comment carries its ban's end (unix seconds,
+  this host's clock), kept here in memory too; the agent lifts due bans. After a
+  restart, setup() reads the ends back from the comments, so bans still end on time
+  when Redis is unreachable then; a rule without the comment (written before) keeps
+  its ban until the agent reconciles with Redis.
 - python-iptables has no locking: our writes are serialised by a lock and by the
   /run/xtables.lock that `iptables-legacy -w` uses, and each call is one commit.
 """
@@ -25,6 +29,7 @@ import contextlib
 import fcntl
 import ipaddress
 import logging
+import math
 import os
 import re
 import shutil
@@ -36,6 +41,7 @@ from typing import Any
 
 from ._common import (
     as_address,
+    count_replaced,
     expected_bounds,
     parse_ports,
     permission_hint,
@@ -49,7 +55,11 @@ log = logging.getLogger("fastagi.firewall")
 SCALE_LIMIT = 5000  # rules per family beyond which commits get slow (libiptc copies tables)
 XTABLES_LOCK = "/run/xtables.lock"
 HOOKS = ("INPUT", "FORWARD")
-_BAN_LINE = re.compile(r"^-A \S+ -s (\S+) -j DROP$", re.MULTILINE)
+COMMENT = "fastagi-until="  # + the ban's end in whole unix seconds; no comment: no end
+_BAN_LINE = re.compile(
+    r'^-A \S+ -s (\S+)(?: -m comment --comment "?' + COMMENT + r'(\d{1,12})"?)? -j DROP$',
+    re.MULTILINE,
+)
 
 
 def _iptc() -> Any:
@@ -92,7 +102,8 @@ class IptablesFirewall:
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
         self._bans: dict[IPAddress, float] = {}  # expiry, kept here: iptables has none
-        self._present: dict[int, set[IPAddress]] = {4: set(), 6: set()}  # rules in our chain
+        # the rules in our chain: address -> the end in its comment
+        self._present: dict[int, dict[IPAddress, int | None]] = {4: {}, 6: {}}
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
         self._loaded = False  # _present read from the kernel yet?
@@ -118,9 +129,12 @@ class IptablesFirewall:
         iptc = _iptc()
         return iptc.Rule() if version == 4 else iptc.Rule6()
 
-    def _ban_rule(self, version: int, address: IPAddress) -> Any:
+    def _ban_rule(self, version: int, address: IPAddress, end: int | None) -> Any:
+        """The DROP rule of one ban; `end` (whole unix seconds) goes into its comment."""
         rule = self._rule(version)
         rule.src = f"{address}/{address.max_prefixlen}"
+        if end is not None:
+            rule.create_match("comment").comment = f"{COMMENT}{end}"
         rule.target = rule.create_target("DROP")
         return rule
 
@@ -184,10 +198,21 @@ class IptablesFirewall:
                 with contextlib.suppress(Exception):
                     table.close()
 
-    def _read_sources(self, version: int) -> set[IPAddress]:
-        """The addresses banned in our chain. Through `iptables-legacy -S` when that
-        command exists (C: 5,000 rules in ~20 ms, where python-iptables takes 2 s to
-        turn them into objects), else through libiptc."""
+    def _delete_rules(self, chain: Any, version: int, address: IPAddress) -> None:
+        """Delete this address's rule(s): libiptc deletes by the whole rule, so the one
+        with the comment we wrote (or read back), then one without (older rules)."""
+        iptc = _iptc()
+        for end in dict.fromkeys([self._present[version].get(address), None]):
+            for _ in range(4):  # bounded: a duplicate rule goes too
+                try:
+                    chain.delete_rule(self._ban_rule(version, address, end))
+                except iptc.IPTCError:
+                    break  # not there
+
+    def _read_sources(self, version: int) -> dict[IPAddress, int | None]:
+        """The addresses banned in our chain, with the ends their comments carry.
+        Through `iptables-legacy -S` when that command exists (C: 5,000 rules in ~20 ms,
+        where python-iptables takes 2 s to turn them into objects), else libiptc."""
         tool = shutil.which("iptables-legacy" if version == 4 else "ip6tables-legacy")
         if tool is not None:
             try:
@@ -201,25 +226,26 @@ class IptablesFirewall:
             except (OSError, subprocess.TimeoutExpired):
                 proc = None
             if proc is not None and proc.returncode == 0:
-                found = set()
+                found: dict[IPAddress, int | None] = {}
                 for match in _BAN_LINE.finditer(proc.stdout):
                     with contextlib.suppress(ValueError):
-                        found.add(ipaddress.ip_interface(match.group(1)).ip)
+                        address = ipaddress.ip_interface(match.group(1)).ip
+                        found[address] = int(match.group(2)) if match.group(2) else None
                 return found
             if proc is not None and "No chain" in (proc.stderr or ""):
-                return set()
+                return {}
         return self._read_sources_libiptc(version)
 
-    def _read_sources_libiptc(self, version: int) -> set[IPAddress]:
+    def _read_sources_libiptc(self, version: int) -> dict[IPAddress, int | None]:
         iptc = _iptc()
         table = self._table(version)
         try:
             if not table.is_chain(self.chain):
-                return set()
-            found = set()
+                return {}
+            found: dict[IPAddress, int | None] = {}
             for rule in iptc.Chain(table, self.chain).rules:
                 with contextlib.suppress(ValueError):
-                    found.add(ipaddress.ip_interface(_cidr(rule.src)).ip)
+                    found[ipaddress.ip_interface(_cidr(rule.src)).ip] = _rule_end(rule)
             return found
         finally:
             with contextlib.suppress(Exception):
@@ -261,6 +287,9 @@ class IptablesFirewall:
         with self._lock:
             for version in (4, 6):
                 self._present[version] = self._read_sources(version)
+                for address, end in self._present[version].items():
+                    if end is not None:  # a restart: the ends come back from the comments
+                        self._bans.setdefault(address, float(end))
             self._loaded = True
         log.log(
             logging.DEBUG if self._announced else logging.INFO,
@@ -282,16 +311,23 @@ class IptablesFirewall:
                     self._present[version] = self._read_sources_libiptc(version)
                 self._loaded = True
             for version in (4, 6):
-                new = [a for a in live if a.version == version and a not in self._present[version]]
+                present = self._present[version]
+                new = {
+                    a: _end(until)
+                    for a, until in live.items()
+                    if a.version == version and (a not in present or present[a] != _end(until))
+                }
                 if new:
 
-                    def apply(table: Any, new: list[IPAddress] = new, v: int = version) -> None:
+                    def apply(table: Any, new: dict = new, v: int = version) -> None:
                         chain = _iptc().Chain(table, self.chain)
-                        for address in new:
-                            chain.append_rule(self._ban_rule(v, address))
+                        for address, end in new.items():
+                            if address in self._present[v]:  # a new end: a new comment
+                                self._delete_rules(chain, v, address)
+                            chain.append_rule(self._ban_rule(v, address, end))
 
                     self._commit(version, apply)
-                    self._present[version].update(new)
+                    present.update(new)
             self._bans.update(live)
             self._stats.adds += len(live)
 
@@ -299,7 +335,6 @@ class IptablesFirewall:
         gone = {as_address(a) for a in addresses}
         if not gone:
             return
-        iptc = _iptc()
         with self._writing():
             for version in (4, 6):
                 mine = [a for a in gone if a.version == version]
@@ -309,16 +344,13 @@ class IptablesFirewall:
                 def apply(table: Any, mine: list[IPAddress] = mine, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         return
-                    chain = iptc.Chain(table, self.chain)
+                    chain = _iptc().Chain(table, self.chain)
                     for address in mine:
-                        for _ in range(4):  # bounded: a duplicate rule goes too
-                            try:
-                                chain.delete_rule(self._ban_rule(v, address))
-                            except iptc.IPTCError:
-                                break  # not there
+                        self._delete_rules(chain, v, address)
 
                 self._commit(version, apply)
-                self._present[version].difference_update(mine)
+                for address in mine:
+                    self._present[version].pop(address, None)
             for address in gone:
                 self._bans.pop(address, None)
             self._stats.deletes += len(gone)
@@ -328,21 +360,19 @@ class IptablesFirewall:
         iptc = _iptc()
         with self._writing():
             for version in (4, 6):
-                wanted = [a for a in live if a.version == version]
+                wanted = {a: _end(until) for a, until in live.items() if a.version == version}
 
-                def apply(table: Any, wanted: list[IPAddress] = wanted, v: int = version) -> None:
+                def apply(table: Any, wanted: dict = wanted, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         raise FirewallError(f"iptables: chain {self.chain} is missing: run setup")
                     chain = iptc.Chain(table, self.chain)
                     chain.flush()
-                    for address in wanted:
-                        chain.append_rule(self._ban_rule(v, address))
+                    for address, end in wanted.items():
+                        chain.append_rule(self._ban_rule(v, address, end))
 
                 self._commit(version, apply)
-                before = self._present[version]
-                self._present[version] = set(wanted)
-                self._stats.adds += len(set(wanted) - before)
-                self._stats.deletes += len(before - set(wanted))
+                count_replaced(self._stats, self._present[version], wanted)
+                self._present[version] = wanted
             self._bans = dict(live)
         if len(live) > SCALE_LIMIT:
             log.warning(
@@ -362,8 +392,8 @@ class IptablesFirewall:
         out: dict[IPAddress, float | None] = {}
         with self._lock:
             for version in (4, 6):
-                for address in self._read_sources(version):
-                    out[address] = self._bans.get(address)
+                for address, end in self._read_sources(version).items():
+                    out[address] = self._bans.get(address, None if end is None else float(end))
         return out
 
     def intact(self, expected: Mapping[IPAddress, float]) -> bool:
@@ -379,7 +409,7 @@ class IptablesFirewall:
                 finally:
                     with contextlib.suppress(Exception):
                         table.close()
-                present |= self._read_sources(version)
+                present |= self._read_sources(version).keys()
         return must <= present <= may
 
     def teardown(self) -> None:
@@ -398,7 +428,7 @@ class IptablesFirewall:
         with self._writing():
             for version in (4, 6):
                 self._commit(version, apply)
-                self._present[version] = set()
+                self._present[version] = {}
             self._bans.clear()
         log.info("iptables: chain %s and its jumps removed", self.chain)
 
@@ -469,6 +499,19 @@ class IptablesFirewall:
                 self._stats.errors,
                 {"chain": self.chain, "variant": "legacy (libiptc)"},
             )
+
+
+def _end(until: float) -> int | None:
+    """A ban's end as its rule's comment carries it: whole seconds, rounded up."""
+    return None if math.isinf(until) else math.ceil(until)
+
+
+def _rule_end(rule: Any) -> int | None:
+    for match in rule.matches:
+        text = getattr(match, "comment", None) or ""
+        if match.name == "comment" and text.startswith(COMMENT) and text[len(COMMENT) :].isdigit():
+            return int(text[len(COMMENT) :])
+    return None
 
 
 def _cidr(src: str) -> str:
