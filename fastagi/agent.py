@@ -459,9 +459,9 @@ class Agent:
         if current is not None and self.epoch is None:
             self.epoch = current  # first look: this is the list we follow
             return
-        now = self.store.now()
+        now = time.time()  # applied ends are on this host's clock (_local)
         running = {
-            str(a): until
+            str(a): until + self.store.clock_offset  # back on Redis's clock
             for a, until in self.applied.items()
             if math.isfinite(until) and until > now
         }

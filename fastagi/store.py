@@ -490,7 +490,7 @@ class Store:
             pipe.zscore(self.keys.banned, target)
             pipe.hget(self.keys.record(target), "reason")
             raw, listed, record_reason = await self._call("holds read", pipe.execute())
-        now = time.time()
+        now = self.now()
         out = []
         for source, value in raw.items():
             end, _, reason = _text(value).partition(" ")

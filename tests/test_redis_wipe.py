@@ -133,7 +133,9 @@ def _check_healed(out: dict, what: str, within: float) -> None:
     assert not any(out["missing"]), f"a ban left a firewall: {out['missing'][:3]}"
     assert out["healed_in"] is not None and out["healed_in"] <= within
     for ip, until in out["ends"].items():
-        assert out["restored"][ip] == pytest.approx(until, abs=0.002)  # same end, not reset
+        # the same end, not reset: the agent keeps ends on its host's clock, converted
+        # back with an offset to Redis's clock measured within half a round trip
+        assert out["restored"][ip] == pytest.approx(until, abs=0.05)
         assert out["records"][ip]["reason"] == "restored"
     assert out["new_token"] and out["new_token"] != out["token"]
     assert 1 <= out["written_back"] <= 2 * len(BANS)
