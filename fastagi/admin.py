@@ -7,11 +7,13 @@ import argparse
 import asyncio
 import contextlib
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
+from fastagi.protect import Protected
 from fastagi.service import make_store
 from fastagi.store import StoreError, redis_client
 
@@ -21,7 +23,7 @@ class UsageError(Exception):
 
 
 @contextlib.asynccontextmanager
-async def client_store(config: Config):
+async def client_store(config: Config, protected: Protected | None = None):
     """The store as seen by ban/unban/status: Redis, or a running embedded service."""
     if config.redis.url.startswith("memory://"):
         path = config.runtime_dir() / SOCKET_NAME
@@ -35,7 +37,7 @@ async def client_store(config: Config):
         client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
     else:
         client = redis_client(config.redis)
-    store = make_store(config, client)
+    store = make_store(config, client, protected=protected)
     try:
         yield store
     finally:
@@ -52,8 +54,25 @@ def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
     return address
 
 
+def render_protected(summary: dict[str, Any]) -> list[str]:
+    """The protected set in a few lines: its size, then each part and where it comes from."""
+    lines = [f"ok   protected: {summary['size']} addresses and networks never banned here"]
+    for part in summary["parts"]:
+        shown = " ".join(part["entries"][:8]) + (" ..." if len(part["entries"]) > 8 else "")
+        detail = f" [{part['detail']}]" if part["detail"] else ""
+        lines.append(f"       {part['source']}: {part['size']}{detail} {shown}".rstrip())
+    return lines
+
+
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
+
+
+async def protected_set(config: Config) -> Protected:
+    """This host's protected set as the service sees it, names resolved."""
+    protected = Protected.from_config(config)
+    await protected.refresh()
+    return protected
 
 
 async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
@@ -64,7 +83,10 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             duration = parse_duration(args.duration)
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
-    async with client_store(config) as store:
+    protected = await protected_set(config)
+    if why := protected.reason(address):
+        raise UsageError(f"{address} is protected ({why}): refusing to ban it")
+    async with client_store(config, protected) as store:
         until = await store.ban(str(address), duration, args.reason[:64])
     print(f"{address} banned until {when(until)}")
     return 0
@@ -89,6 +111,8 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
     ok = True
     print(f"ok   config: {config.source}")
+    for line in render_protected((await protected_set(config)).summary()):
+        print(line)
     try:
         async with client_store(config) as store:
             await store.ping()

@@ -19,6 +19,7 @@ from typing import Any
 from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.firewall.base import Firewall, FirewallError
+from fastagi.protect import Protected, SkippedEntries
 from fastagi.store import Store, StoreError
 
 log = logging.getLogger("fastagi.agent")
@@ -44,6 +45,7 @@ class Agent:
         ignore: AddressSet,
         block_ms: int | None = 100,
         poll_interval: float = 0.05,
+        protected: Protected | None = None,
     ) -> None:
         self.store = store
         self.firewall = firewall
@@ -64,18 +66,35 @@ class Agent:
         self._next_heartbeat = 0.0
         self._stopping = False
         self._task: asyncio.Task | None = None
+        # Protected entries of the shared list are never applied (protect.py).
+        self.skipped = (
+            SkippedEntries(
+                protected,
+                lambda: metrics.protected_skipped(self.store.pbx_id, self.firewall.name),
+            )
+            if protected is not None
+            else None
+        )
 
     async def _firewall(self, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, getattr(self.firewall, method), *args)
 
+    def _protected(self, address: IPAddress, until: float) -> bool:
+        """A protected entry: set aside, logged and counted once (protect.py)."""
+        return self.skipped is not None and self.skipped.skip(address, until)
+
     def _wanted(self, bans: dict[str, float]) -> dict[IPAddress, float]:
         wanted = {}
+        if self.skipped is not None:
+            self.skipped.reset()
         for text, until in bans.items():
             try:
                 address = parse_address(text)
             except AddressError:
                 log.error("ignoring a malformed address on the ban list: %r", text[:64])
+                continue
+            if self._protected(address, until):
                 continue
             if address in self.ignore:
                 log.warning("not banning %s: it is in screening.ignore", address)
@@ -127,11 +146,13 @@ class Agent:
         )
 
     async def _count_matches(self) -> bool:
-        """The ban list holds as many running bans as we applied (one ZCOUNT): with the
-        event stream unbroken (_missed_events), nothing to read then."""
+        """The ban list holds as many running bans as we applied or set aside as
+        protected (one ZCOUNT): with the event stream unbroken (_missed_events), nothing
+        to read then."""
         now = time.time()
         count = await self.store.banned_count()
-        return count == sum(1 for until in self.applied.values() if until > now)
+        aside = self.skipped.running(now) if self.skipped is not None else 0
+        return count == aside + sum(1 for until in self.applied.values() if until > now)
 
     async def _intact(self) -> bool:
         check = getattr(self.firewall, "intact", None)
@@ -173,10 +194,15 @@ class Agent:
                 address = parse_address(fields.get("ip", ""))
             except AddressError:
                 continue
-            if fields.get("op") == "ban" and address not in self.ignore:
-                adds[address] = int(fields.get("until", "0")) / 1000.0
+            if fields.get("op") == "ban":
+                until = int(fields.get("until", "0")) / 1000.0
+                if self._protected(address, until) or address in self.ignore:
+                    continue
+                adds[address] = until
                 deletes.discard(address)
             elif fields.get("op") == "unban":
+                if self.skipped is not None:
+                    self.skipped.forget(address)
                 deletes.add(address)
                 adds.pop(address, None)
         if deletes:
@@ -224,7 +250,8 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
-        if self._full_due or await self._missed_events():
+        protected_changed = self.skipped is not None and self.skipped.changed()
+        if self._full_due or protected_changed or await self._missed_events():
             await self.reconcile(full=True)
             self._full_due = False
         elif self._diff_due:

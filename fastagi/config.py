@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from fastagi.addresses import AddressError, AddressSet, parse_network
 from fastagi.firewall._common import parse_ports
 from fastagi.firewall.base import FirewallError, FirewallSettings
+from fastagi.protect import parse_entry
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
@@ -108,6 +109,14 @@ def _networks(value: Any) -> AddressSet:
         raise ValueError(str(error)) from None
 
 
+def _protect(value: Any) -> tuple[str, ...]:
+    """`screening.protect`: addresses, networks and host names (resolved at run time)."""
+    entries = _string_list(value)
+    for entry in entries:
+        parse_entry(entry)
+    return entries
+
+
 def _string_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
@@ -190,6 +199,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Never counted, banned or applied, on top of the built-in protected set (this
+        # host, gateways, resolvers, Redis nodes, allowed_clients, ignore, special ranges):
+        # addresses, networks and host names (trunks, dynamic-DNS offices).
+        "protect": (_protect, []),
+        "protect_refresh": (parse_duration, "5m"),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -236,6 +250,8 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    protect: tuple[str, ...] = ()
+    protect_refresh: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,19 @@ class Metrics(Observer, StepObserver):
             ["pbx_id", "backend"],
             registry=r,
         )
+        self.protected_calls = Counter(
+            "fastagi_calls_protected",
+            "Calls not counted because the caller's address is protected (a spoofed "
+            "source, or our own infrastructure): SCREEN_RESULT=IGNORED, SCREEN_REASON=protected",
+            registry=r,
+        )
+        self.protected_skip = Counter(
+            "fastagi_agent_protected_skipped",
+            "Entries of the shared ban list the agent did not apply because they are "
+            "protected (each counted once, not at every sync)",
+            ["pbx_id", "backend"],
+            registry=r,
+        )
         self.fw_size = Gauge(
             "fastagi_firewall_set_size",
             "Addresses currently in the firewall set/chain",
@@ -181,6 +194,8 @@ class Metrics(Observer, StepObserver):
             self.aborted.labels(ended).inc()
         if outcome is not None and outcome.new_ban:
             self.bans_issued.inc()
+        if outcome is not None and outcome.reason == "protected":
+            self.protected_calls.inc()
 
     def refused(self, why: str) -> None:
         self.refused_total.labels(why).inc()
@@ -203,6 +218,9 @@ class Metrics(Observer, StepObserver):
 
     def firewall_size(self, pbx_id: str, backend: str, size: int) -> None:
         self.fw_size.labels(pbx_id, backend).set(size)
+
+    def protected_skipped(self, pbx_id: str, backend: str) -> None:
+        self.protected_skip.labels(pbx_id, backend).inc()
 
     # -- the endpoint ----------------------------------------------------------------
 
@@ -301,3 +319,8 @@ def ban_lifted(pbx_id: str, backend: str, count: int = 1) -> None:
 def firewall_size(pbx_id: str, backend: str, size: int) -> None:
     if _active is not None:
         _active.firewall_size(pbx_id, backend, size)
+
+
+def protected_skipped(pbx_id: str, backend: str) -> None:
+    if _active is not None:
+        _active.protected_skipped(pbx_id, backend)

@@ -18,6 +18,7 @@ from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_link import SharedLink
 from fastagi.store import Policy, Store, StoreError, redis_client
 
@@ -34,7 +35,11 @@ class ServiceUsageError(Exception):
 # -- the store, as the service or as a client of a running service ---------------
 
 
-def make_store(config: Config, client: Any, link: SharedLink | None = None) -> Store:
+def make_store(
+    config: Config, client: Any, link: SharedLink | None = None, protected: Protected | None = None
+) -> Store:
+    """The store with its guard: `protected` (default: this host's set, names not yet
+    resolved) is never written to the ban list."""
     return Store(
         client,
         Keys(config.redis.key_prefix),
@@ -42,6 +47,7 @@ def make_store(config: Config, client: Any, link: SharedLink | None = None) -> S
         configuration.pbx_id(config),
         wait=(config.redis.wait_replicas, config.redis.wait_timeout),
         link=link,
+        protected=protected or Protected.from_config(config),
     )
 
 
@@ -67,7 +73,9 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     server = config.server
     redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
     screening = config.screening
-    screener = Screener(store, screening.ignore, screening.log_notice, redis_budget, metrics)
+    screener = Screener(
+        store, screening.ignore, screening.log_notice, redis_budget, metrics, store.protected
+    )
     return FastAGIServer(
         screener,
         server.allowed_clients,
@@ -132,11 +140,14 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     server_cfg = config.server
     server = make_server(config, store, metrics)
+    protected = store.protected
+    assert protected is not None
     agent = None
     try:
+        await protected.start()
         bound = await server.start(*server_cfg.listen)
         if not args.no_agent:
-            agent = await _start_agent(config, store)
+            agent = await _start_agent(config, store, protected)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s)",
@@ -149,6 +160,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     finally:
         await server.stop()
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
         await store.close()
@@ -163,7 +175,7 @@ AGENT_BLOCK_MS = 500
 
 
 async def _start_agent(
-    config: Config, store: Store | None
+    config: Config, store: Store | None, protected: Protected
 ) -> tuple[Agent, asyncio.Task, Store | None]:
     """The agent, on the service's store (embedded) or on a Redis client of its own."""
     from fastagi.firewall import create
@@ -172,7 +184,8 @@ async def _start_agent(
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
         timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-        own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
+        client = redis_client(replace(config.redis, timeout=timeout))
+        own_store = store = make_store(config, client, protected=protected)
         block_ms = AGENT_BLOCK_MS
     assert store is not None
     agent = Agent(
@@ -181,6 +194,7 @@ async def _start_agent(
         config.firewall.sync_interval,
         config.screening.ignore,
         block_ms=block_ms,
+        protected=protected,
     )
     return agent, asyncio.create_task(agent.run(), name="agent"), own_store
 
@@ -206,11 +220,14 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         metrics = service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    agent = await _start_agent(config, None)
+    protected = Protected.from_config(config)
+    await protected.start()
+    agent = await _start_agent(config, None, protected)
     try:
         await _until_signalled()
     finally:
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
     return 0

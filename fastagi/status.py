@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, when
+from fastagi.admin import cli_address, client_store, protected_set, when
 from fastagi.config import Config, redacted
 from fastagi.store import Store
 
@@ -18,6 +18,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
     banned, counted, totals, agents = await asyncio.gather(
         store.banned(), store.counted(), store.totals(), store.agents()
     )
+    protected = store.protected
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
     return {
         "pbx_id": store.pbx_id,
@@ -53,6 +54,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
             }
             for pbx, info in sorted(agents.items())
         ],
+        "protected": protected.summary() if protected is not None else None,
     }
 
 
@@ -81,6 +83,14 @@ def render_status(status: dict[str, Any]) -> str:
             f"|     {ban['ip']} until {when(ban['until'])} "
             f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans']})"
         )
+    if status.get("protected"):
+        summary = status["protected"]
+        lines.append(f"|- Protected (never banned here): {summary['size']}")
+        parts = summary["parts"]
+        for n, part in enumerate(parts):
+            mark = "`-" if n == len(parts) - 1 else "|-"
+            entries = " ".join(part["entries"][:8]) + (" ..." if part["size"] > 8 else "")
+            lines.append(f"|  {mark} {part['source']}: {part['size']} {entries}".rstrip())
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
@@ -97,7 +107,8 @@ def render_status(status: dict[str, Any]) -> str:
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
     address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
-    async with client_store(config) as store:
+    protected = await protected_set(config)
+    async with client_store(config, protected) as store:
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
@@ -107,6 +118,7 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 "banned": address in banned,
                 "until": banned.get(address),
                 "ignored": parse_address(address) in config.screening.ignore,
+                "protected": protected.reason(parse_address(address)),
                 "history": record,
             }
             if args.json:
@@ -119,6 +131,7 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 else:
                     print("|- Banned:          no")
                 print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+                print(f"|- Protected:       {report['protected'] or 'no'}")
                 print(
                     f"`- Previous bans:   {record.get('bans', '0')}"
                     + (

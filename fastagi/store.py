@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_cluster import ClusterClient, cluster_client
 from fastagi.redis_link import SharedLink
 
@@ -192,8 +193,11 @@ class Store:
         pbx_id: str,
         wait: tuple[int, float] | None = None,
         link: SharedLink | None = None,
+        protected: Protected | None = None,
     ) -> None:
         self.redis = client
+        # Never written to the ban list, whoever asks (protect.py).
+        self.protected = protected
         # The screening step's own connection (redis_link.py), when the service has one.
         self.link = link
         self.keys = keys
@@ -275,7 +279,10 @@ class Store:
             )
 
     async def ban(self, ip: str, duration: float | None, reason: str) -> float:
-        """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
+        """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end.
+        A protected address raises ProtectedError and nothing is written."""
+        if self.protected is not None:
+            self.protected.check_ban(ip)
         p = self.policy
         args = [
             ip,

@@ -39,6 +39,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ignore": BAD_NETS,
     "screening.pbx_id": ["5", "true", '["a"]'],
     "screening.log_notice": ['"maybe"', "5", "[true]"],
+    "screening.protect": ["5", '["bad name!"]', '["10.0.0.0/33"]', '["-x.example"]', '[""]'],
+    "screening.protect_refresh": BAD_DURATION,
     "redis.url": ['"http://10.0.0.5"', "5", '"10.0.0.5:6379"', "true"],
     "redis.key_prefix": ["5", "true"],
     "redis.timeout": BAD_DURATION,
