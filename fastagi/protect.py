@@ -394,7 +394,8 @@ class Protected:
             detail = f"host names, resolved every {self.interval:.0f}s"
             part = by_origin.setdefault(source, Part(source, [], detail))
             for address in state.addresses:
-                part.networks.append((ipaddress.ip_network(address), f"{name} ({state.origin})"))
+                why = f"Redis node {name}" if redis else name
+                part.networks.append((ipaddress.ip_network(address), f"{why} ({state.origin})"))
             if state.failing:
                 part.detail += f"; {name} does not resolve now" + (
                     ", last addresses kept" if state.addresses else ""

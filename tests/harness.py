@@ -14,6 +14,7 @@ import fakeredis.aioredis
 
 from fastagi import config as configuration
 from fastagi.emulator import Call, CallResult, FakeAsterisk
+from fastagi.protect import Protected
 from fastagi.server import FastAGIServer
 from fastagi.service import make_server, make_service_store, make_store
 from fastagi.store import Store
@@ -62,13 +63,18 @@ def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Co
 
 
 @contextlib.asynccontextmanager
-async def running_server(redis_url: str = "memory://", **overrides: str) -> AsyncIterator[Running]:
-    """A server on a free port; memory:// gives a private in-process fakeredis."""
+async def running_server(
+    redis_url: str = "memory://", protected: Protected | None = None, **overrides: str
+) -> AsyncIterator[Running]:
+    """A server on a free port; memory:// gives a private in-process fakeredis.
+    `protected`: a protected set of the test's own (default: this host's, from config)."""
     config = settings(redis_url, **overrides)
     if not redis_url.startswith("memory://"):
         store = make_service_store(config)  # as `serve` has it
     else:
         store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
+    if protected is not None:
+        store.protected = protected
     server = make_server(config, store)  # as `serve` builds it
     host, port = (await server.start("127.0.0.1", 0))[0]
     try:
