@@ -15,7 +15,7 @@ from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
 from fastagi.protect import Protected
 from fastagi.service import make_store
-from fastagi.store import StoreError, redis_client
+from fastagi.store import Store, StoreError, redis_client
 
 
 class UsageError(Exception):
@@ -23,7 +23,7 @@ class UsageError(Exception):
 
 
 @contextlib.asynccontextmanager
-async def client_store(config: Config, protected: Protected | None = None):
+async def client_store(config: Config):
     """The store as seen by ban/unban/status: Redis, or a running embedded service."""
     if config.redis.url.startswith("memory://"):
         path = config.runtime_dir() / SOCKET_NAME
@@ -37,7 +37,7 @@ async def client_store(config: Config, protected: Protected | None = None):
         client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
     else:
         client = redis_client(config.redis)
-    store = make_store(config, client, protected=protected)
+    store = make_store(config, client)
     try:
         yield store
     finally:
@@ -68,9 +68,13 @@ def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
 
 
-async def protected_set(config: Config) -> Protected:
-    """This host's protected set as the service sees it, names resolved."""
-    protected = Protected.from_config(config)
+async def protected_set(config: Config, store: Store | None = None) -> Protected:
+    """This host's protected set as the service sees it: names resolved and, given the
+    store, the nodes behind a Sentinel or a Cluster (the store's guard uses the same)."""
+    protected = store.protected if store is not None else None
+    protected = protected or Protected.from_config(config)
+    if store is not None:
+        protected.discover = store.nodes
     await protected.refresh()
     return protected
 
@@ -83,10 +87,9 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             duration = parse_duration(args.duration)
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
-    protected = await protected_set(config)
-    if why := protected.reason(address):
-        raise UsageError(f"{address} is protected ({why}): refusing to ban it")
-    async with client_store(config, protected) as store:
+    async with client_store(config) as store:
+        if why := (await protected_set(config, store)).reason(address):
+            raise UsageError(f"{address} is protected ({why}): refusing to ban it")
         until = await store.ban(str(address), duration, args.reason[:64])
     print(f"{address} banned until {when(until)}")
     return 0
@@ -111,15 +114,17 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
 
     ok = True
     print(f"ok   config: {config.source}")
-    for line in render_protected((await protected_set(config)).summary()):
-        print(line)
     try:
         async with client_store(config) as store:
             await store.ping()
+            protected = await protected_set(config, store)
         print(f"ok   store: {redacted(config.redis.url)} answers")
     except StoreError as error:
         ok = False
         print(f"FAIL store: {error}")
+        protected = await protected_set(config)
+    for line in render_protected(protected.summary()):
+        print(line)
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)

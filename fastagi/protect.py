@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,6 +306,7 @@ def redis_hosts(config: Config) -> list[tuple[str, str]]:
 @dataclass
 class _Name:
     origin: str  # "screening.protect", "redis.url", ...
+    redis: bool = False  # a Redis / Sentinel node
     addresses: tuple[IPAddress, ...] = ()
     failing: bool = False
 
@@ -325,7 +326,13 @@ class Protected:
         sources: Sources | None = None,
     ) -> None:
         self.config_parts = config_parts
-        self.names = {name: _Name(origin) for name, origin in names.items()}
+        self.names = {
+            name: _Name(origin, redis=origin.startswith("redis")) for name, origin in names.items()
+        }
+        # The nodes behind a Sentinel or a Cluster, which the config does not name
+        # (service.py sets it to the store's `nodes`); asked at every refresh.
+        self.discover: Callable[[], Awaitable[Iterable[str]]] | None = None
+        self._discovery_failing = False
         self.interval = interval
         self.sources = sources or Sources()
         self.host_parts: list[Part] = self._read_host()
@@ -389,12 +396,11 @@ class Protected:
     def _name_parts(self) -> Iterator[Part]:
         by_origin: dict[str, Part] = {}
         for name, state in self.names.items():
-            redis = state.origin.startswith("redis")
-            source = "Redis nodes (by name)" if redis else f"{state.origin} (by name)"
+            source = "Redis nodes (by name)" if state.redis else f"{state.origin} (by name)"
             detail = f"host names, resolved every {self.interval:.0f}s"
             part = by_origin.setdefault(source, Part(source, [], detail))
             for address in state.addresses:
-                why = f"Redis node {name}" if redis else name
+                why = f"Redis node {name}" if state.redis else name
                 part.networks.append((ipaddress.ip_network(address), f"{why} ({state.origin})"))
             if state.failing:
                 part.detail += f"; {name} does not resolve now" + (
@@ -435,6 +441,8 @@ class Protected:
         return [host, gates, dns]
 
     async def _resolve(self, name: str) -> tuple[IPAddress, ...]:
+        with contextlib.suppress(ValueError):  # a node announced by its address
+            return (ipaddress.ip_address(name),)
         if self.sources.resolve is not None:
             found = await self.sources.resolve(name)
             return tuple(ipaddress.ip_address(a) for a in found)
@@ -472,12 +480,30 @@ class Protected:
     async def refresh(self) -> None:
         """Re-read this host's view and re-resolve every name (concurrently, each in a
         resolver thread); swap in the new index and bump `generation` if it changed."""
+        await self._discover_nodes()
         await asyncio.gather(*(self._refresh_name(n, s) for n, s in self.names.items()))
         self.host_parts = self._read_host()
         index = _Index(self.parts)
         if (index.hosts, index.ranges) != (self._index.hosts, self._index.ranges):
             self._index = index
             self.generation += 1
+
+    async def _discover_nodes(self) -> None:
+        """Add the nodes a Sentinel or Cluster reports; a node once seen stays protected
+        (a failed-over master may come back)."""
+        if self.discover is None:
+            return
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                hosts = list(await self.discover())
+        except Exception as error:  # StoreError, a timeout: the refresh goes on
+            if not self._discovery_failing:
+                log.warning("cannot ask Redis for its nodes (%s); will try again", error)
+            self._discovery_failing = True
+            return
+        self._discovery_failing = False
+        for host in hosts:
+            self.names.setdefault(host.lower(), _Name("Sentinel or Cluster", redis=True))
 
     async def run(self) -> None:
         """Refresh every `interval` until cancelled; never dies of a bad answer."""

@@ -143,6 +143,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     protected = store.protected
     assert protected is not None
     agent = None
+    protected.discover = store.nodes
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
@@ -188,6 +189,9 @@ async def _start_agent(
         own_store = store = make_store(config, client, protected=protected)
         block_ms = AGENT_BLOCK_MS
     assert store is not None
+    if protected.discover is None:  # the agent's own store: ask it before applying anything
+        protected.discover = store.nodes
+        await protected.refresh()
     agent = Agent(
         store,
         create(config.firewall.settings()),

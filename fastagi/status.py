@@ -107,8 +107,8 @@ def render_status(status: dict[str, Any]) -> str:
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
     address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
-    protected = await protected_set(config)
-    async with client_store(config, protected) as store:
+    async with client_store(config) as store:
+        protected = await protected_set(config, store)
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)

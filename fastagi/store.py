@@ -431,6 +431,20 @@ class Store:
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
         return {_text(k): json.loads(v) for k, v in raw.items()}
 
+    async def nodes(self) -> list[str]:
+        """The hosts of the Redis nodes behind this client that the config does not name:
+        a Cluster's nodes, Sentinel's master and replicas (for the protected set)."""
+        if isinstance(self.redis, ClusterClient):
+            await self._call("cluster nodes", self.redis.initialize())
+            return [node.host for node in self.redis.get_nodes()]
+        pool = self.redis.connection_pool
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is None:
+            return []
+        master = await self._call("sentinel read", manager.discover_master(pool.service_name))
+        replicas = await self._call("sentinel read", manager.discover_slaves(pool.service_name))
+        return [host for host, _port in [master, *replicas]]
+
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())
 

@@ -444,3 +444,24 @@ def test_an_applied_ban_is_lifted_when_its_address_becomes_protected(tmp_path):
 
     before, after = asyncio.run(main())
     assert before == {"203.0.113.7"} and after == set()
+
+
+def test_nodes_behind_sentinel_or_cluster_are_added_and_a_failed_ask_logs_once(tmp_path, caplog):
+    protected = protected_set(tmp_path)
+    answers: list[object] = [["10.9.8.7", "redis-b.test"], OSError("sentinel down")]
+    protected.sources.answers["redis-b.test"] = ["10.9.8.8"]  # type: ignore[attr-defined]
+
+    async def discover() -> list[str]:
+        answer = answers[0] if len(answers) == 1 else answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    protected.discover = discover
+    with caplog.at_level(logging.WARNING, logger="fastagi.protect"):
+        for _ in range(4):
+            asyncio.run(protected.refresh())
+    assert "Sentinel or Cluster" in (protected.reason("10.9.8.7") or "")
+    assert "Redis node redis-b.test" in (protected.reason("10.9.8.8") or "")
+    failures = [r for r in caplog.records if "cannot ask Redis for its nodes" in r.getMessage()]
+    assert len(failures) == 1

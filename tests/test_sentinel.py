@@ -27,9 +27,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from fastagi.admin import protected_set
 from fastagi.emulator import Call
+from fastagi.service import make_store
+from fastagi.store import redis_client
 from tests.conftest import RedisProcess, wait_ping
-from tests.harness import free_port, running_server
+from tests.harness import free_port, running_server, settings
 
 SENTINEL = shutil.which("redis-sentinel")
 REDIS_SERVER = shutil.which("redis-server")
@@ -226,3 +229,21 @@ def test_failover_under_load_loses_no_ban_and_never_holds_a_call(cluster):
     # replica was itself the failed node) may be lost, and is logged as such.
     assert confirmed_lost == [], f"{len(confirmed_lost)} replicated bans lost in a failover"
     assert results.get("BANNED", 0) > 40 and results.get("COUNTED", 0) > 160
+
+
+def test_the_protected_set_asks_sentinel_for_the_master_and_its_replica(cluster):
+    """The config names only the sentinels; the nodes behind them are protected too."""
+    sentinels = ",".join(f"127.0.0.1:{p}" for p in cluster.sentinel_ports)
+    config = settings("redis://127.0.0.1:1/0", REDIS_SENTINELS=sentinels)
+
+    async def main():
+        store = make_store(config, redis_client(config.redis))
+        try:
+            return await store.nodes(), (await protected_set(config, store)).summary()
+        finally:
+            await store.close()
+
+    nodes, summary = asyncio.run(main())
+    assert nodes == ["127.0.0.1", "127.0.0.1"]  # the master, then its replica
+    parts = {part["source"]: part["entries"] for part in summary["parts"]}
+    assert parts["Redis nodes (by name)"] == ["127.0.0.1"]
