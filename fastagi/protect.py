@@ -381,9 +381,6 @@ class Protected:
             target = _as_network(ipaddress.ip_network(target, strict=False))
         return self._index.reason(target)
 
-    def __contains__(self, target: IPAddress | IPNetwork) -> bool:
-        return self._index.reason(target) is not None
-
     @property
     def parts(self) -> list[Part]:
         return [

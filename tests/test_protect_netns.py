@@ -28,8 +28,6 @@ from pathlib import Path
 
 import pytest
 
-from fastagi.firewall import FirewallSettings
-from tests.fw_driver import FirewallDriver
 from tests.netns import NamespaceRedis, Topology
 from tests.test_cluster_netns import (
     AGI_PORT,
@@ -142,21 +140,8 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
 
 @pytest.fixture(params=["nftables", "ipset"])
 def agents(request, cluster: NamedCluster) -> Iterator[NamedCluster]:
-    c = cluster
-    c.backend = request.param
-    c.redis.client().flushall()
-    started = time.time()
-    try:
-        for role in PBXS:
-            c.start_agent(role)
-        c.wait_agents(started)
-        yield c
-    finally:
-        for role in list(c.agents):
-            c.kill_agent(role, signal.SIGTERM)
-        for role in PBXS:
-            with FirewallDriver(c.topo[role], FirewallSettings(backend=c.backend)) as fw:
-                fw.teardown()
+    with cluster.agents_running(request.param):
+        yield cluster
 
 
 def test_the_redis_node_written_into_the_ban_list_by_hand_is_never_applied(agents):

@@ -24,13 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from fastagi.admin import protected_set
 from fastagi.emulator import Call, FakeAsterisk
 from fastagi.keys import Keys
-from fastagi.service import make_store
-from fastagi.store import redis_client
 from tests.conftest import RedisProcess
-from tests.harness import free_port, running_server, settings
+from tests.harness import free_port, redis_nodes_protected, running_server, settings
 from tests.procs import Service, ctl
 from tests.test_metrics import scrape, value
 
@@ -284,14 +281,6 @@ def test_the_protected_set_learns_every_node_of_the_cluster(clean):
     """The config names one seed; every node the client learns is protected too."""
     config = settings(clean.others()[0].url, REDIS_CLUSTER="true")
 
-    async def main():
-        store = make_store(config, redis_client(config.redis))
-        try:
-            return await store.nodes(), (await protected_set(config, store)).summary()
-        finally:
-            await store.close()
-
-    nodes, summary = asyncio.run(main())
+    nodes, parts = asyncio.run(redis_nodes_protected(config))
     assert nodes == ["127.0.0.1"] * 3
-    parts = {part["source"]: part["entries"] for part in summary["parts"]}
     assert parts["Redis nodes (by name)"] == ["127.0.0.1"]

@@ -27,12 +27,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from fastagi.admin import protected_set
 from fastagi.emulator import Call
-from fastagi.service import make_store
-from fastagi.store import redis_client
 from tests.conftest import RedisProcess, wait_ping
-from tests.harness import free_port, running_server, settings
+from tests.harness import free_port, redis_nodes_protected, running_server, settings
 
 SENTINEL = shutil.which("redis-sentinel")
 REDIS_SERVER = shutil.which("redis-server")
@@ -236,14 +233,6 @@ def test_the_protected_set_asks_sentinel_for_the_master_and_its_replica(cluster)
     sentinels = ",".join(f"127.0.0.1:{p}" for p in cluster.sentinel_ports)
     config = settings("redis://127.0.0.1:1/0", REDIS_SENTINELS=sentinels)
 
-    async def main():
-        store = make_store(config, redis_client(config.redis))
-        try:
-            return await store.nodes(), (await protected_set(config, store)).summary()
-        finally:
-            await store.close()
-
-    nodes, summary = asyncio.run(main())
+    nodes, parts = asyncio.run(redis_nodes_protected(config))
     assert nodes == ["127.0.0.1", "127.0.0.1"]  # the master, then its replica
-    parts = {part["source"]: part["entries"] for part in summary["parts"]}
     assert parts["Redis nodes (by name)"] == ["127.0.0.1"]
