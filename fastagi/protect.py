@@ -98,12 +98,6 @@ def _text(network: IPNetwork) -> str:
     return str(network.network_address) if single else network.compressed
 
 
-def _as_network(value: IPAddress | IPNetwork) -> IPNetwork:
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        return ipaddress.ip_network(value)
-    return value
-
-
 def _span(target: IPAddress | IPNetwork) -> tuple[int, int, int]:
     """(version, first, last) as integers (an address without building a network: the
     caller check runs on every screened call)."""
@@ -118,7 +112,7 @@ class _Index:
     caller check is one lookup) and a short list of wider ranges. Each IPv4 network is
     also entered at its IPv4-mapped place (::ffff:a.b.c.d), so no spelling escapes."""
 
-    def __init__(self, parts: Iterable[Part]) -> None:
+    def __init__(self, parts: list[Part]) -> None:
         self.hosts: dict[tuple[int, int], str] = {}
         self.ranges: list[tuple[int, int, int, str]] = []
         for part in parts:
@@ -376,9 +370,10 @@ class Protected:
 
     def reason(self, target: IPAddress | IPNetwork | str) -> str | None:
         """Why `target` (an address or a network) must never be banned here, or None.
-        A network is protected when it overlaps any protected network."""
+        A network is protected when it overlaps any protected network; text that is
+        neither raises ValueError."""
         if isinstance(target, str):
-            target = _as_network(ipaddress.ip_network(target, strict=False))
+            target = ipaddress.ip_network(target, strict=False)
         return self._index.reason(target)
 
     @property

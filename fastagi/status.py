@@ -11,6 +11,7 @@ from typing import Any
 from fastagi.addresses import parse_address
 from fastagi.admin import cli_address, client_store, protected_set, when
 from fastagi.config import Config, redacted
+from fastagi.protect import Protected
 from fastagi.store import Store
 
 
@@ -40,6 +41,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                     "pbx_id": record.get("pbx_id", ""),
                     "reason": record.get("reason", ""),
                     "bans": int(record.get("bans", "1")),
+                    "protected": _protected(protected, ip),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
@@ -56,6 +58,16 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         ],
         "protected": protected.summary() if protected is not None else None,
     }
+
+
+def _protected(protected: Protected | None, ip: str) -> str | None:
+    """Why this host never applies a ban-list entry (written by another PBX or by hand)."""
+    if protected is None:
+        return None
+    try:
+        return protected.reason(ip)
+    except ValueError:  # a malformed entry: agents skip it anyway
+        return None
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -79,9 +91,10 @@ def render_status(status: dict[str, Any]) -> str:
         "|  `- Banned IP list:",
     ]
     for ban in status["banned"]["list"]:
+        aside = f" [protected here, not applied: {ban['protected']}]" if ban["protected"] else ""
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans']})"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans']}){aside}"
         )
     if status.get("protected"):
         summary = status["protected"]

@@ -106,10 +106,11 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
     with open(log_path, "w") as log:
         serve = c.topo.pbx1.spawn(
             [sys.executable, "-m", "fastagi.cli", "serve", "--no-agent"],
-            env=c.env("pbx1"),
+            env=c.env("pbx1", FASTAGI_SCREENING_PROTECT_REFRESH="1s"),
             stdout=log,
             stderr=log,
         )
+    hosts = Path("/etc/netns") / c.topo.pbx1.name / "hosts"
     try:
         c.topo.pbx1.wait_tcp("127.0.0.1", AGI_PORT, timeout=20)
         for source in PROTECTED_CALLERS:
@@ -119,9 +120,18 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
         assert "SCREEN_RESULT=BANNED" in control, control
         refused = c.ctl("ban", "192.0.2.1")
         status = json.loads(c.ctl("status", "--json").stdout)
+        # the trunk's name moves: the running service follows within protect_refresh
+        hosts.write_text(HOSTS.replace("192.0.2.60", "192.0.2.61"))
+        moved = wait_for(
+            lambda: "SCREEN_REASON=protected" in c.ctl("simulate", "--ip", "192.0.2.61").stdout,
+            10,
+            0.2,
+        )
     finally:
+        hosts.write_text(HOSTS)
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(10)
+    assert moved, "192.0.2.61 (trunk.test's new address) not protected after a refresh"
     assert refused.returncode == 2 and "Redis node redis.test" in refused.stderr, refused.stderr
     assert [ban["ip"] for ban in status["banned"]["list"]] == [ATTACKER4]
     assert status["calls"] == 3  # only the attacker's calls were counted
@@ -162,6 +172,9 @@ def test_the_redis_node_written_into_the_ban_list_by_hand_is_never_applied(agent
     assert wait_for(lambda: c.all_dropped([ATTACKER6]), 5), c.agent_logs()
     assert c.passes("pbx1", 4, ATTACKER4_B), "an address nobody banned is blocked"
     assert all(beat["time"] > written for beat in c.heartbeats().values())
+    shown = c.ctl("status").stdout  # on pbx1: the entries it sets aside, and why
+    for address in REDIS_NODE:
+        assert re.search(rf"{re.escape(address)} until .*protected here, not applied", shown)
     for role in PBXS:
         log = (c.logs / f"agent-{c.backend}-{role}.log").read_text()
         for address in REDIS_NODE:
