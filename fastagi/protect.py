@@ -562,7 +562,9 @@ class SkippedEntries:
         self.entries.clear()
 
     def running(self, now: float) -> int:
-        return sum(1 for until in self.entries.values() if until > now)
+        """How many are still running (ended ones are dropped, as ZCOUNT drops them)."""
+        self.entries = {target: until for target, until in self.entries.items() if until > now}
+        return len(self.entries)
 
     def changed(self) -> bool:
         """The protected set changed since the last look: the list must be filtered anew."""

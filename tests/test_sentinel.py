@@ -152,7 +152,7 @@ def test_failover_under_load_loses_no_ban_and_never_holds_a_call(cluster):
     async def caller(srv, worker: int, stop: asyncio.Event) -> None:
         n = 0
         while not stop.is_set() and n < 10_000:
-            ip = f"10.{worker}.{n // 250}.{n % 250 + 1}"
+            ip = f"198.{18 + worker}.{n // 250}.{n % 250 + 1}"  # never this host's (protected)
             n += 1
             for _ in range(5):  # threshold 5: the fifth call bans
                 started = time.monotonic()
