@@ -120,6 +120,7 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
         assert "SCREEN_RESULT=BANNED" in control, control
         refused = c.ctl("ban", "192.0.2.1")
         status = json.loads(c.ctl("status", "--json").stdout)
+        check = c.ctl("check").stdout
         # the trunk's name moves: the running service follows within protect_refresh
         hosts.write_text(HOSTS.replace("192.0.2.60", "192.0.2.61"))
         moved = wait_for(
@@ -141,6 +142,10 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
     assert parts["resolvers"] == ["192.0.2.53"]
     assert parts["screening.protect (by name)"] == ["192.0.2.60"]
     assert {"192.0.2.21", "2001:db8::21"} <= set(parts["this host"])
+    size = status["protected"]["size"]
+    assert f"ok   protected: {size} addresses and networks never banned here" in check
+    assert re.search(r"gateways: 2 \[/proc/net/route, /proc/net/ipv6_route\] 192\.0\.2\.254", check)
+    assert "Redis nodes (by name): 2" in check and "resolvers: 1" in check, check
     text = log_path.read_text()
     for source, why in PROTECTED_CALLERS.items():
         lines = re.findall(rf"calls from {re.escape(source)} are not counted: .*", text)
@@ -173,6 +178,7 @@ def test_the_redis_node_written_into_the_ban_list_by_hand_is_never_applied(agent
     assert c.passes("pbx1", 4, ATTACKER4_B), "an address nobody banned is blocked"
     assert all(beat["time"] > written for beat in c.heartbeats().values())
     shown = c.ctl("status").stdout  # on pbx1: the entries it sets aside, and why
+    assert "|- Protected (never banned here):" in shown
     for address in REDIS_NODE:
         assert re.search(rf"{re.escape(address)} until .*protected here, not applied", shown)
     for role in PBXS:
