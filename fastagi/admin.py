@@ -54,14 +54,17 @@ def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
     return address
 
 
-def render_protected(summary: dict[str, Any]) -> list[str]:
-    """The protected set in a few lines: its size, then each part and where it comes from."""
-    lines = [f"ok   protected: {summary['size']} addresses and networks never banned here"]
+def render_protected(summary: dict[str, Any]) -> tuple[bool, list[str]]:
+    """The protected set in a few lines: its size, then each part and where it comes
+    from; not ok when a part could not be read (the set then lacks those addresses)."""
+    ok = all(part["ok"] for part in summary["parts"])
+    mark = "ok  " if ok else "FAIL"
+    lines = [f"{mark} protected: {summary['size']} addresses and networks never banned here"]
     for part in summary["parts"]:
         shown = " ".join(part["entries"][:8]) + (" ..." if len(part["entries"]) > 8 else "")
         detail = f" [{part['detail']}]" if part["detail"] else ""
         lines.append(f"       {part['source']}: {part['size']}{detail} {shown}".rstrip())
-    return lines
+    return ok, lines
 
 
 def when(unix: float) -> str:
@@ -123,8 +126,9 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
         ok = False
         print(f"FAIL store: {error}")
         protected = await protected_set(config)
-    for line in render_protected(protected.summary()):
-        print(line)
+    protected_ok, lines = render_protected(protected.summary())
+    ok = ok and protected_ok
+    print("\n".join(lines))
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)

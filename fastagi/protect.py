@@ -82,11 +82,13 @@ class Part:
     source: str  # where the networks come from, in the admin's words
     networks: list[tuple[IPNetwork, str]] = field(default_factory=list)  # network, why
     detail: str = ""  # how it was read, or why it could not be
+    ok: bool = True  # False: it could not be read, so the set is missing addresses
 
     def summary(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "size": len(self.networks),
+            "ok": self.ok,
             "detail": self.detail,
             "entries": [_text(network) for network, _ in self.networks],
         }
@@ -417,7 +419,7 @@ class Protected:
             for address, why in sources.host():
                 host.networks.append((ipaddress.ip_network(address), why))
         except OSError as error:
-            host.detail = f"cannot read this host's addresses: {error}"
+            host.detail, host.ok = f"cannot read this host's addresses: {error}", False
         files = ", ".join(str(p) for p in sources.route_files)
         gates = Part("gateways", [], files)
         gates.networks = [

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from fastagi import metrics as service_metrics
 from fastagi.addresses import AddressSet
+from fastagi.admin import render_protected
 from fastagi.agent import Agent
 from fastagi.emulator import Call
 from fastagi.firewall.dryrun import DryRunFirewall
@@ -465,3 +466,16 @@ def test_nodes_behind_sentinel_or_cluster_are_added_and_a_failed_ask_logs_once(t
     assert "Redis node redis-b.test" in (protected.reason("10.9.8.8") or "")
     failures = [r for r in caplog.records if "cannot ask Redis for its nodes" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_check_fails_when_this_hosts_addresses_cannot_be_read(tmp_path):
+    def unreadable() -> list:
+        raise PermissionError(13, "Permission denied")
+
+    found = sources(tmp_path)
+    found.host = unreadable
+    protected = Protected.from_config(config_of("memory://"), found)
+    ok, lines = render_protected(protected.summary())
+    assert not ok and lines[0].startswith("FAIL protected:")
+    assert any("cannot read this host's addresses: [Errno 13]" in line for line in lines)
+    assert render_protected(protected_set(tmp_path).summary())[0]  # a readable host is ok
