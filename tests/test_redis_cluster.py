@@ -183,6 +183,7 @@ def test_service_on_a_cluster_counts_bans_and_the_agent_applies_and_lifts(clean,
                 (await emulator.call(service.target, Call(source=ip))).variables for _ in range(n)
             ]
 
+        _wait_for(log, "reconciled (full)")  # the agent is up: the ban arrives as an event
         verdicts = asyncio.run(calls(3))
         assert [v["SCREEN_RESULT"] for v in verdicts] == ["COUNTED", "COUNTED", "BANNED"]
         assert [v["SCREEN_COUNT"] for v in verdicts] == ["1", "2", "3"]
