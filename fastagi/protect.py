@@ -51,6 +51,7 @@ _MAPPED = int(ipaddress.IPv6Address("::ffff:0.0.0.0"))  # IPv4-mapped IPv6: ::ff
 ROUTE_FILES = (Path("/proc/net/route"), Path("/proc/net/ipv6_route"))
 RESOLV_FILES = (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf"))
 RESOLVE_TIMEOUT = 5.0  # seconds for one host name; a slow DNS must not hold a start
+DISCOVER_TIMEOUT = 2.0  # seconds to ask Sentinel / Cluster for its nodes (Redis may be down)
 ONCE_LIMIT = 4096  # distinct keys remembered by OnceLog before it starts afresh
 
 
@@ -488,7 +489,7 @@ class Protected:
         if self.discover is None:
             return
         try:
-            async with asyncio.timeout(RESOLVE_TIMEOUT):
+            async with asyncio.timeout(DISCOVER_TIMEOUT):
                 hosts = list(await self.discover())
         except Exception as error:  # StoreError, a timeout: the refresh goes on
             if not self._discovery_failing:
