@@ -142,8 +142,8 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     server = make_server(config, store, metrics)
     protected = store.protected
     assert protected is not None
+    protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
     agent = None
-    protected.discover = store.nodes
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
