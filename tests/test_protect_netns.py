@@ -60,6 +60,8 @@ PROTECTED_CALLERS = {
     "192.0.2.53": "a resolver of this host",
     "192.0.2.60": "trunk.test (screening.protect)",
 }
+# other spellings and special ranges a spoofer may try: ignored as well
+SPOOFS = ("::ffff:192.0.2.254", "255.255.255.255", "0.0.0.0", "ff02::1", "fe80::1", "224.0.0.5")
 
 
 class NamedCluster(Cluster):
@@ -113,7 +115,7 @@ def test_calls_from_protected_sources_are_never_counted_nor_banned(cluster: Name
     hosts = Path("/etc/netns") / c.topo.pbx1.name / "hosts"
     try:
         c.topo.pbx1.wait_tcp("127.0.0.1", AGI_PORT, timeout=20)
-        for source in PROTECTED_CALLERS:
+        for source in [*PROTECTED_CALLERS, *SPOOFS]:
             out = c.ctl("simulate", "--ip", source, "--calls", "4").stdout
             assert out.count("SCREEN_REASON=protected SCREEN_RESULT=IGNORED") == 4, (source, out)
         control = c.ctl("simulate", "--ip", ATTACKER4, "--calls", "3").stdout
