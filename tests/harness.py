@@ -17,7 +17,7 @@ from fastagi.admin import protected_set
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.protect import Protected
 from fastagi.server import FastAGIServer
-from fastagi.service import make_server, make_service_store, make_store
+from fastagi.service import make_embedded_store, make_server, make_service_store, make_store
 from fastagi.store import Store, redis_client
 
 
@@ -84,7 +84,7 @@ async def running_server(
     if not redis_url.startswith("memory://"):
         store = make_service_store(config)  # as `serve` has it
     else:
-        store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
+        store = make_embedded_store(config, fakeredis.FakeServer())
     if protected is not None:
         store.protected = protected
     server = make_server(config, store)  # as `serve` builds it
