@@ -7,12 +7,14 @@ import argparse
 import asyncio
 import contextlib
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastagi.access import url_with_key
 from fastagi.addresses import AddressError, IPAddress, parse_address
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
+from fastagi.protect import Protected
 from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
 from fastagi.store import ADMIN_HOLD, MIN_REDIS, Store, StoreError, redis_client, version_tuple
 
@@ -79,8 +81,32 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
+def render_protected(summary: dict[str, Any]) -> tuple[bool, list[str]]:
+    """The protected set in a few lines: its size, then each part and where it comes
+    from; not ok when a part could not be read (the set then lacks those addresses)."""
+    ok = all(part["ok"] for part in summary["parts"])
+    mark = "ok  " if ok else "FAIL"
+    lines = [f"{mark} protected: {summary['size']} addresses and networks never banned here"]
+    for part in summary["parts"]:
+        shown = " ".join(part["entries"][:8]) + (" ..." if len(part["entries"]) > 8 else "")
+        detail = f" [{part['detail']}]" if part["detail"] else ""
+        lines.append(f"       {part['source']}: {part['size']}{detail} {shown}".rstrip())
+    return ok, lines
+
+
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
+
+
+async def protected_set(config: Config, store: Store | None = None) -> Protected:
+    """This host's protected set as the service sees it: names resolved and, given the
+    store, the nodes behind a Sentinel or a Cluster (the store's guard uses the same)."""
+    protected = store.protected if store is not None else None
+    protected = protected or Protected.from_config(config)
+    if store is not None:
+        protected.discover = store.nodes
+    await protected.refresh()
+    return protected
 
 
 async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
@@ -93,6 +119,8 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             raise UsageError(f"--for: {error}") from None
     hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
+        if why := (await protected_set(config, store)).reason(address):
+            raise UsageError(f"{address} is protected ({why}): refusing to ban it")
         reason = printable(args.reason)[:REASON_MAX]
         placed = await store.hold(str(address), hold, reason, duration=duration)
     if placed.hold_until >= placed.until:
@@ -148,9 +176,14 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 _check_embedded_state(await store.embedded_state())
             else:
                 ok = await _check_shared_redis(store) and ok
+            protected = await protected_set(config, store)
     except StoreError as error:
         ok = False
         print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
+        protected = await protected_set(config)
+    protected_ok, lines = render_protected(protected.summary())
+    ok = ok and protected_ok
+    print("\n".join(lines))
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)

@@ -28,6 +28,7 @@ from typing import Any
 from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.firewall.base import Firewall, FirewallError
+from fastagi.protect import Protected
 from fastagi.store import HEARTBEAT_INTERVAL, Store, StoreError
 
 log = logging.getLogger("fastagi.agent")
@@ -110,6 +111,7 @@ class Agent:
         ignore: AddressSet,
         block_ms: int | None = 100,
         poll_interval: float = 0.05,
+        protected: Protected | None = None,
     ) -> None:
         self.store = store
         self.firewall = firewall
@@ -124,6 +126,12 @@ class Agent:
         self.skipped: dict[str, float] = {}
         # why an entry may not be applied: each returns a Skip or None
         self.checks: list[Callable[[IPAddress], Skip | None]] = [self._ignored]
+        # this host's infrastructure is never banned here, whatever the list says
+        self.protected = protected
+        self._protected_generation = 0
+        if protected is not None:
+            self.checks.append(self._protected)
+            self._protected_generation = protected.generation
         self.last_id = "0-0"
         self.applied_total = 0
         self._worker: ThreadPoolExecutor | None = None
@@ -153,6 +161,17 @@ class Agent:
 
     def _ignored(self, target: IPAddress) -> Skip | None:
         return ("ignored", "in screening.ignore") if target in self.ignore else None
+
+    def _protected(self, target: IPAddress) -> Skip | None:
+        why = self.protected.reason(target) if self.protected is not None else None
+        return None if why is None else ("protected", why)
+
+    def _protected_changed(self) -> bool:
+        """The protected set changed (a host name re-resolved): filter the list anew."""
+        if self.protected is None or self.protected.generation == self._protected_generation:
+            return False
+        self._protected_generation = self.protected.generation
+        return True
 
     def _refused(self, target: IPAddress) -> Skip | None:
         for check in self.checks:
@@ -388,7 +407,7 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
-        if self._full_due or await self._missed_events():
+        if self._full_due or self._protected_changed() or await self._missed_events():
             await self.reconcile(full=True)
             self._full_due = False
         elif self._diff_due:

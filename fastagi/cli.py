@@ -18,6 +18,7 @@ from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
+from fastagi.protect import ProtectedError
 from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, run_service
 from fastagi.status import cmd_status
 from fastagi.store import StoreError
@@ -117,7 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func in (cmd_serve, cmd_agent):
             return run_service(args.func(args, config))
         return asyncio.run(args.func(args, config))
-    except (ConfigError, UsageError, ServiceUsageError, AddressError, UnsafeRuntimeDir) as error:
+    except (
+        ConfigError,
+        UsageError,
+        ServiceUsageError,
+        AddressError,
+        UnsafeRuntimeDir,
+        ProtectedError,
+    ) as error:
         print(f"fastagi-ctl: {error}", file=sys.stderr)
         return 2
     except (StoreError, EmbeddedError, OSError) as error:

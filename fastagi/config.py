@@ -23,6 +23,7 @@ from redis.connection import parse_url
 from fastagi.addresses import AddressError, AddressSet, parse_network
 from fastagi.firewall._common import parse_ports
 from fastagi.firewall.base import FirewallError, FirewallSettings
+from fastagi.protect import parse_entry
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
@@ -107,6 +108,14 @@ def _networks(value: Any) -> AddressSet:
         return AddressSet(parse_network(entry) for entry in entries)
     except AddressError as error:
         raise ValueError(str(error)) from None
+
+
+def _protect(value: Any) -> tuple[str, ...]:
+    """`screening.protect`: addresses, networks and host names (resolved at run time)."""
+    entries = _string_list(value)
+    for entry in entries:
+        parse_entry(entry)
+    return entries
 
 
 def _string_list(value: Any) -> tuple[str, ...]:
@@ -262,6 +271,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Never counted, banned or applied, on top of the built-in protected set (this
+        # host, gateways, resolvers, Redis nodes, allowed_clients, ignore, special ranges):
+        # addresses, networks and host names (trunks, dynamic-DNS offices).
+        "protect": (_protect, []),
+        "protect_refresh": (parse_duration, "5m"),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -311,6 +325,8 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    protect: tuple[str, ...] = ()
+    protect_refresh: float = 300.0
 
 
 @dataclass(frozen=True)

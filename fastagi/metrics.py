@@ -147,6 +147,12 @@ class Metrics(Observer, StepObserver):
             ["pbx_id", "backend"],
             registry=r,
         )
+        self.protected_calls = Counter(
+            "fastagi_calls_protected",
+            "Calls not counted because the caller's address is protected (a spoofed "
+            "source, or our own infrastructure): SCREEN_RESULT=IGNORED, SCREEN_REASON=protected",
+            registry=r,
+        )
         self.fw_size = Gauge(
             "fastagi_firewall_set_size",
             "Addresses currently in the firewall set/chain",
@@ -212,6 +218,8 @@ class Metrics(Observer, StepObserver):
             self.aborted.labels(ended).inc()
         if outcome is not None and outcome.new_ban:
             self.bans_issued.inc()
+        if outcome is not None and outcome.reason == "protected":
+            self.protected_calls.inc()
 
     def refused(self, why: str) -> None:
         self.refused_total.labels(why).inc()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
 from fastagi.agi import AGISession, Environment
+from fastagi.protect import OnceLog, Protected
 from fastagi.store import Store, StoreError
 
 log = logging.getLogger("fastagi.screening")
@@ -43,6 +44,7 @@ class Outcome:
     error: str = ""
     address: IPAddress | None = None
     new_ban: bool = False  # this call hit the threshold: the ban was issued here
+    reason: str = ""  # why IGNORED: "ignore" or "protected" (SCREEN_REASON)
 
 
 class StepObserver:
@@ -101,12 +103,15 @@ class Screener:
         log_notice: bool,
         redis_budget: float,
         observer: StepObserver | None = None,
+        protected: Protected | None = None,
     ) -> None:
         self.store = store
         self.ignore = ignore
         self.log_notice = log_notice
         self.redis_budget = redis_budget
         self.observer = observer or StepObserver()
+        self.protected = protected
+        self._protected_logged = OnceLog()
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -125,7 +130,16 @@ class Screener:
         ip = str(address)
         if address in self.ignore:
             log.info("Ext. %s: call from %s ignored (in screening.ignore)", exten, ip)
-            return Outcome("IGNORED", address=address)
+            return Outcome("IGNORED", address=address, reason="ignore")
+        # A spoofed source must not turn screening against our own infrastructure.
+        if self.protected is not None and (why := self.protected.reason(address)):
+            if self._protected_logged.first(address):
+                log.warning(
+                    "calls from %s are not counted: protected (%s); logged once per address",
+                    ip,
+                    why,
+                )
+            return Outcome("IGNORED", address=address, reason="protected")
         notice = NOTICE.format(ip=ip)
         log.info("Ext. %s: %s", exten, notice)
         # The NOTICE goes out first; the store step runs while Asterisk executes it, and

@@ -297,6 +297,8 @@ class FastAGIServer:
             variables["SCREEN_BAN_UNTIL"] = int(outcome.ban_until)
         if outcome.error:
             variables["SCREEN_ERROR"] = outcome.error
+        if outcome.reason:
+            variables["SCREEN_REASON"] = outcome.reason
         await session.set_variables(variables)
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).

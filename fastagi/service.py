@@ -24,6 +24,7 @@ from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_link import SharedLink
 from fastagi.store import (
     MIN_REDIS,
@@ -117,7 +118,11 @@ async def check_shared_redis(store: Store, config: Config) -> None:
 # -- the store, as the service or as a client of a running service ---------------
 
 
-def make_store(config: Config, client: Any, link: SharedLink | None = None) -> Store:
+def make_store(
+    config: Config, client: Any, link: SharedLink | None = None, protected: Protected | None = None
+) -> Store:
+    """The store with its guard: `protected` (default: this host's set, names not yet
+    resolved) is never written to the ban list."""
     return Store(
         client,
         Keys(config.redis.key_prefix),
@@ -125,6 +130,7 @@ def make_store(config: Config, client: Any, link: SharedLink | None = None) -> S
         configuration.pbx_id(config),
         wait=(config.redis.wait_replicas, config.redis.wait_timeout),
         link=link,
+        protected=protected or Protected.from_config(config),
     )
 
 
@@ -168,7 +174,9 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     server = config.server
     redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
     screening = config.screening
-    screener = Screener(store, screening.ignore, screening.log_notice, redis_budget, metrics)
+    screener = Screener(
+        store, screening.ignore, screening.log_notice, redis_budget, metrics, store.protected
+    )
     return FastAGIServer(
         screener,
         server.allowed_clients,
@@ -241,11 +249,15 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     server_cfg = config.server
     server = make_server(config, store, metrics)
+    protected = store.protected
+    assert protected is not None
+    protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
     agent = None
     try:
+        await protected.start()
         bound = await server.start(*server_cfg.listen)
         if not args.no_agent:
-            agent = await _start_agent(config, store)
+            agent = await _start_agent(config, store, protected)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s)",
@@ -258,6 +270,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     finally:
         await server.stop()
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
         await store.close()
@@ -305,7 +318,7 @@ async def supervised(agent: Agent, first: float = RESTART_FIRST) -> None:
 
 
 async def _start_agent(
-    config: Config, store: Store | None, check: bool = False
+    config: Config, store: Store | None, protected: Protected, check: bool = False
 ) -> tuple[Agent, asyncio.Task, Store | None]:
     """The agent, on the service's store (embedded) or on a Redis client of its own;
     `check`: the Redis version first (`agent`; `serve` checked its own store)."""
@@ -315,7 +328,8 @@ async def _start_agent(
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
         timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-        own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
+        client = redis_client(replace(config.redis, timeout=timeout))
+        own_store = store = make_store(config, client, protected=protected)
         block_ms = AGENT_BLOCK_MS
         if check:
             try:
@@ -327,12 +341,16 @@ async def _start_agent(
             except (StoreError, TimeoutError) as error:  # the agent retries by itself
                 log.warning("cannot check the Redis version now: %s", error or "no answer")
     assert store is not None
+    if protected.discover is None:  # the agent's own store: ask it before applying anything
+        protected.discover = store.nodes
+        await protected.refresh()
     agent = Agent(
         store,
         create(config.firewall.settings()),
         config.firewall.sync_interval,
         config.screening.ignore,
         block_ms=block_ms,
+        protected=protected,
     )
     return agent, asyncio.create_task(supervised(agent), name="agent"), own_store
 
@@ -356,8 +374,10 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+    protected = Protected.from_config(config)
+    await protected.start()
     try:
-        agent = await _start_agent(config, None, check=True)
+        agent = await _start_agent(config, None, protected, check=True)
     except RedisTooOld:
         if metrics is not None:
             metrics.close()
@@ -366,6 +386,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         await _until_signalled()
     finally:
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
     return 0

@@ -10,8 +10,9 @@ import sys
 from typing import Any
 
 from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, printable, when
+from fastagi.admin import cli_address, client_store, printable, protected_set, when
 from fastagi.config import Config, redacted
+from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
 
 
@@ -20,6 +21,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
     banned, counted, (totals, bad_totals), agents = await asyncio.gather(
         store.banned(), store.counted(), store.read_totals(), store.agents()
     )
+    protected = store.protected
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
     unreadable = [f"stats field {key}: {text!r}" for key, text in sorted(bad_totals.items())]
     unreadable += [
@@ -50,6 +52,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                     "pbx_id": record.get("pbx_id", ""),
                     "reason": record.get("reason", ""),
                     "bans": _whole(record.get("bans", "1")),
+                    "protected": _protected(protected, ip),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
@@ -62,6 +65,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         ],
         # What another writer left in Redis that status could not read (skipped above).
         "unreadable": unreadable,
+        "protected": protected.summary() if protected is not None else None,
     }
 
 
@@ -86,6 +90,16 @@ def _shown(value: int | None) -> str:
     return "? (unreadable, see below)" if value is None else str(value)
 
 
+def _protected(protected: Protected | None, ip: str) -> str | None:
+    """Why this host never applies a ban-list entry (written by another PBX or by hand)."""
+    if protected is None:
+        return None
+    try:
+        return protected.reason(ip)
+    except ValueError:  # a malformed entry: agents skip it anyway
+        return None
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The `fail2ban-client status JAIL` look."""
     lines = [
@@ -106,10 +120,19 @@ def render_status(status: dict[str, Any]) -> str:
         "|  `- Banned IP list:",
     ]
     for ban in status["banned"]["list"]:
+        aside = f" [protected here, not applied: {ban['protected']}]" if ban["protected"] else ""
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'})"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}){aside}"
         )
+    if status.get("protected"):
+        summary = status["protected"]
+        lines.append(f"|- Protected (never banned here): {summary['size']}")
+        parts = summary["parts"]
+        for n, part in enumerate(parts):
+            mark = "`-" if n == len(parts) - 1 else "|-"
+            entries = " ".join(part["entries"][:8]) + (" ..." if part["size"] > 8 else "")
+            lines.append(f"|  {mark} {part['source']}: {part['size']} {entries}".rstrip())
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
@@ -143,6 +166,7 @@ def render_address(report: dict[str, Any]) -> str:
     else:
         lines.append("|- Banned:          no")
     lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+    lines.append(f"|- Protected:       {report['protected'] or 'no'}")
     last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
     lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
     return _for_terminal(lines)
@@ -157,6 +181,7 @@ def _for_terminal(lines: list[str]) -> str:
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
     address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
     async with client_store(config) as store:
+        protected = await protected_set(config, store)
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
@@ -170,6 +195,7 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                     {"source": h.source, "until": h.until, "reason": h.reason} for h in holds
                 ],
                 "ignored": parse_address(address) in config.screening.ignore,
+                "protected": protected.reason(parse_address(address)),
                 "history": record,
             }
             print(json.dumps(report, indent=2) if args.json else render_address(report))

@@ -29,6 +29,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError, R
 from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_cluster import ClusterClient, cluster_client
 from fastagi.redis_link import SharedLink
 
@@ -294,12 +295,15 @@ class Store:
         wait: tuple[int, float] | None = None,
         link: SharedLink | None = None,
         clock: Callable[[], float] = time.time,
+        protected: Protected | None = None,
     ) -> None:
         self.redis = client
         # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
         # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
         self.clock = clock
         self.clock_offset = 0.0
+        # Never written to the ban list, whoever asks (protect.py).
+        self.protected = protected
         # The screening step's own connection (redis_link.py), when the service has one.
         self.link = link
         self.keys = keys
@@ -400,7 +404,10 @@ class Store:
         """Place `source`'s hold on `target` for `duration` seconds (None: the escalating
         ban_time) or `until` a unix time. A hold never shortens a ban, not even the same
         source's own earlier hold. `counts` False (a restored ban) leaves the previous-ban
-        count and the totals alone."""
+        count and the totals alone. A protected target raises ProtectedError and nothing
+        is written."""
+        if self.protected is not None:
+            self.protected.check_ban(target)
         p = self.policy
         args = [
             target,
@@ -685,6 +692,20 @@ class Store:
 
     def now_ms(self) -> int:
         return int(self.now() * 1000)
+
+    async def nodes(self) -> list[str]:
+        """The hosts of the Redis nodes behind this client that the config does not name:
+        a Cluster's nodes, Sentinel's master and replicas (for the protected set)."""
+        if isinstance(self.redis, ClusterClient):
+            await self._call("cluster nodes", self.redis.initialize())
+            return [node.host for node in self.redis.get_nodes()]
+        pool = self.redis.connection_pool
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is None:
+            return []
+        master = await self._call("sentinel read", manager.discover_master(pool.service_name))
+        replicas = await self._call("sentinel read", manager.discover_slaves(pool.service_name))
+        return [host for host, _port in [master, *replicas]]
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())

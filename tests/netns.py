@@ -281,16 +281,19 @@ class NamespaceRedis:
     namespace's addresses and on a Unix socket, which this process (in the root
     namespace) can use directly: sockets in the filesystem know no network namespace."""
 
-    def __init__(self, ns: Namespace, workdir: str, port: int = 6379) -> None:
+    def __init__(self, ns: Namespace, workdir: str, port: int = 6379, password: str = "") -> None:
         self.ns = ns
         self.workdir = workdir
         self.port = port
+        self.password = password  # requirepass, when set
         self.socket_path = os.path.join(workdir, "redis.sock")
         self.proc: subprocess.Popen | None = None
 
-    def url(self, family: int = 4) -> str:
-        host = self.ns.ipv4 if family == 4 else f"[{self.ns.ipv6}]"
-        return f"redis://{host}:{self.port}/0"
+    def url(self, family: int = 4, host: str = "") -> str:
+        """redis:// to this server over IPv4/IPv6, or by `host` (a name)."""
+        host = host or (self.ns.ipv4 if family == 4 else f"[{self.ns.ipv6}]")
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
@@ -320,7 +323,10 @@ class NamespaceRedis:
             "--dir",
             self.workdir,
         ]
+        if self.password:
+            argv += ["--requirepass", self.password]
         self.proc = self.ns.spawn(argv)
+        hello = f"AUTH {self.password}\r\nPING\r\n" if self.password else "PING\r\n"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -329,8 +335,8 @@ class NamespaceRedis:
                 with socket.socket(socket.AF_UNIX) as probe:
                     probe.settimeout(0.5)
                     probe.connect(self.socket_path)
-                    probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
+                    probe.sendall(hello.encode())
+                    if b"+PONG" in probe.recv(32):
                         return
             except OSError:
                 pass
@@ -348,7 +354,9 @@ class NamespaceRedis:
     def client(self):
         import redis
 
-        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=10)
+        return redis.Redis(
+            unix_socket_path=self.socket_path, socket_timeout=10, password=self.password or None
+        )
 
 
 class Topology:

@@ -52,6 +52,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ignore": BAD_NETS,
     "screening.pbx_id": ["5", "true", '["a"]'],
     "screening.log_notice": ['"maybe"', "5", "[true]"],
+    "screening.protect": ["5", '["bad name!"]', '["10.0.0.0/33"]', '["-x.example"]', '[""]'],
+    "screening.protect_refresh": BAD_DURATION,
     "redis.url": [
         '"http://10.0.0.5"',
         "5",
@@ -353,7 +355,8 @@ ZONED_CALLERS = [
 ]
 
 
-def test_link_local_callers_with_a_zone_are_counted_without_it(caplog):
+def test_link_local_callers_with_a_zone_are_read_without_it(caplog):
+    # link-local (fe80::/10) is protected: never counted, one line for the address
     caplog.set_level(logging.INFO, logger="fastagi")
 
     async def main():
@@ -365,11 +368,10 @@ def test_link_local_callers_with_a_zone_are_counted_without_it(caplog):
             return results, await srv.store.count("fe80::1")
 
     results, count = asyncio.run(main())
-    assert [r.variables["SCREEN_RESULT"] for r in results] == ["COUNTED"] * 4
-    assert [r.variables["SCREEN_COUNT"] for r in results] == ["1", "2", "3", "4"]
-    assert count == 4
-    notices = [r.getMessage() for r in caplog.records if "failed for" in r.getMessage()]
-    assert len(notices) == 4 and all("failed for fe80::1 - " in n for n in notices)
+    assert [r.variables.get("SCREEN_REASON") for r in results] == ["protected"] * 4
+    assert count == 0
+    lines = [r.getMessage() for r in caplog.records if "not counted: protected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("calls from fe80::1 are")
 
 
 def test_an_ignore_entry_in_mapped_form_matches_ipv4_callers():

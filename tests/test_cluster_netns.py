@@ -16,6 +16,7 @@ hosts' own rules come out of every test exactly as they went in.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -178,6 +179,25 @@ class Cluster:
 
         assert wait_for(ready, timeout, 0.1), f"agents not up: {self.agent_logs()}"
 
+    @contextlib.contextmanager
+    def agents_running(self, backend: str) -> Iterator[Cluster]:
+        """Both agents running `backend` on a clean Redis; afterwards they are stopped
+        and our firewall is removed."""
+        self.backend = backend
+        self.redis.client().flushall()
+        started = time.time()
+        try:
+            for role in PBXS:
+                self.start_agent(role)
+            self.wait_agents(started)
+            yield self
+        finally:
+            for role in list(self.agents):
+                self.kill_agent(role, signal.SIGTERM)
+            for role in PBXS:
+                with FirewallDriver(self.topo[role], FirewallSettings(backend=backend)) as fw:
+                    fw.teardown()
+
     def kill_agent(self, role: str, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(role)
         if proc.poll() is None:
@@ -242,24 +262,12 @@ def agents(request, cluster: Cluster) -> Iterator[Cluster]:
     """Both agents running `backend` on a clean Redis; afterwards our firewall is removed
     and the hosts' own rules must be exactly as before."""
     backend = request.param
-    cluster.backend = backend
     if cluster.redis.proc is None or cluster.redis.proc.poll() is not None:
         cluster.redis.start()
-    cluster.redis.client().flushall()
     before = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
-    started = time.time()
-    try:
-        for role in PBXS:
-            cluster.start_agent(role)
-        cluster.wait_agents(started)
+    with cluster.agents_running(backend):
         yield cluster
-    finally:
-        for role in list(cluster.agents):
-            cluster.kill_agent(role, signal.SIGTERM)
-        after = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
-        for role in PBXS:
-            with FirewallDriver(cluster.topo[role], FirewallSettings(backend=backend)) as fw:
-                fw.teardown()
+    after = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
     for role in PBXS:
         assert after[role] == before[role], f"{backend} touched foreign rules on {role}"
 
