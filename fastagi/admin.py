@@ -9,7 +9,14 @@ import contextlib
 import time
 from urllib.parse import urlsplit
 
-from fastagi.addresses import AddressError, IPAddress, parse_address
+from fastagi.addresses import (
+    WIDEST,
+    AddressError,
+    IPNetwork,
+    parse_address,
+    parse_target,
+    target_text,
+)
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import SOCKET_NAME, reachable
 from fastagi.service import make_store
@@ -42,14 +49,43 @@ async def client_store(config: Config):
         await store.close()
 
 
-def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
+def cli_target(text: str, config: Config, refuse_ignored: bool) -> IPNetwork:
+    """The ban target an admin means: an address maps to the prefix the screening
+    counts it under (`ipv6_prefix`), a CIDR is taken as given, widened to that prefix."""
     try:
-        address = parse_address(text)
+        network = parse_target(text)
     except AddressError as error:
         raise UsageError(str(error)) from None
-    if refuse_ignored and address in config.screening.ignore:
-        raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
-    return address
+    screening = config.screening
+    if network.prefixlen == network.max_prefixlen:
+        address = network.network_address
+        if refuse_ignored and address in screening.ignore:
+            raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
+        return screening.prefixes().target(address, screening.ignore)
+    if network.prefixlen < WIDEST[network.version]:
+        raise UsageError(f"{network}: wider than /{WIDEST[network.version]}, refusing it")
+    network = screening.prefixes().widen(network)
+    if refuse_ignored and network in screening.ignore:
+        raise UsageError(f"{network} overlaps screening.ignore: refusing to ban it")
+    return network
+
+
+def covering(banned: dict[str, float], target: IPNetwork) -> list[str]:
+    """The ban list entries wider than `target` that contain it (an escalated /48, a
+    prefix banned under another ipv6_prefix): an address inside them is banned too."""
+    out = []
+    for text in banned:
+        try:
+            network = parse_target(text)
+        except AddressError:
+            continue
+        if (
+            network.version == target.version
+            and network.prefixlen < target.prefixlen
+            and target.subnet_of(network)  # type: ignore[arg-type]
+        ):
+            out.append(text)
+    return out
 
 
 def when(unix: float) -> str:
@@ -57,7 +93,7 @@ def when(unix: float) -> str:
 
 
 async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
-    address = cli_address(args.ip, config, refuse_ignored=True)
+    address = target_text(cli_target(args.ip, config, refuse_ignored=True))
     duration = None
     if args.duration:
         try:
@@ -65,7 +101,7 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
     async with client_store(config) as store:
-        until = await store.ban(str(address), duration, args.reason[:64])
+        until = await store.ban(address, duration, args.reason[:64])
     print(f"{address} banned until {when(until)}")
     return 0
 
@@ -73,8 +109,12 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
 async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
-    addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
+    targets = [cli_target(ip, config, refuse_ignored=False) for ip in args.ips]
+    addresses = list(dict.fromkeys(target_text(t) for t in targets))
     async with client_store(config) as store:
+        if targets:  # and the wider bans that hold these addresses too
+            banned = await store.banned()
+            addresses += [w for t in targets for w in covering(banned, t) if w not in addresses]
         lifted = await (store.unban_all() if args.all else store.unban(addresses))
     for ip in addresses:
         print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastagi import metrics
-from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
+from fastagi.addresses import AddressError, AddressSet, IPNetwork, parse_target, target_text
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.store import Store, StoreError
 
@@ -51,7 +51,7 @@ class Agent:
         self.ignore = ignore
         self.block_ms = block_ms  # None: the store cannot block (embedded); poll instead
         self.poll_interval = poll_interval
-        self.applied: dict[IPAddress, float] = {}  # what we put in the firewall, with ends
+        self.applied: dict[IPNetwork, float] = {}  # what we put in the firewall, with ends
         self.last_id = "0-0"
         self.applied_total = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="firewall")
@@ -69,11 +69,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, getattr(self.firewall, method), *args)
 
-    def _wanted(self, bans: dict[str, float]) -> dict[IPAddress, float]:
+    def _wanted(self, bans: dict[str, float]) -> dict[IPNetwork, float]:
         wanted = {}
         for text, until in bans.items():
             try:
-                address = parse_address(text)
+                address = parse_target(text)
             except AddressError:
                 log.error("ignoring a malformed address on the ban list: %r", text[:64])
                 continue
@@ -101,7 +101,7 @@ class Agent:
                 "%s: our chain/table/set was changed behind our back; restoring", self.firewall.name
             )
             full = True
-        wanted: dict[IPAddress, float] | None = None
+        wanted: dict[IPNetwork, float] | None = None
         if full or not await self._count_matches():
             wanted = self._wanted(await self.store.banned())
         await self._firewall("setup")
@@ -143,7 +143,7 @@ class Agent:
             log.warning("%s: intact check failed (%s)", self.firewall.name, error)
             return False
 
-    async def _apply_difference(self, wanted: dict[IPAddress, float]) -> None:
+    async def _apply_difference(self, wanted: dict[IPNetwork, float]) -> None:
         gone = [address for address in self.applied if address not in wanted]
         new = {
             address: until
@@ -165,12 +165,12 @@ class Agent:
 
     async def apply(self, events: list[tuple[str, dict[str, str]]]) -> None:
         """Apply a batch of events in order, collapsing them to one add and one delete."""
-        adds: dict[IPAddress, float] = {}
-        deletes: set[IPAddress] = set()
+        adds: dict[IPNetwork, float] = {}
+        deletes: set[IPNetwork] = set()
         for event_id, fields in events:
             self.last_id = event_id
             try:
-                address = parse_address(fields.get("ip", ""))
+                address = parse_target(fields.get("ip", ""))
             except AddressError:
                 continue
             if fields.get("op") == "ban" and address not in self.ignore:
@@ -187,7 +187,7 @@ class Agent:
             await self._firewall("add", adds)
             self.applied.update(adds)
             self.applied_total += len(adds)
-            log.info("applied %d bans: %s", len(adds), " ".join(map(str, list(adds)[:10])))
+            log.info("applied %d bans: %s", len(adds), " ".join(map(target_text, list(adds)[:10])))
         self._report(applied=len(adds), lifted=len(deletes))
 
     def _report(self, applied: int = 0, lifted: int = 0) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastagi.addresses import AddressError, AddressSet, parse_network
+from fastagi.addresses import WIDEST, AddressError, AddressSet, Prefixes, parse_network
 from fastagi.firewall._common import parse_ports
-from fastagi.firewall.base import FirewallError, FirewallSettings
+from fastagi.firewall.base import SIP_PORTS, FirewallError, FirewallSettings
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
@@ -98,6 +98,20 @@ def _factor(value: Any) -> float:
     if not 1.0 <= number <= 100.0:
         raise ValueError(f"{number} must be between 1 and 100")
     return number
+
+
+def _prefix_length(low: int, high: int) -> Callable[[Any], int]:
+    """A prefix length within [low, high]: wider would let one caller's calls ban a
+    network the size of a provider."""
+    whole = _whole(low)
+
+    def parse(value: Any) -> int:
+        length = whole(value)
+        if length > high:
+            raise ValueError(f"{length} must be at most {high}")
+        return length
+
+    return parse
 
 
 def _networks(value: Any) -> AddressSet:
@@ -190,6 +204,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Callers are counted and banned per prefix: an IPv6 scanner owns a whole /64.
+        "ipv4_prefix": (_prefix_length(WIDEST[4], 32), 32),
+        "ipv6_prefix": (_prefix_length(WIDEST[6], 128), 64),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -207,7 +224,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "firewall": {
         "backend": (_backend, "dry-run"),
         "chain": (_chain, "FASTAGI"),
-        "ports": (_ports, "all"),
+        # SIP signalling only, as fail2ban's asterisk jail: a spoofed ban then costs the
+        # spoofed address its SIP, not its trunk, Redis, DNS or SSH traffic.
+        "ports": (_ports, list(SIP_PORTS)),
         "forward": (_bool, False),
         "sync_interval": (parse_duration, "30s"),
     },
@@ -236,6 +255,11 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+
+    def prefixes(self) -> Prefixes:
+        return Prefixes(self.ipv4_prefix, self.ipv6_prefix)
 
 
 @dataclass(frozen=True)

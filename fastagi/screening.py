@@ -4,8 +4,10 @@ The caller's address never comes from attacker text. For `SIP` and `PJSIP` chann
 (`agi_type` precedes the dialed number in the environment, so it cannot be forged)
 it comes from Asterisk's own answer to our nonce resync; the optional SOURCE argument
 is used only for channel types with no address of their own, and only when the
-environment arrived clean. Then: `ignore`, the seed's NOTICE line, one atomic store
-step, and the channel variables the dialplan acts on. Never touches a firewall.
+environment arrived clean. Then: `ignore`, the seed's NOTICE line (with the caller's
+own address), one atomic store step for the caller's prefix (`ipv6_prefix`: the /64 of
+an IPv6 caller, so a scanner's addresses add up), and the channel variables the
+dialplan acts on. Never touches a firewall.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
+from fastagi.addresses import (
+    AddressError,
+    AddressSet,
+    IPAddress,
+    Prefixes,
+    parse_address,
+    target_text,
+)
 from fastagi.agi import AGISession, Environment
 from fastagi.store import Store, StoreError
 
@@ -89,12 +98,14 @@ class Screener:
         log_notice: bool,
         redis_budget: float,
         observer: StepObserver | None = None,
+        prefixes: Prefixes | None = None,
     ) -> None:
         self.store = store
         self.ignore = ignore
         self.log_notice = log_notice
         self.redis_budget = redis_budget
         self.observer = observer or StepObserver()
+        self.prefixes = prefixes or Prefixes()
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -126,7 +137,10 @@ class Screener:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
                 lost = error
-        outcome = await self._count(ip, bool(session.stray))
+        # counted and banned as its prefix; the address alone when the prefix would
+        # also cover an ignored network
+        target = target_text(self.prefixes.target(address, self.ignore))
+        outcome = await self._count(target, bool(session.stray))
         if lost is not None:
             raise lost
         if self.log_notice:

@@ -67,7 +67,14 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     server = config.server
     redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
     screening = config.screening
-    screener = Screener(store, screening.ignore, screening.log_notice, redis_budget, metrics)
+    screener = Screener(
+        store,
+        screening.ignore,
+        screening.log_notice,
+        redis_budget,
+        metrics,
+        prefixes=screening.prefixes(),
+    )
     return FastAGIServer(
         screener,
         server.allowed_clients,
@@ -165,9 +172,19 @@ AGENT_BLOCK_MS = 500
 async def _start_agent(
     config: Config, store: Store | None
 ) -> tuple[Agent, asyncio.Task, Store | None]:
-    """The agent, on the service's store (embedded) or on a Redis client of its own."""
-    from fastagi.firewall import create
+    """The agent, on the service's store (embedded) or on a Redis client of its own.
+    A chain/table/set of our configured name that is someone else's stops the start
+    (one line, exit 2) before anything is touched; other firewall trouble the agent
+    retries and logs."""
+    from fastagi.firewall import FirewallConflict, FirewallError, create
 
+    firewall = create(config.firewall.settings())
+    try:
+        await asyncio.to_thread(firewall.claim)
+    except FirewallConflict as error:
+        raise ServiceUsageError(str(error)) from None
+    except FirewallError as error:
+        log.warning("firewall: %s; the agent keeps trying", error)
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
@@ -177,7 +194,7 @@ async def _start_agent(
     assert store is not None
     agent = Agent(
         store,
-        create(config.firewall.settings()),
+        firewall,
         config.firewall.sync_interval,
         config.screening.ignore,
         block_ms=block_ms,

@@ -8,8 +8,8 @@ import json
 import time
 from typing import Any
 
-from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, when
+from fastagi.addresses import parse_target, target_text
+from fastagi.admin import cli_target, client_store, covering, when
 from fastagi.config import Config, redacted
 from fastagi.store import Store
 
@@ -96,26 +96,34 @@ def render_status(status: dict[str, Any]) -> str:
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
+    target = cli_target(args.ip, config, refuse_ignored=False) if args.ip else None
     async with client_store(config) as store:
-        if address:
+        if target is not None:
+            address = target_text(target)
             banned = await store.banned()
-            record, count = await store.record(address), await store.count(address)
+            # banned as its own prefix, or inside a wider banned one
+            held = address if address in banned else next(iter(covering(banned, target)), "")
+            record = await store.record(held or address)
+            count = await store.count(address)
             report: dict[str, Any] = {
                 "ip": address,
                 "count": count,
-                "banned": address in banned,
-                "until": banned.get(address),
-                "ignored": parse_address(address) in config.screening.ignore,
+                "banned": bool(held),
+                "banned_as": held or None,
+                "until": banned.get(held),
+                "ignored": parse_target(args.ip) in config.screening.ignore,
                 "history": record,
             }
             if args.json:
                 print(json.dumps(report, indent=2))
             else:
-                print(f"Status for {address}")
+                given = target_text(parse_target(args.ip))
+                counted_as = "" if given == address else f" (counted as {address})"
+                print(f"Status for {given}{counted_as}")
                 print(f"|- Count in window: {count}")
                 if report["banned"]:
-                    print(f"|- Banned until:    {when(report['until'])}")
+                    also = "" if held == address else f" (as {held})"
+                    print(f"|- Banned until:    {when(report['until'])}{also}")
                 else:
                     print("|- Banned:          no")
                 print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from .base import (
     CheckResult,
     Firewall,
+    FirewallConflict,
     FirewallError,
     FirewallSettings,
     FirewallStats,
     IPAddress,
+    IPNetwork,
 )
 
 BACKENDS: tuple[str, ...] = ("iptables", "nftables", "ipset", "dry-run")
@@ -46,9 +48,11 @@ __all__ = [
     "BACKENDS",
     "CheckResult",
     "Firewall",
+    "FirewallConflict",
     "FirewallError",
     "FirewallSettings",
     "FirewallStats",
     "IPAddress",
+    "IPNetwork",
     "create",
 ]

@@ -1,7 +1,9 @@
 """The iptables backend, through python-iptables (libiptc).
 
     -N FASTAGI
-    -A FASTAGI -s 192.0.2.9/32 -j DROP                  one rule per banned address
+    -A FASTAGI -s 192.0.2.9/32 -j DROP                  one rule per banned address or prefix
+    -A FASTAGI -s 2001:db8:1:2::/64 -j DROP
+    -A FASTAGI -m comment --comment fastagi-screen -j RETURN   our mark, last
     -I INPUT -j FASTAGI                                 ports "all": one jump
     -I INPUT -p udp -m multiport --dports 5060 -j FASTAGI   else one jump per protocol
     (the same in ip6tables; FORWARD too with firewall.forward)
@@ -17,6 +19,9 @@ Things to know before choosing it:
   (the agent calls it every second); after a restart the agent's set() restores it.
 - python-iptables has no locking: our writes are serialised by a lock and by the
   /run/xtables.lock that `iptables-legacy -w` uses, and each call is one commit.
+- A chain of our name holding anything but our ban rules and our mark (fail2ban's
+  `f2b-asterisk`) is someone else's: claim() refuses it and nothing is touched. A chain
+  of an older version (ban rules of single addresses, no mark) is ours: setup() marks it.
 """
 
 from __future__ import annotations
@@ -35,14 +40,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ._common import (
-    as_address,
+    as_network,
     expected_bounds,
     parse_ports,
     permission_hint,
     ports_by_proto,
     split_live,
 )
-from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+from .base import (
+    OWNER_MARK,
+    CheckResult,
+    FirewallConflict,
+    FirewallError,
+    FirewallSettings,
+    FirewallStats,
+    IPNetwork,
+)
 
 log = logging.getLogger("fastagi.firewall")
 
@@ -50,6 +63,7 @@ SCALE_LIMIT = 5000  # rules per family beyond which commits get slow (libiptc co
 XTABLES_LOCK = "/run/xtables.lock"
 HOOKS = ("INPUT", "FORWARD")
 _BAN_LINE = re.compile(r"^-A \S+ -s (\S+) -j DROP$", re.MULTILINE)
+_MARK_LINE = re.compile(rf"^-A \S+ -m comment --comment {OWNER_MARK} -j RETURN$", re.MULTILINE)
 
 
 def _iptc() -> Any:
@@ -91,8 +105,8 @@ class IptablesFirewall:
             )
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
-        self._bans: dict[IPAddress, float] = {}  # expiry, kept here: iptables has none
-        self._present: dict[int, set[IPAddress]] = {4: set(), 6: set()}  # rules in our chain
+        self._bans: dict[IPNetwork, float] = {}  # expiry, kept here: iptables has none
+        self._present: dict[int, set[IPNetwork]] = {4: set(), 6: set()}  # rules in our chain
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
         self._loaded = False  # _present read from the kernel yet?
@@ -118,10 +132,18 @@ class IptablesFirewall:
         iptc = _iptc()
         return iptc.Rule() if version == 4 else iptc.Rule6()
 
-    def _ban_rule(self, version: int, address: IPAddress) -> Any:
+    def _ban_rule(self, version: int, network: IPNetwork) -> Any:
         rule = self._rule(version)
-        rule.src = f"{address}/{address.max_prefixlen}"
+        rule.src = network.compressed  # "192.0.2.9/32", "2001:db8:1:2::/64"
         rule.target = rule.create_target("DROP")
+        return rule
+
+    def _mark_rule(self, version: int) -> Any:
+        """Our mark, the last rule of our chain: a RETURN there changes nothing."""
+        rule = self._rule(version)
+        match = rule.create_match("comment")
+        match.comment = OWNER_MARK
+        rule.target = rule.create_target("RETURN")
         return rule
 
     def _jump_rules(self, version: int) -> list[Any]:
@@ -184,10 +206,11 @@ class IptablesFirewall:
                 with contextlib.suppress(Exception):
                     table.close()
 
-    def _read_sources(self, version: int) -> set[IPAddress]:
-        """The addresses banned in our chain. Through `iptables-legacy -S` when that
-        command exists (C: 5,000 rules in ~20 ms, where python-iptables takes 2 s to
-        turn them into objects), else through libiptc."""
+    def _scan(self, version: int) -> tuple[set[IPNetwork], bool, bool]:
+        """(the networks banned in our chain, our mark is there, a rule of someone else's
+        is there). Through `iptables-legacy -S` when that command exists (C: 5,000 rules
+        in ~20 ms, where python-iptables takes 2 s to turn them into objects), else
+        through libiptc."""
         tool = shutil.which("iptables-legacy" if version == 4 else "ip6tables-legacy")
         if tool is not None:
             try:
@@ -201,29 +224,62 @@ class IptablesFirewall:
             except (OSError, subprocess.TimeoutExpired):
                 proc = None
             if proc is not None and proc.returncode == 0:
-                found = set()
-                for match in _BAN_LINE.finditer(proc.stdout):
-                    with contextlib.suppress(ValueError):
-                        found.add(ipaddress.ip_interface(match.group(1)).ip)
-                return found
+                found: set[IPNetwork] = set()
+                foreign = False
+                for line in proc.stdout.splitlines():
+                    if not line.startswith("-A ") or _MARK_LINE.match(line):
+                        continue
+                    ban = _BAN_LINE.match(line)
+                    try:
+                        found.add(ipaddress.ip_network(ban.group(1)))  # type: ignore[union-attr]
+                    except (AttributeError, ValueError):
+                        foreign = True
+                marked = _MARK_LINE.search(proc.stdout) is not None
+                return found, marked, foreign or _foreign_unmarked(found, marked)
             if proc is not None and "No chain" in (proc.stderr or ""):
-                return set()
-        return self._read_sources_libiptc(version)
+                return set(), False, False
+        return self._scan_libiptc(version)
 
-    def _read_sources_libiptc(self, version: int) -> set[IPAddress]:
+    def _scan_libiptc(self, version: int) -> tuple[set[IPNetwork], bool, bool]:
         iptc = _iptc()
         table = self._table(version)
         try:
             if not table.is_chain(self.chain):
-                return set()
-            found = set()
+                return set(), False, False
+            found: set[IPNetwork] = set()
+            marked = foreign = False
             for rule in iptc.Chain(table, self.chain).rules:
-                with contextlib.suppress(ValueError):
-                    found.add(ipaddress.ip_interface(_cidr(rule.src)).ip)
-            return found
+                target = rule.target.name if rule.target else ""
+                matches = [(m.name, getattr(m, "comment", None)) for m in rule.matches]
+                if target == "RETURN" and matches == [("comment", OWNER_MARK)]:
+                    marked = True
+                elif target == "DROP" and not matches:
+                    try:
+                        found.add(ipaddress.ip_network(_cidr(rule.src)))
+                    except ValueError:
+                        foreign = True
+                else:
+                    foreign = True
+            return found, marked, foreign or _foreign_unmarked(found, marked)
         finally:
             with contextlib.suppress(Exception):
                 table.close()
+
+    def _read_sources(self, version: int) -> set[IPNetwork]:
+        return self._scan(version)[0]
+
+    def claim(self) -> None:
+        for version in (4, 6):
+            if self._scan(version)[2]:
+                raise self._conflict(version)
+
+    def _conflict(self, version: int) -> FirewallConflict:
+        family = "ip6tables" if version == 6 else "iptables"
+        return FirewallConflict(
+            f"iptables: {family} chain {self.chain} exists and was not created by "
+            "fastagi-screen: refusing to touch it; set firewall.chain to a name of our own "
+            "(e.g. FASTAGI)"
+        )
 
     # -- the interface ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -237,11 +293,18 @@ class IptablesFirewall:
                 self.chain,
             )
         hooks = HOOKS if self.settings.forward else HOOKS[:1]
+        # read outside the xtables lock: `iptables-legacy -S` waits for it
+        scans = {version: self._scan(version) for version in (4, 6)}
+        for version, (_, _, foreign) in scans.items():
+            if foreign:
+                raise self._conflict(version)
 
         def change(version: int) -> Any:
             def apply(table: Any) -> None:
                 if not table.is_chain(self.chain):
                     table.create_chain(self.chain)
+                if not scans[version][1]:  # new, flushed by hand, or an older version's
+                    iptc.Chain(table, self.chain).append_rule(self._mark_rule(version))
                 # rewrite our jumps: exactly the wanted ones, first in each hook
                 for hook in HOOKS:
                     chain = iptc.Chain(table, hook)
@@ -257,10 +320,9 @@ class IptablesFirewall:
         with self._writing():
             for version in (4, 6):
                 self._commit(version, change(version))
-        # read back outside the xtables lock: `iptables-legacy -S` waits for it
         with self._lock:
             for version in (4, 6):
-                self._present[version] = self._read_sources(version)
+                self._present[version] = scans[version][0]
             self._loaded = True
         log.log(
             logging.DEBUG if self._announced else logging.INFO,
@@ -270,7 +332,7 @@ class IptablesFirewall:
         )
         self._announced = True
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         live, past = split_live(bans)
         if past:
             self.delete(past)
@@ -279,24 +341,24 @@ class IptablesFirewall:
         with self._writing():
             if not self._loaded:  # add() before setup(): learn what is there, no duplicates
                 for version in (4, 6):
-                    self._present[version] = self._read_sources_libiptc(version)
+                    self._present[version] = self._scan_libiptc(version)[0]
                 self._loaded = True
             for version in (4, 6):
                 new = [a for a in live if a.version == version and a not in self._present[version]]
                 if new:
 
-                    def apply(table: Any, new: list[IPAddress] = new, v: int = version) -> None:
+                    def apply(table: Any, new: list[IPNetwork] = new, v: int = version) -> None:
                         chain = _iptc().Chain(table, self.chain)
-                        for address in new:
-                            chain.append_rule(self._ban_rule(v, address))
+                        for network in new:  # at the top: our mark stays last
+                            chain.insert_rule(self._ban_rule(v, network))
 
                     self._commit(version, apply)
                     self._present[version].update(new)
             self._bans.update(live)
             self._stats.adds += len(live)
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
-        gone = {as_address(a) for a in addresses}
+    def delete(self, networks: Iterable[IPNetwork]) -> None:
+        gone = {as_network(a) for a in networks}
         if not gone:
             return
         iptc = _iptc()
@@ -306,7 +368,7 @@ class IptablesFirewall:
                 if not mine:
                     continue
 
-                def apply(table: Any, mine: list[IPAddress] = mine, v: int = version) -> None:
+                def apply(table: Any, mine: list[IPNetwork] = mine, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         return
                     chain = iptc.Chain(table, self.chain)
@@ -323,20 +385,21 @@ class IptablesFirewall:
                 self._bans.pop(address, None)
             self._stats.deletes += len(gone)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         live, _ = split_live(bans)
         iptc = _iptc()
         with self._writing():
             for version in (4, 6):
                 wanted = [a for a in live if a.version == version]
 
-                def apply(table: Any, wanted: list[IPAddress] = wanted, v: int = version) -> None:
+                def apply(table: Any, wanted: list[IPNetwork] = wanted, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         raise FirewallError(f"iptables: chain {self.chain} is missing: run setup")
                     chain = iptc.Chain(table, self.chain)
                     chain.flush()
-                    for address in wanted:
-                        chain.append_rule(self._ban_rule(v, address))
+                    for network in wanted:
+                        chain.append_rule(self._ban_rule(v, network))
+                    chain.append_rule(self._mark_rule(v))
 
                 self._commit(version, apply)
                 before = self._present[version]
@@ -349,7 +412,7 @@ class IptablesFirewall:
                 "iptables: %d bans as one rule each is slow; use ipset or nftables", len(live)
             )
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         now = time.time() if now is None else now
         with self._lock:
             due = [a for a, until in self._bans.items() if until <= now]
@@ -358,19 +421,19 @@ class IptablesFirewall:
             log.info("iptables: %d bans expired and lifted", len(due))
         return due
 
-    def list(self) -> dict[IPAddress, float | None]:
-        out: dict[IPAddress, float | None] = {}
+    def list(self) -> dict[IPNetwork, float | None]:
+        out: dict[IPNetwork, float | None] = {}
         with self._lock:
             for version in (4, 6):
                 for address in self._read_sources(version):
                     out[address] = self._bans.get(address)
         return out
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
         """Our chain exists in both families and holds exactly the expected addresses."""
         must, may = expected_bounds(expected)
         with self._lock:
-            present: set[IPAddress] = set()
+            present: set[IPNetwork] = set()
             for version in (4, 6):
                 table = self._table(version)
                 try:
@@ -384,6 +447,7 @@ class IptablesFirewall:
 
     def teardown(self) -> None:
         iptc = _iptc()
+        self.claim()  # never remove what is not ours
 
         def apply(table: Any) -> None:
             for hook in HOOKS:
@@ -413,6 +477,12 @@ class IptablesFirewall:
             )
         except FirewallError as exc:
             return [CheckResult("python-iptables", False, str(exc))]
+        try:
+            self.claim()
+        except FirewallConflict as exc:
+            return [*results, CheckResult(f"iptables chain {self.chain}", False, str(exc))]
+        except FirewallError:
+            pass  # no legacy tables here: said below
         for version in (4, 6):
             what = f"ip{'6' if version == 6 else ''}tables (legacy, libiptc) filter table"
             try:
@@ -469,6 +539,11 @@ class IptablesFirewall:
                 self._stats.errors,
                 {"chain": self.chain, "variant": "legacy (libiptc)"},
             )
+
+
+def _foreign_unmarked(found: set[IPNetwork], marked: bool) -> bool:
+    """Without our mark, only an older version's chain is ours: single-address bans."""
+    return not marked and any(n.prefixlen != n.max_prefixlen for n in found)
 
 
 def _cidr(src: str) -> str:

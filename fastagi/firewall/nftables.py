@@ -1,8 +1,9 @@
-"""The nftables backend: our own `inet` table, two sets with per-element timeouts.
+"""The nftables backend: our own `inet` table, two interval sets with per-element timeouts.
 
     table inet fastagi {
-        set ban4 { type ipv4_addr; flags timeout; }
-        set ban6 { type ipv6_addr; flags timeout; }
+        comment "fastagi-screen"       # our mark: a table of that name without it is refused
+        set ban4 { type ipv4_addr; flags interval, timeout; }   # addresses and prefixes
+        set ban6 { type ipv6_addr; flags interval, timeout; }
         chain input { type filter hook input priority filter - 10; policy accept;
                       ip saddr @ban4 drop; ip6 saddr @ban6 drop }
         chain forward { ... }          # only with firewall.forward
@@ -11,7 +12,14 @@
 Bans expire in the kernel even when the agent is gone. Every call is ONE nft
 transaction (all or nothing), sent through libnftables (ctypes, no fork) or, when the
 library cannot be loaded, through `nft -f -`. 100,000 elements load in well under a
-second. We never touch anything outside our table.
+second. We never touch anything outside our table, and never a table of our configured
+name that we did not create (a distribution's `inet filter`): claim() refuses it. A
+table an older version made (no mark, sets without `interval`, nothing but our sets,
+chains and drop rules) is ours: setup() recreates it.
+
+Interval sets refuse overlapping elements, so the kernel holds the bans flattened
+(_common.flatten: a prefix inside a wider banned one is folded into it); the backend
+keeps the bans it was given and writes the difference of the flattened views.
 """
 
 from __future__ import annotations
@@ -30,15 +38,24 @@ import time
 from collections.abc import Iterable, Mapping
 
 from ._common import (
-    as_address,
+    as_network,
     count_replaced,
+    flatten,
     parse_ports,
     permission_hint,
     ports_by_proto,
     remaining_ms,
     split_live,
 )
-from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+from .base import (
+    OWNER_MARK,
+    CheckResult,
+    FirewallConflict,
+    FirewallError,
+    FirewallSettings,
+    FirewallStats,
+    IPNetwork,
+)
 
 log = logging.getLogger("fastagi.firewall")
 
@@ -178,16 +195,21 @@ class NftablesFirewall:
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
         self._nft: _Libnftables | _NftCommand | None = None
-        self._known: dict[IPAddress, float] = {}  # what we put there, for stats()
+        self._known: dict[IPNetwork, float] = {}  # the bans we were given
+        self._kernel: dict[IPNetwork, float] = {}  # what we wrote: _known, flattened
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
 
     # -- transport ---------------------------------------------------------------------
-    def _run(self, script: str, json_output: bool = False, check_only: bool = False) -> str:
+    def _run(
+        self, script: str, json_output: bool = False, check_only: bool = False, terse: bool = False
+    ) -> str:
         if self._nft is None:
             self._nft = _transport()
         try:
-            return self._nft.run(script, json_output=json_output, check_only=check_only)
+            return self._nft.run(
+                script, json_output=json_output, check_only=check_only, terse=terse
+            )
         except FirewallError as exc:
             self._stats.errors += 1
             if "No such file or directory" in str(exc) and "add table" not in script:
@@ -201,9 +223,9 @@ class NftablesFirewall:
     def _base_script(self) -> list[str]:
         t = f"inet {self.table}"
         lines = [
-            f"add table {t}",
-            f"add set {t} {SET4} {{ type ipv4_addr; flags timeout; }}",
-            f"add set {t} {SET6} {{ type ipv6_addr; flags timeout; }}",
+            f'add table {t} {{ comment "{OWNER_MARK}"; }}',  # the mark: set on creation only
+            f"add set {t} {SET4} {{ type ipv4_addr; flags interval, timeout; }}",
+            f"add set {t} {SET6} {{ type ipv6_addr; flags interval, timeout; }}",
         ]
         hooks = ["input", "forward"] if self.settings.forward else ["input"]
         for hook in hooks:
@@ -233,14 +255,13 @@ class NftablesFirewall:
                 out.append(f"{source} {proto} dport {{ {ports} }}")
         return out
 
-    def _elements(self, bans: Mapping[IPAddress, float], now: float, timeouts: bool) -> dict:
+    def _elements(self, bans: Mapping[IPNetwork, float], now: float, timeouts: bool) -> dict:
         by_set: dict[str, list[str]] = {SET4: [], SET6: []}
-        for address, until in bans.items():
-            name = SET4 if address.version == 4 else SET6
+        for network, until in bans.items():
+            name = SET4 if network.version == 4 else SET6
             ms = remaining_ms(until, now) if timeouts else None
-            by_set[name].append(
-                str(address) if ms is None else f"{address} timeout {_duration(ms)}"
-            )
+            text = network.compressed  # "192.0.2.9/32": one element either way
+            by_set[name].append(text if ms is None else f"{text} timeout {_duration(ms)}")
         return {name: elems for name, elems in by_set.items() if elems}
 
     def _element_lines(self, verb: str, elements: dict[str, list[str]]) -> list[str]:
@@ -249,10 +270,51 @@ class NftablesFirewall:
             for name, elems in elements.items()
         ]
 
+    # -- ownership ---------------------------------------------------------------------
+    def _inspect(self) -> str:
+        """'absent', 'ours' or 'outdated' (ours, from a version without the mark or
+        without interval sets); FirewallConflict when the table is someone else's."""
+        try:
+            text = self._run(f"list table inet {self.table}\n", terse=True)
+        except FirewallError as exc:
+            if "No such file or directory" in str(exc):
+                return "absent"
+            raise
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        marked = len(lines) > 1 and lines[1] == f'comment "{OWNER_MARK}"'
+        shape = json.loads(
+            self._run(f"list table inet {self.table}\n", json_output=True, terse=True) or "{}"
+        ).get("nftables", [])
+        sets = {i["set"]["name"]: i["set"].get("flags", []) for i in shape if "set" in i}
+        interval = all("interval" in sets.get(name, ["interval"]) for name in (SET4, SET6))
+        if marked:
+            return "ours" if interval else "outdated"
+        if _older_version(shape):
+            return "outdated"
+        raise FirewallConflict(
+            f"nftables: table inet {self.table} exists and was not created by fastagi-screen: "
+            f"refusing to touch it; set firewall.chain to a name of our own (e.g. FASTAGI)"
+        )
+
+    def claim(self) -> None:
+        self._inspect()
+
     # -- the interface -----------------------------------------------------------------
     def setup(self) -> None:
         with self._lock:
-            self._run("\n".join(self._base_script()) + "\n")
+            state = self._inspect()
+            script = self._base_script()
+            if state == "outdated":  # ours, from an older version: made anew, refilled by set()
+                script.insert(0, f"delete table inet {self.table}")
+            self._run("\n".join(script) + "\n")
+            if state != "ours":
+                self._kernel = {}
+        if state == "outdated":
+            log.warning(
+                "nftables: table inet %s came from an older version (no interval sets): "
+                "recreated, the agent refills it",
+                self.table,
+            )
         log.log(
             logging.DEBUG if self._announced else logging.INFO,
             "nftables: table inet %s ready (hooks: %s, ports: %s)",
@@ -262,55 +324,82 @@ class NftablesFirewall:
         )
         self._announced = True
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def _write(self, now: float, unknown: Iterable[IPNetwork] = ()) -> None:
+        """Bring the kernel from _kernel to flatten(live _known). Deletes go first, in a
+        transaction of their own: nft checks overlaps against the elements before the
+        transaction, so a /64 cannot become its /48 within one. `unknown`: networks
+        asked to be deleted that we never wrote (another process's), deleted if that
+        overlaps nothing we keep."""
+        wanted = flatten({n: u for n, u in self._known.items() if u > now})
+        gone = {n: math.inf for n in self._kernel if n not in wanted}
+        for network in unknown:
+            if network not in self._kernel and not any(
+                network.version == k.version and network.overlaps(k)  # type: ignore[arg-type]
+                for k in wanted
+            ):
+                gone[network] = math.inf
+        changed = {n: u for n, u in wanted.items() if n not in self._kernel or self._kernel[n] != u}
+        if gone:
+            # add first (no error when present), then delete: no error when absent
+            plain = self._elements(gone, now, False)
+            self._run(
+                "\n".join(self._element_lines("add", plain) + self._element_lines("delete", plain))
+                + "\n"
+            )
+            for network in gone:
+                self._kernel.pop(network, None)
+        if changed:
+            # Re-adding an element keeps its old timeout, so: add (never fails), delete,
+            # add with the new timeout, all in the same transaction.
+            plain = self._elements(changed, now, False)
+            script = (
+                self._element_lines("add", plain)
+                + self._element_lines("delete", plain)
+                + self._element_lines("add", self._elements(changed, now, True))
+            )
+            self._run("\n".join(script) + "\n")
+            self._kernel.update(changed)
+
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, past = split_live(bans, now)
         if not live and not past:
             return
-        # Re-adding an element keeps its old timeout, so: add (never fails), delete,
-        # add with the new timeout, all in the same transaction.
-        plain = self._elements(dict.fromkeys(list(live) + past, math.inf), now, False)
-        timed = self._elements(live, now, True)
-        script = (
-            self._element_lines("add", plain)
-            + self._element_lines("delete", plain)
-            + self._element_lines("add", timed)
-        )
         with self._lock:
-            self._run("\n".join(script) + "\n")
             self._known.update(live)
-            for address in past:
-                self._known.pop(address, None)
+            for network in past:
+                self._known.pop(network, None)
+            self._write(now, past)
             self._stats.adds += len(live)
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
-        gone = {as_address(a): math.inf for a in addresses}
+    def delete(self, networks: Iterable[IPNetwork]) -> None:
+        gone = {as_network(n) for n in networks}
         if not gone:
             return
-        plain = self._elements(gone, 0, False)
-        script = self._element_lines("add", plain) + self._element_lines("delete", plain)
         with self._lock:
-            self._run("\n".join(script) + "\n")
-            for address in gone:
-                self._known.pop(address, None)
+            for network in gone:
+                self._known.pop(network, None)
+            self._write(time.time(), gone)
             self._stats.deletes += len(gone)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, _ = split_live(bans, now)
+        wanted = flatten(live)
         script = [f"flush set inet {self.table} {SET4}", f"flush set inet {self.table} {SET6}"]
-        script += self._element_lines("add", self._elements(live, now, True))
+        script += self._element_lines("add", self._elements(wanted, now, True))
         with self._lock:
             self._run("\n".join(script) + "\n")
             count_replaced(self._stats, self._known, live)
             self._known = dict(live)
+            self._kernel = wanted
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         return []  # the kernel does it
 
-    def list(self) -> dict[IPAddress, float | None]:
+    def list(self) -> dict[IPNetwork, float | None]:
         now = time.time()
-        out: dict[IPAddress, float | None] = {}
+        out: dict[IPNetwork, float | None] = {}
         with self._lock:
             # one `list table` (nft 1.0.6 fails two `list set` in one buffer)
             text = self._run(f"list table inet {self.table}\n", json_output=True)
@@ -324,18 +413,20 @@ class NftablesFirewall:
                     until = now + float(expires) if expires is not None else math.inf
                 else:
                     value, until = elem, math.inf
+                if isinstance(value, dict) and "prefix" in value:  # {"prefix": {addr, len}}
+                    value = f"{value['prefix'].get('addr')}/{value['prefix'].get('len')}"
                 try:
-                    out[ipaddress.ip_address(value)] = until
+                    out[ipaddress.ip_network(value)] = until
                 except (TypeError, ValueError):
                     continue
         return out
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
-        """Our table and both sets exist, read without their elements (a millisecond at
-        any size; listing or even `get element` makes nft load all 100,000 elements,
-        about a second). A deleted table is caught here; the input chain's rules are
-        rewritten by every setup(); a set flushed by hand is refilled by the agent's
-        periodic full rewrite."""
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
+        """Our table and both sets exist, as interval sets, read without their elements
+        (a millisecond at any size; listing or even `get element` makes nft load all
+        100,000 elements, about a second). A deleted table is caught here; the input
+        chain's rules are rewritten by every setup(); a set flushed by hand is refilled
+        by the agent's periodic full rewrite."""
         if self._nft is None:
             self._nft = _transport()
         try:
@@ -345,17 +436,19 @@ class NftablesFirewall:
                 )
         except FirewallError:
             return False
-        names = {
-            item["set"].get("name")
+        flags = {
+            item["set"].get("name"): item["set"].get("flags", [])
             for item in json.loads(text or "{}").get("nftables", [])
             if "set" in item
         }
-        return {SET4, SET6} <= names
+        return all("interval" in flags.get(name, []) for name in (SET4, SET6))
 
     def teardown(self) -> None:
         with self._lock:
-            self._run(f"add table inet {self.table}\ndelete table inet {self.table}\n")
+            if self._inspect() != "absent":
+                self._run(f"delete table inet {self.table}\n")
             self._known.clear()
+            self._kernel.clear()
         log.info("nftables: table inet %s removed", self.table)
 
     def check(self) -> list[CheckResult]:
@@ -366,6 +459,11 @@ class NftablesFirewall:
             results.append(CheckResult("nftables library", True, nft.where))
         except FirewallError as exc:
             return [CheckResult("nftables library", False, str(exc))]
+        try:
+            self.claim()
+        except FirewallError as exc:
+            results.append(CheckResult(f"nftables table inet {self.table}", False, str(exc)))
+            return results
         try:
             # sent to the kernel and aborted there: proves nf_tables, sets with timeouts and
             # the permission (CAP_NET_ADMIN) without changing anything
@@ -397,6 +495,7 @@ class NftablesFirewall:
         now = time.time()
         with self._lock:
             self._known = {a: u for a, u in self._known.items() if u > now}
+            self._kernel = {a: u for a, u in self._kernel.items() if u > now}
             size = len(self._known)
             return FirewallStats(
                 self.name,
@@ -406,3 +505,24 @@ class NftablesFirewall:
                 self._stats.errors,
                 {"table": f"inet {self.table}", "transport": getattr(self._nft, "where", "")},
             )
+
+
+def _older_version(shape: list[dict]) -> bool:
+    """A table without our mark that an older fastagi-screen made: our sets, our hook
+    chains, drop rules on our sets, and nothing else (never empty: those versions
+    created the sets with the table)."""
+    kinds = {kind for item in shape for kind in item if kind not in ("metainfo", "table")}
+    sets = {i["set"]["name"] for i in shape if "set" in i}
+    chains = {i["chain"]["name"] for i in shape if "chain" in i}
+    rules = [i["rule"] for i in shape if "rule" in i]
+    return (
+        kinds <= {"set", "chain", "rule"}
+        and bool(sets)
+        and sets <= {SET4, SET6}
+        and chains <= {"input", "forward"}
+        and all(
+            rule.get("expr", [{}])[-1] == {"drop": None}
+            and any(f'"@{name}"' in json.dumps(rule.get("expr")) for name in (SET4, SET6))
+            for rule in rules
+        )
+    )
