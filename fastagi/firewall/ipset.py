@@ -145,20 +145,16 @@ class IpsetFirewall:
         outdated = False
         for version in (4, 6):
             tool = self._tool(version)
-            try:
-                rules = run([tool, "-w", "-S", self.chain])
-            except FirewallError as exc:
-                if "No chain" not in str(exc) and "does not exist" not in str(exc):
-                    raise
-                rules = ""
+            # the save format: iptables-nft 1.8.9 answers `-S CHAIN` of a missing chain
+            # with "incompatible", which would hide a real problem the same way
+            saved = run([f"{tool}-save", "-t", "filter"]).splitlines()
+            rules = [ln for ln in saved if ln.startswith(f"-A {self.chain} ")]
             older = re.compile(
                 rf"^-A {re.escape(self.chain)}( -p (udp|tcp) -m multiport --dports \S+)? "
                 rf"-m set --match-set {re.escape(self.sets[version])} src -j DROP$"
             )
-            for line in rules.splitlines():
-                if line.startswith("-A ") and not (
-                    f"--comment {OWNER_MARK} " in line or older.match(line)
-                ):
+            for line in rules:
+                if not (f"--comment {OWNER_MARK} " in line or older.match(line)):
                     raise FirewallConflict(
                         f"ipset: {tool} chain {self.chain} exists and was not created by "
                         "fastagi-screen: refusing to touch it; set firewall.chain to a name "
