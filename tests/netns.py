@@ -2,7 +2,7 @@
 
     core (bridge br0: 192.0.2.1, 2001:db8::1) -- the place for redis-server
       |-- attacker  192.0.2.10 (+ .11, .12)   2001:db8::10 (+ ::11, ::12)
-      |                                       2001:db8:0:1::10 - ::17 (one more /64)
+      |                                       2001:db8:0:100::10 - ::17 (one more /64)
       |-- pbx1      192.0.2.21                2001:db8::21
       `-- pbx2      192.0.2.22                2001:db8::22
 
@@ -49,8 +49,8 @@ import pytest
 CLONE_NEWNET = 0x40000000
 SUBNET4, SUBNET6 = "192.0.2.0/24", "2001:db8::/64"
 CORE4, CORE6 = "192.0.2.1", "2001:db8::1"
-ROTATING6 = "2001:db8:0:1::/64"
-ROTATING6_HOSTS = [f"2001:db8:0:1::{n:x}" for n in range(0x10, 0x18)]  # the attacker's
+ROTATING6 = "2001:db8:0:100::/64"  # its /56 does not hold the PBXs' 2001:db8::/64
+ROTATING6_HOSTS = [f"2001:db8:0:100::{n:x}" for n in range(0x10, 0x18)]  # the attacker's
 
 # role -> (last octet / hextet of the main address, extra host numbers)
 DEFAULT_HOSTS: dict[str, tuple[int, tuple[int, ...]]] = {

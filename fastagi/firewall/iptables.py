@@ -341,7 +341,10 @@ class IptablesFirewall:
         with self._writing():
             if not self._loaded:  # add() before setup(): learn what is there, no duplicates
                 for version in (4, 6):
-                    self._present[version] = self._scan_libiptc(version)[0]
+                    present, _, foreign = self._scan_libiptc(version)
+                    if foreign:
+                        raise self._conflict(version)
+                    self._present[version] = present
                 self._loaded = True
             for version in (4, 6):
                 new = [a for a in live if a.version == version and a not in self._present[version]]
