@@ -43,6 +43,8 @@ ATTACKER6 = "2001:db8::10"
 ROTATING64 = ROTATING6
 SIP_UDP, SIP_TCP, OTHER_UDP, OTHER_TCP = 5060, 5060, 5070, 2222
 KEYS = Keys()
+PROBE = 0.3  # seconds a probe waits: an answer inside the namespaces takes well under 10 ms
+SAMPLE = [ROTATING6_HOSTS[i] for i in (0, 3, 6, 7)]  # of the /64: callers and silent ones
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,8 @@ def pbx_clean(topo: Topology) -> Iterator[Topology]:
 def traffic(topo: Topology, source: str) -> dict[str, bool]:
     """Which of SIP UDP, SIP TCP, other UDP, other TCP pass from `source` to pbx1."""
     family = 6 if ":" in source else 4
-    udp = lambda port: topo.can_reach("attacker", "pbx1", port, family, source=source)  # noqa: E731
-    tcp = lambda port: topo.can_connect("attacker", "pbx1", port, family, source=source)  # noqa: E731
+    udp = lambda port: topo.can_reach("attacker", "pbx1", port, family, source, PROBE)  # noqa: E731
+    tcp = lambda port: topo.can_connect("attacker", "pbx1", port, family, source, PROBE)  # noqa: E731
     return {
         "sip/udp": udp(SIP_UDP),
         "sip/tcp": tcp(SIP_TCP),
@@ -117,13 +119,13 @@ def test_default_ports_drop_sip_only_and_all_drops_everything(backend, pbx_clean
 def test_a_banned_prefix_drops_every_address_in_it_and_nothing_beside(backend, pbx_clean):
     topo = pbx_clean
     reach = lambda source: topo.can_reach(  # noqa: E731
-        "attacker", "pbx1", SIP_UDP, 6 if ":" in source else 4, source=source
+        "attacker", "pbx1", SIP_UDP, 6 if ":" in source else 4, source, PROBE
     )
     with FirewallDriver(topo.pbx1, FirewallSettings(backend=backend)) as fw:
         fw.setup()
         until = time.time() + 300
         fw.add({ROTATING64: until, "192.0.2.10/31": until})  # .10 and .11, not .12
-        assert not any(reach(ip) for ip in ROTATING6_HOSTS), "an address of the /64 passed"
+        assert not any(reach(ip) for ip in SAMPLE), "an address of the /64 passed"
         assert reach(ATTACKER6), "another /64 was dropped"
         assert not reach(ATTACKER4) and not reach(ATTACKER4_B)
         assert reach(ATTACKER4_C)
@@ -134,7 +136,7 @@ def test_a_banned_prefix_drops_every_address_in_it_and_nothing_beside(backend, p
         assert not reach(ROTATING6_HOSTS[0]), "the longer single-address ban was lost"
         assert reach(ROTATING6_HOSTS[1]), "the lifted /64 still drops"
         fw.set({ROTATING64: until, "2001:db8:0:100::/56": until + 60})  # nested
-        assert not any(reach(ip) for ip in ROTATING6_HOSTS)
+        assert not any(reach(ip) for ip in SAMPLE)
         assert reach(ATTACKER6)
         fw.set({})
         assert all(reach(ip) for ip in ROTATING6_HOSTS[:3])
@@ -180,7 +182,7 @@ def test_calls_from_one_64_ban_the_whole_64_on_the_pbx(backend, pbx_clean, redis
             stdout=out,
             stderr=out,
         )
-    reach = lambda source: topo.can_reach("attacker", "pbx1", SIP_UDP, 6, source=source)  # noqa: E731
+    reach = lambda source: topo.can_reach("attacker", "pbx1", SIP_UDP, 6, source, PROBE)  # noqa: E731
 
     async def calls() -> list[str]:
         async with running_server(redis.unix_url, SCREENING_THRESHOLD="5") as srv:
@@ -198,7 +200,7 @@ def test_calls_from_one_64_ban_the_whole_64_on_the_pbx(backend, pbx_clean, redis
         assert {m.decode() for m in redis.client().zrange(KEYS.banned, 0, -1)} == {ROTATING64}
         # every address of the /64 is dropped, also those that never called
         assert _wait(lambda: not reach(ROTATING6_HOSTS[7]), 5), log.read_text()
-        assert not any(reach(ip) for ip in ROTATING6_HOSTS)
+        assert not any(reach(ip) for ip in SAMPLE)
         assert reach(ATTACKER6), "another /64 was dropped"
         assert agent.poll() is None
     finally:  # the agent only: the echo listeners of the module stay
