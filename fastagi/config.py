@@ -114,6 +114,14 @@ def _prefix_length(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+def _escalate_prefix(value: Any) -> int:
+    """0 (off) or an IPv6 prefix length no wider than WIDEST."""
+    length = _count(value)
+    if length and not WIDEST[6] <= length <= 127:
+        raise ValueError(f"{length}: 0 (off) or {WIDEST[6]}-127")
+    return length
+
+
 def _networks(value: Any) -> AddressSet:
     entries = _string_list(value)
     try:
@@ -207,6 +215,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # Callers are counted and banned per prefix: an IPv6 scanner owns a whole /64.
         "ipv4_prefix": (_prefix_length(WIDEST[4], 32), 32),
         "ipv6_prefix": (_prefix_length(WIDEST[6], 128), 64),
+        # Off by default: ban the wider IPv6 prefix (e.g. 48) once escalate_after
+        # prefixes inside it are banned at the same time (escalate.py).
+        "escalate_prefix": (_escalate_prefix, 0),
+        "escalate_after": (_whole(2), 4),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -257,6 +269,8 @@ class ScreeningConfig:
     log_notice: bool
     ipv4_prefix: int = 32
     ipv6_prefix: int = 64
+    escalate_prefix: int = 0
+    escalate_after: int = 4
 
     def prefixes(self) -> Prefixes:
         return Prefixes(self.ipv4_prefix, self.ipv6_prefix)
@@ -386,6 +400,11 @@ def _check_together(config: Config) -> None:
     screening = config.screening
     if screening.ban_time_max < screening.ban_time:
         raise ConfigError("screening.ban_time_max: must not be shorter than screening.ban_time")
+    if screening.escalate_prefix and screening.escalate_prefix >= screening.ipv6_prefix:
+        raise ConfigError(
+            "screening.escalate_prefix: must be shorter than screening.ipv6_prefix "
+            f"({screening.escalate_prefix} >= {screening.ipv6_prefix})"
+        )
     if config.redis.timeout >= config.server.session_timeout:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:

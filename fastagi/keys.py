@@ -29,6 +29,11 @@ class Keys:
         """count() and record() up to the address, encoded once for the per-call step."""
         return self.count("").encode(), self.record("").encode()
 
+    def inside(self, prefix: str) -> str:
+        """Sorted set: the banned prefixes inside this wider one -> their ban ends (ms),
+        for escalation (escalate.py)."""
+        return f"{self.base}inside:{prefix}"
+
     @property
     def banned(self) -> str:
         """Sorted set: ip -> ban end (ms). The ban list every agent reconciles to."""

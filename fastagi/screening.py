@@ -21,11 +21,13 @@ from fastagi.addresses import (
     AddressError,
     AddressSet,
     IPAddress,
+    IPNetwork,
     Prefixes,
     parse_address,
     target_text,
 )
 from fastagi.agi import AGISession, Environment
+from fastagi.escalate import Escalation
 from fastagi.store import Store, StoreError
 
 log = logging.getLogger("fastagi.screening")
@@ -99,6 +101,7 @@ class Screener:
         redis_budget: float,
         observer: StepObserver | None = None,
         prefixes: Prefixes | None = None,
+        escalation: Escalation | None = None,
     ) -> None:
         self.store = store
         self.ignore = ignore
@@ -106,6 +109,7 @@ class Screener:
         self.redis_budget = redis_budget
         self.observer = observer or StepObserver()
         self.prefixes = prefixes or Prefixes()
+        self.escalation = escalation or Escalation()
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -139,14 +143,24 @@ class Screener:
                 lost = error
         # counted and banned as its prefix; the address alone when the prefix would
         # also cover an ignored network
-        target = target_text(self.prefixes.target(address, self.ignore))
-        outcome = await self._count(target, bool(session.stray))
+        network = self.prefixes.target(address, self.ignore)
+        outcome = await self._count(target_text(network), bool(session.stray))
+        if outcome.new_ban and self.escalation.prefix:
+            await self._escalate(network, outcome.ban_until or 0.0)
         if lost is not None:
             raise lost
         if self.log_notice:
             await session.answer()
         outcome.address = address
         return outcome
+
+    async def _escalate(self, network: IPNetwork, until: float) -> None:
+        """A new ban may complete a wider prefix (escalate.py); within the store budget."""
+        try:
+            async with asyncio.timeout(self.redis_budget):
+                await self.escalation.after_ban(self.store, network, until, self.ignore)
+        except (StoreError, TimeoutError) as error:
+            log.error("escalation after the ban of %s failed: %s", target_text(network), error)
 
     async def _count(self, ip: str, injected: bool) -> Outcome:
         started = time.perf_counter()

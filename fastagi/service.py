@@ -61,6 +61,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
 
     The Redis step gets at most half of a session and three `redis.timeout`s, so a
     slow Redis still leaves time to answer Asterisk."""
+    from fastagi.escalate import Escalation
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
@@ -74,6 +75,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         redis_budget,
         metrics,
         prefixes=screening.prefixes(),
+        escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
     )
     return FastAGIServer(
         screener,

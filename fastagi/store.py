@@ -298,6 +298,21 @@ class Store:
             await self._replicated(conn, ip)
         return int(until) / 1000.0
 
+    async def note_inside(self, wider: str, target: str, until: float) -> tuple[int, bool]:
+        """Record that `target`, inside `wider`, is banned until `until`: (how many bans
+        inside `wider` are running, whether `wider` itself is banned now). One pipeline:
+        a call racing it may see one ban fewer, which delays the escalation by one ban."""
+        now_ms = int(time.time() * 1000)
+        key = self.keys.inside(wider)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {target: int(until * 1000)})
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zcard(key)
+            pipe.pexpire(key, self.policy.history_ms)  # no ban outlives ban_time_max
+            pipe.zscore(self.keys.banned, wider)
+            _, _, running, _, wider_until = await self._call("escalation", pipe.execute())
+        return int(running), wider_until is not None and wider_until > now_ms
+
     async def unban(self, ips: Iterable[str]) -> list[str]:
         """Lift these bans everywhere and reset their counts; the addresses that were banned."""
         lifted: list[str] = []

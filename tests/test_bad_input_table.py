@@ -41,6 +41,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.log_notice": ['"maybe"', "5", "[true]"],
     "screening.ipv4_prefix": ['"wide"', "8", "33", "true", "24.5", '"/24"'],
     "screening.ipv6_prefix": ["16", "129", "false", "64.0", '"/64"', "[64]"],
+    "screening.escalate_prefix": ["16", "128", "64", "-1", "true", '"/48"'],
+    "screening.escalate_after": ["1", "0", '"four"', "true"],
     "redis.url": ['"http://10.0.0.5"', "5", '"10.0.0.5:6379"', "true"],
     "redis.key_prefix": ["5", "true"],
     "redis.timeout": BAD_DURATION,

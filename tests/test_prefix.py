@@ -249,3 +249,49 @@ def test_the_embedded_service_counts_per_prefix_too(tmp_path):
         assert "SCREEN_RESULT=BANNED" in out
         status = json.loads(ctl("status", "--json", env=service.env).stdout)
         assert [b["ip"] for b in status["banned"]["list"]] == ["2001:db8:5::/64"]
+
+
+# -- escalation (optional, off by default) ------------------------------------------------
+def _scanner(url: str, **overrides: str):
+    """Three /64s of one /48, each banned by the threshold (2 calls), and a fourth /64."""
+
+    async def main():
+        async with running_server(url, SCREENING_THRESHOLD="2", **overrides) as srv:
+            for n in (1, 2, 3):
+                for _ in range(2):
+                    await srv.call(Call(source=f"2001:db8:9:{n}::1", channel_type="PJSIP"))
+            return await srv.store.banned(), await srv.store.totals()
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_escalation_bans_the_48_after_enough_64s(store, request):
+    url = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    banned, totals = _scanner(url, SCREENING_ESCALATE_PREFIX="48", SCREENING_ESCALATE_AFTER="2")
+    assert set(banned) == {
+        "2001:db8:9:1::/64",
+        "2001:db8:9:2::/64",
+        "2001:db8:9:3::/64",
+        "2001:db8:9::/48",  # at the second /64, once only
+    }
+    assert totals["bans"] == 4
+
+
+def test_escalation_is_off_by_default_and_never_covers_ignore():
+    banned, _ = _scanner("memory://")
+    assert len(banned) == 3 and not any(t.endswith("/48") for t in banned)
+    ignore = '["127.0.0.0/8", "2001:db8:9:ff::1/128"]'
+    banned, _ = _scanner(
+        "memory://",
+        SCREENING_ESCALATE_PREFIX="48",
+        SCREENING_ESCALATE_AFTER="2",
+        SCREENING_IGNORE=ignore,
+    )
+    assert len(banned) == 3 and not any(t.endswith("/48") for t in banned)
+
+
+def test_escalate_prefix_must_be_wider_than_ipv6_prefix(tmp_path):
+    env = {"FASTAGI_SCREENING_ESCALATE_PREFIX": "64", "FASTAGI_RUNTIME_DIR": str(tmp_path)}
+    proc = ctl("status", env=env)
+    assert proc.returncode == 2 and "screening.escalate_prefix" in proc.stderr
