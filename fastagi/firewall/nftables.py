@@ -1,11 +1,15 @@
-"""The nftables backend: our own `inet` table, two interval sets with per-element timeouts.
+"""The nftables backend: our own `inet` table, sets with per-element timeouts.
 
     table inet fastagi {
         comment "fastagi-screen"       # our mark: a table of that name without it is refused
-        set ban4 { type ipv4_addr; flags interval, timeout; }   # addresses and prefixes
-        set ban6 { type ipv6_addr; flags interval, timeout; }
+        set ban4 { type ipv4_addr; flags timeout; }       # single addresses (hash)
+        set ban6 { type ipv6_addr; flags timeout; }
+        set ban6_64 { type ipv6_addr; flags timeout; }    # /64 prefixes (hash, masked match)
+        set net4 { type ipv4_addr; flags interval, timeout; }   # any other prefix
+        set net6 { type ipv6_addr; flags interval, timeout; }
         chain input { type filter hook input priority filter - 10; policy accept;
-                      ip saddr @ban4 drop; ip6 saddr @ban6 drop }
+                      ip saddr @ban4 drop; ip saddr @net4 drop; ip6 saddr @ban6 drop;
+                      ip6 saddr & ffff:ffff:ffff:ffff:: @ban6_64 drop; ip6 saddr @net6 drop }
         chain forward { ... }          # only with firewall.forward
     }
 
@@ -14,12 +18,16 @@ transaction (all or nothing), sent through libnftables (ctypes, no fork) or, whe
 library cannot be loaded, through `nft -f -`. 100,000 elements load in well under a
 second. We never touch anything outside our table, and never a table of our configured
 name that we did not create (a distribution's `inet filter`): claim() refuses it. A
-table an older version made (no mark, sets without `interval`, nothing but our sets,
-chains and drop rules) is ours: setup() recreates it.
+table an older version made (no mark, nothing but our sets, chains and drop rules) is
+ours: setup() recreates it.
 
-Interval sets refuse overlapping elements, so the kernel holds the bans flattened
-(_common.flatten: a prefix inside a wider banned one is folded into it); the backend
-keeps the bans it was given and writes the difference of the flattened views.
+Why hash sets for addresses and /64s: nft 1.0.6 checks an interval set's elements for
+overlaps in userspace, so adding one element to an interval set of 100,000 costs
+~2.4 s and deleting 1,000 from 10,000 ~12 s, where a hash set takes milliseconds. The
+interval sets hold the rarer prefixes (a /48, an IPv4 /24); they refuse overlapping
+elements, so those are kept flattened (_common.flatten: a prefix inside a wider
+banned one is folded into it). The backend keeps the bans it was given and writes
+the difference between what it wrote and what it wants now.
 """
 
 from __future__ import annotations
@@ -59,7 +67,17 @@ from .base import (
 
 log = logging.getLogger("fastagi.firewall")
 
-SET4, SET6 = "ban4", "ban6"
+SET4, SET6, SET6_64, NET4, NET6 = "ban4", "ban6", "ban6_64", "net4", "net6"
+# set -> (type, flags); ban4/ban6 are the sets of versions before prefixes, unchanged
+SETS = {
+    SET4: ("ipv4_addr", "timeout"),
+    SET6: ("ipv6_addr", "timeout"),
+    SET6_64: ("ipv6_addr", "timeout"),
+    NET4: ("ipv4_addr", "interval, timeout"),
+    NET6: ("ipv6_addr", "interval, timeout"),
+}
+INTERVAL_SETS = (NET4, NET6)
+REWRITE_AT = 64  # deletions or refreshes in one call beyond which the sets are rewritten
 PRIORITY = "filter - 10"
 MAX_TIMEOUT_MS = 36_500 * 86_400_000  # before the distribution's own filter chains
 
@@ -224,8 +242,10 @@ class NftablesFirewall:
         t = f"inet {self.table}"
         lines = [
             f'add table {t} {{ comment "{OWNER_MARK}"; }}',  # the mark: set on creation only
-            f"add set {t} {SET4} {{ type ipv4_addr; flags interval, timeout; }}",
-            f"add set {t} {SET6} {{ type ipv6_addr; flags interval, timeout; }}",
+            *(
+                f"add set {t} {name} {{ type {kind}; flags {flags}; }}"
+                for name, (kind, flags) in SETS.items()
+            ),
         ]
         hooks = ["input", "forward"] if self.settings.forward else ["input"]
         for hook in hooks:
@@ -245,7 +265,13 @@ class NftablesFirewall:
         return lines
 
     def _matches(self) -> list[str]:
-        sources = [f"ip saddr @{SET4}", f"ip6 saddr @{SET6}"]
+        sources = [
+            f"ip saddr @{SET4}",
+            f"ip saddr @{NET4}",
+            f"ip6 saddr @{SET6}",
+            f"ip6 saddr & ffff:ffff:ffff:ffff:: @{SET6_64}",
+            f"ip6 saddr @{NET6}",
+        ]
         if self._ports is None:
             return sources
         out = []
@@ -256,11 +282,11 @@ class NftablesFirewall:
         return out
 
     def _elements(self, bans: Mapping[IPNetwork, float], now: float, timeouts: bool) -> dict:
-        by_set: dict[str, list[str]] = {SET4: [], SET6: []}
+        by_set: dict[str, list[str]] = {name: [] for name in SETS}
         for network, until in bans.items():
-            name = SET4 if network.version == 4 else SET6
+            name = _set_of(network)
             ms = remaining_ms(until, now) if timeouts else None
-            text = network.compressed  # "192.0.2.9/32": one element either way
+            text = network.compressed if name in INTERVAL_SETS else str(network.network_address)
             by_set[name].append(text if ms is None else f"{text} timeout {_duration(ms)}")
         return {name: elems for name, elems in by_set.items() if elems}
 
@@ -273,7 +299,7 @@ class NftablesFirewall:
     # -- ownership ---------------------------------------------------------------------
     def _inspect(self) -> str:
         """'absent', 'ours' or 'outdated' (ours, from a version without the mark or
-        without interval sets); FirewallConflict when the table is someone else's."""
+        with other sets); FirewallConflict when the table is someone else's."""
         try:
             text = self._run(f"list table inet {self.table}\n", terse=True)
         except FirewallError as exc:
@@ -285,10 +311,8 @@ class NftablesFirewall:
         shape = json.loads(
             self._run(f"list table inet {self.table}\n", json_output=True, terse=True) or "{}"
         ).get("nftables", [])
-        sets = {i["set"]["name"]: i["set"].get("flags", []) for i in shape if "set" in i}
-        interval = all("interval" in sets.get(name, ["interval"]) for name in (SET4, SET6))
         if marked:
-            return "ours" if interval else "outdated"
+            return "ours" if _sets_as_ours(shape) else "outdated"
         if _older_version(shape):
             return "outdated"
         raise FirewallConflict(
@@ -311,7 +335,7 @@ class NftablesFirewall:
                 self._kernel = {}
         if state == "outdated":
             log.warning(
-                "nftables: table inet %s came from an older version (no interval sets): "
+                "nftables: table inet %s came from an older version: "
                 "recreated, the agent refills it",
                 self.table,
             )
@@ -324,41 +348,63 @@ class NftablesFirewall:
         )
         self._announced = True
 
-    def _write(self, now: float, unknown: Iterable[IPNetwork] = ()) -> None:
-        """Bring the kernel from _kernel to flatten(live _known). Deletes go first, in a
-        transaction of their own: nft checks overlaps against the elements before the
-        transaction, so a /64 cannot become its /48 within one. `unknown`: networks
-        asked to be deleted that we never wrote (another process's), deleted if that
-        overlaps nothing we keep."""
-        wanted = flatten({n: u for n, u in self._known.items() if u > now})
-        gone = {n: math.inf for n in self._kernel if n not in wanted}
-        for network in unknown:
-            if network not in self._kernel and not any(
-                network.version == k.version and network.overlaps(k)  # type: ignore[arg-type]
-                for k in wanted
-            ):
-                gone[network] = math.inf
-        changed = {n: u for n, u in wanted.items() if n not in self._kernel or self._kernel[n] != u}
+    def _write(self, now: float, touched: Iterable[IPNetwork]) -> None:
+        """Bring the kernel's elements for the `touched` networks in line with the live
+        _known bans, looking only at those (a hash set's elements are independent) and,
+        when an interval set is concerned, at that set's whole flattened layout. A
+        touched network we never wrote is deleted all the same (another process's),
+        unless that would cut into an interval we keep. Deletes go first, in their own
+        transaction: nft checks an interval set's overlaps against the elements before
+        the transaction, so a /56 cannot become its /48 within one."""
+        touched = set(touched)
+        plain = [n for n in touched if _set_of(n) not in INTERVAL_SETS]
+        wanted = {n: self._known[n] for n in plain if self._known.get(n, 0) > now}
+        current = {n: self._kernel[n] for n in plain if n in self._kernel}
+        gone = {n: math.inf for n in plain if n not in wanted}
+        if len(plain) < len(touched):
+            live = {n: u for n, u in self._known.items() if u > now}
+            intervals = flatten({n: u for n, u in live.items() if _set_of(n) in INTERVAL_SETS})
+            wanted.update(intervals)
+            current.update({n: u for n, u in self._kernel.items() if _set_of(n) in INTERVAL_SETS})
+            gone.update({n: math.inf for n in current if n not in intervals})
+            for network in touched - set(plain) - set(intervals) - set(current):
+                if not any(network.overlaps(k) for k in intervals if k.version == network.version):  # type: ignore[arg-type]
+                    gone[network] = math.inf
+        new = {n: u for n, u in wanted.items() if n not in current}
+        refresh = {n: u for n, u in wanted.items() if n in current and current[n] != u}
+        if len(gone) + len(refresh) > REWRITE_AT:  # nft deletes one by one: slow in bulk
+            self._rewrite(_layout({n: u for n, u in self._known.items() if u > now}), now)
+            return
         if gone:
             # add first (no error when present), then delete: no error when absent
-            plain = self._elements(gone, now, False)
+            elements = self._elements(gone, now, False)
             self._run(
-                "\n".join(self._element_lines("add", plain) + self._element_lines("delete", plain))
+                "\n".join(
+                    self._element_lines("add", elements) + self._element_lines("delete", elements)
+                )
                 + "\n"
             )
             for network in gone:
                 self._kernel.pop(network, None)
-        if changed:
-            # Re-adding an element keeps its old timeout, so: add (never fails), delete,
-            # add with the new timeout, all in the same transaction.
-            plain = self._elements(changed, now, False)
+        if new or refresh:
+            # Re-adding an element keeps its old timeout on older kernels, so a refresh is
+            # add (never fails), delete, add with the new timeout, in one transaction.
+            elements = self._elements(refresh, now, False)
             script = (
-                self._element_lines("add", plain)
-                + self._element_lines("delete", plain)
-                + self._element_lines("add", self._elements(changed, now, True))
+                self._element_lines("add", elements)
+                + self._element_lines("delete", elements)
+                + self._element_lines("add", self._elements({**new, **refresh}, now, True))
             )
             self._run("\n".join(script) + "\n")
-            self._kernel.update(changed)
+            self._kernel.update(new)
+            self._kernel.update(refresh)
+
+    def _rewrite(self, wanted: dict[IPNetwork, float], now: float) -> None:
+        """Every set emptied and refilled, in one transaction."""
+        script = [f"flush set inet {self.table} {name}" for name in SETS]
+        script += self._element_lines("add", self._elements(wanted, now, True))
+        self._run("\n".join(script) + "\n")
+        self._kernel = dict(wanted)
 
     def add(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
@@ -369,7 +415,7 @@ class NftablesFirewall:
             self._known.update(live)
             for network in past:
                 self._known.pop(network, None)
-            self._write(now, past)
+            self._write(now, [*live, *past])
             self._stats.adds += len(live)
 
     def delete(self, networks: Iterable[IPNetwork]) -> None:
@@ -385,14 +431,10 @@ class NftablesFirewall:
     def set(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, _ = split_live(bans, now)
-        wanted = flatten(live)
-        script = [f"flush set inet {self.table} {SET4}", f"flush set inet {self.table} {SET6}"]
-        script += self._element_lines("add", self._elements(wanted, now, True))
         with self._lock:
-            self._run("\n".join(script) + "\n")
+            self._rewrite(_layout(live), now)
             count_replaced(self._stats, self._known, live)
             self._known = dict(live)
-            self._kernel = wanted
 
     def expire(self, now: float | None = None) -> list[IPNetwork]:
         return []  # the kernel does it
@@ -405,7 +447,7 @@ class NftablesFirewall:
             text = self._run(f"list table inet {self.table}\n", json_output=True)
         for item in json.loads(text or "{}").get("nftables", []):
             found = item.get("set", {})
-            if found.get("name") not in (SET4, SET6):
+            if found.get("name") not in SETS:
                 continue
             for elem in found.get("elem", []):
                 if isinstance(elem, dict) and "elem" in elem:
@@ -415,6 +457,8 @@ class NftablesFirewall:
                     value, until = elem, math.inf
                 if isinstance(value, dict) and "prefix" in value:  # {"prefix": {addr, len}}
                     value = f"{value['prefix'].get('addr')}/{value['prefix'].get('len')}"
+                elif found.get("name") == SET6_64:
+                    value = f"{value}/64"
                 try:
                     out[ipaddress.ip_network(value)] = until
                 except (TypeError, ValueError):
@@ -422,7 +466,7 @@ class NftablesFirewall:
         return out
 
     def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
-        """Our table and both sets exist, as interval sets, read without their elements
+        """Our table and its sets exist, with their types, read without their elements
         (a millisecond at any size; listing or even `get element` makes nft load all
         100,000 elements, about a second). A deleted table is caught here; the input
         chain's rules are rewritten by every setup(); a set flushed by hand is refilled
@@ -436,12 +480,9 @@ class NftablesFirewall:
                 )
         except FirewallError:
             return False
-        flags = {
-            item["set"].get("name"): item["set"].get("flags", [])
-            for item in json.loads(text or "{}").get("nftables", [])
-            if "set" in item
-        }
-        return all("interval" in flags.get(name, []) for name in (SET4, SET6))
+        shape = json.loads(text or "{}").get("nftables", [])
+        names = {item["set"].get("name") for item in shape if "set" in item}
+        return names >= set(SETS) and _sets_as_ours(shape)
 
     def teardown(self) -> None:
         with self._lock:
@@ -505,6 +546,32 @@ class NftablesFirewall:
                 self._stats.errors,
                 {"table": f"inet {self.table}", "transport": getattr(self._nft, "where", "")},
             )
+
+
+def _set_of(network: IPNetwork) -> str:
+    if network.version == 4:
+        return SET4 if network.prefixlen == 32 else NET4
+    return {128: SET6, 64: SET6_64}.get(network.prefixlen, NET6)
+
+
+def _layout(bans: Mapping[IPNetwork, float]) -> dict[IPNetwork, float]:
+    """The elements the kernel holds for these bans: those of the interval sets
+    flattened (they refuse overlaps), the others as they are."""
+    intervals = {n: u for n, u in bans.items() if _set_of(n) in INTERVAL_SETS}
+    if not intervals:
+        return dict(bans)  # the common case: a copy keeps the keys' hashes
+    return {**{n: u for n, u in bans.items() if n not in intervals}, **flatten(intervals)}
+
+
+def _sets_as_ours(shape: list[dict]) -> bool:
+    """Every set of ours that exists has the type and flags this version gives it."""
+    for item in shape:
+        found = item.get("set")
+        if found and found.get("name") in SETS:
+            kind, flags = SETS[found["name"]]
+            if found.get("type") != kind or found.get("flags", []) != flags.split(", "):
+                return False
+    return True
 
 
 def _older_version(shape: list[dict]) -> bool:
