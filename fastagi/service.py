@@ -225,7 +225,12 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         metrics = service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    agent = await _start_agent(config, None)
+    try:
+        agent = await _start_agent(config, None)
+    except ServiceUsageError:
+        if metrics is not None:
+            metrics.close()
+        raise
     try:
         await _until_signalled()
     finally:
