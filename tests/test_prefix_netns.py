@@ -202,6 +202,8 @@ def test_calls_from_one_64_ban_the_whole_64_on_the_pbx(backend, pbx_clean, redis
         assert _wait(lambda: not reach(ROTATING6_HOSTS[7]), 5), log.read_text()
         assert not any(reach(ip) for ip in SAMPLE)
         assert reach(ATTACKER6), "another /64 was dropped"
+        # the configured default firewall.ports: SIP only, the /64's other traffic passes
+        assert topo.can_reach("attacker", "pbx1", OTHER_UDP, 6, ROTATING6_HOSTS[0], PROBE)
         assert agent.poll() is None
     finally:  # the agent only: the echo listeners of the module stay
         os.killpg(agent.pid, signal.SIGTERM)
