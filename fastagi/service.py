@@ -22,6 +22,7 @@ from fastagi.redis_link import SharedLink
 from fastagi.store import Policy, Store, StoreError, redis_client
 
 if TYPE_CHECKING:
+    from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
@@ -131,6 +132,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     from fastagi import metrics as service_metrics
 
     _setup_logging()
+    firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
         metrics = service_metrics.start(config.metrics.listen, store)
@@ -144,8 +146,8 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     agent = None
     try:
         bound = await server.start(*server_cfg.listen)
-        if not args.no_agent:
-            agent = await _start_agent(config, store)
+        if firewall is not None:
+            agent = _start_agent(config, store, firewall)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s)",
@@ -171,13 +173,10 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
 AGENT_BLOCK_MS = 500
 
 
-async def _start_agent(
-    config: Config, store: Store | None
-) -> tuple[Agent, asyncio.Task, Store | None]:
-    """The agent, on the service's store (embedded) or on a Redis client of its own.
-    A chain/table/set of our configured name that is someone else's stops the start
-    (one line, exit 2) before anything is touched; other firewall trouble the agent
-    retries and logs."""
+async def _claimed_firewall(config: Config) -> Firewall:
+    """The configured backend, once it is clear that no chain/table/set of our name is
+    someone else's: that stops the start (one line, exit 2) before the service listens
+    or anything is touched. Other firewall trouble the agent retries and logs."""
     from fastagi.firewall import FirewallConflict, FirewallError, create
 
     firewall = create(config.firewall.settings())
@@ -187,6 +186,13 @@ async def _start_agent(
         raise ServiceUsageError(str(error)) from None
     except FirewallError as error:
         log.warning("firewall: %s; the agent keeps trying", error)
+    return firewall
+
+
+def _start_agent(
+    config: Config, store: Store | None, firewall: Firewall
+) -> tuple[Agent, asyncio.Task, Store | None]:
+    """The agent, on the service's store (embedded) or on a Redis client of its own."""
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
@@ -221,16 +227,12 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
     from fastagi import metrics as service_metrics
 
     _setup_logging()
+    firewall = await _claimed_firewall(config)
     try:
         metrics = service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    try:
-        agent = await _start_agent(config, None)
-    except ServiceUsageError:
-        if metrics is not None:
-            metrics.close()
-        raise
+    agent = _start_agent(config, None, firewall)
     try:
         await _until_signalled()
     finally:
