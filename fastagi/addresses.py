@@ -11,6 +11,7 @@ a whole IPv6 /64 (often a /48), so callers are counted and banned per prefix
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,12 +22,20 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 WIDEST = {4: 16, 6: 32}
 
 
+_ZONE = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an interface name (IFNAMSIZ) or index
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 class AddressError(ValueError):
     """Text that is not one IP address."""
 
 
 def parse_address(text: str) -> IPAddress:
-    """Parse `203.0.113.9`, `203.0.113.9:5060`, `2001:db8::9` or `[2001:db8::9]:5060`."""
+    """Parse `203.0.113.9`, `203.0.113.9:5060`, `2001:db8::9` or `[2001:db8::9]:5060`.
+
+    An IPv6 zone (`fe80::1%eth0`: what CHANNEL(recvip) says for a link-local caller)
+    names our interface, not the caller: it is dropped, so the caller is counted, banned
+    and shown as `fe80::1`, whichever interface it came in on."""
     candidate = text.strip()
     if not candidate or len(candidate) > 64:
         raise AddressError(f"not an IP address: {text[:64]!r}")
@@ -40,12 +49,15 @@ def parse_address(text: str) -> IPAddress:
         if not _is_port(":" + port):
             raise AddressError(f"not an IP address: {text!r}")
         candidate = host
-    if "%" in candidate:  # a zone index names an interface, not a caller
+    candidate, percent, zone = candidate.partition("%")
+    if percent and not _ZONE.fullmatch(zone):
         raise AddressError(f"not an IP address: {text!r}")
     try:
         address = ipaddress.ip_address(candidate)
     except ValueError:
         raise AddressError(f"not an IP address: {text!r}") from None
+    if percent and not isinstance(address, ipaddress.IPv6Address):
+        raise AddressError(f"not an IP address: {text!r}")
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
@@ -108,7 +120,10 @@ class Prefixes:
 
     def target(self, address: IPAddress, avoid: AddressSet | None = None) -> IPNetwork:
         """The caller's prefix; just the address when that prefix would also cover an
-        `avoid` network (an ignored office inside the scanner's /64 stays reachable)."""
+        `avoid` network (an ignored office inside the scanner's /64 stays reachable), and
+        for a link-local caller (fe80::/64 is every host of the link, not one owner's)."""
+        if address.is_link_local:
+            return ipaddress.ip_network(address)
         network = ipaddress.ip_network((address, self.length(address.version)), strict=False)
         if avoid is not None and network in avoid:
             return ipaddress.ip_network(address)
@@ -124,10 +139,15 @@ class Prefixes:
 
 
 class AddressSet:
-    """A list of networks (`ignore`, `allowed_clients`) with a membership test."""
+    """A list of networks (`ignore`, `allowed_clients`) with a membership test.
+
+    Callers are IPv4 when Asterisk says `::ffff:192.0.2.9` (parse_address folds it), so
+    an entry in IPv4-mapped form (`::ffff:192.0.2.0/120`) also matches as its IPv4
+    network, and a mapped address is tested as IPv4: one caller, one answer."""
 
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
+        self._match = tuple(_unmapped(network) for network in self.networks)
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> AddressSet:
@@ -137,8 +157,19 @@ class AddressSet:
         """An address inside one of the networks; a network (a ban target) that overlaps
         one: banning it would also cut off the listed addresses."""
         if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
-            return any(overlaps(item, network) for network in self.networks)
-        return any(item in network for network in self.networks)
+            item = _unmapped(item)
+            return any(overlaps(item, network) for network in self._match)
+        if isinstance(item, ipaddress.IPv6Address) and item.ipv4_mapped is not None:
+            item = item.ipv4_mapped
+        return any(item in network for network in self._match)
 
     def __iter__(self):
         return iter(self.networks)
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped IPv6 network as the IPv4 network it stands for."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        first = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
+        return ipaddress.IPv4Network((first, network.prefixlen - 96))
+    return network

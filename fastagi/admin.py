@@ -152,6 +152,17 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
     return 0 if ok else 1
 
 
+def _check_target(target: str) -> None:
+    """agi://HOST[:PORT]/ROUTE, or one line saying why not (urlsplit raises on some)."""
+    try:
+        parts = urlsplit(target)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError as error:
+        raise UsageError(f"--target: {target!r} is not agi://HOST[:PORT]/ROUTE ({error})") from None
+    if parts.scheme != "agi" or not parts.hostname:
+        raise UsageError(f"--target: {target!r} is not agi://HOST[:PORT]/ROUTE")
+
+
 async def cmd_simulate(args: argparse.Namespace, config: Config) -> int:
     from fastagi.emulator import Call, FakeAsterisk
 
@@ -160,9 +171,8 @@ async def cmd_simulate(args: argparse.Namespace, config: Config) -> int:
     except AddressError as error:
         raise UsageError(f"--ip: {error}") from None
     host, port = config.server.listen
-    target = args.target or f"agi://{host}:{port}/screen"
-    if not target.startswith("agi://") or (urlsplit(target).port is None and ":" in target[6:]):
-        raise UsageError(f"--target: {target!r} is not agi://HOST[:PORT]/ROUTE")
+    target = args.target or f"agi://{f'[{host}]' if ':' in host else host}:{port}/screen"
+    _check_target(target)
     if not 1 <= args.calls <= 100_000:
         raise UsageError("--calls: between 1 and 100000")
     emulator = FakeAsterisk(hold_limit=config.server.session_timeout + 5)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.connection import parse_url
+
 from fastagi.addresses import WIDEST, AddressError, AddressSet, Prefixes, parse_network
 from fastagi.firewall._common import parse_ports
 from fastagi.firewall.base import SIP_PORTS, FirewallError, FirewallSettings
@@ -44,8 +46,9 @@ def parse_duration(value: Any) -> float:
         if not match:
             raise ValueError(f"{value!r} is not a duration (use 250ms, 30s, 10m, 1h, 1d, 1w)")
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0 or seconds > 10 * 365 * 86400:
-        raise ValueError(f"{value!r} is out of range (more than 0, at most 10 years)")
+    # `not` of the comparison: NaN (TOML `nan`) fails every comparison, so it is refused too
+    if not 0.001 <= seconds <= 10 * 365 * 86400:
+        raise ValueError(f"{value!r} is out of range (at least 1ms, at most 10 years)")
     return seconds
 
 
@@ -68,8 +71,9 @@ def _sentinels(value: Any) -> tuple[str, ...]:
     return entries
 
 
-def _whole(minimum: int) -> Callable[[Any], int]:
-    """A parser of whole numbers of at least `minimum` (a TOML bool is not one)."""
+def _whole(minimum: int, maximum: int) -> Callable[[Any], int]:
+    """A parser of whole numbers from `minimum` to `maximum` (a TOML bool is not one);
+    the maximum keeps absurd values out of the Lua step and Redis commands."""
 
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -77,15 +81,11 @@ def _whole(minimum: int) -> Callable[[Any], int]:
                 value = int(str(value))
             except ValueError:
                 raise ValueError(f"{value!r} is not a whole number") from None
-        if value < minimum:
-            raise ValueError(f"{value} must be at least {minimum}")
+        if not minimum <= value <= maximum:
+            raise ValueError(f"{value} must be from {minimum} to {maximum:,}")
         return value
 
     return parse
-
-
-_positive_int = _whole(1)
-_count = _whole(0)
 
 
 def _factor(value: Any) -> float:
@@ -100,24 +100,10 @@ def _factor(value: Any) -> float:
     return number
 
 
-def _prefix_length(low: int, high: int) -> Callable[[Any], int]:
-    """A prefix length within [low, high]: wider would let one caller's calls ban a
-    network the size of a provider."""
-    whole = _whole(low)
-
-    def parse(value: Any) -> int:
-        length = whole(value)
-        if length > high:
-            raise ValueError(f"{length} must be at most {high}")
-        return length
-
-    return parse
-
-
 def _escalate_prefix(value: Any) -> int:
     """0 (off) or an IPv6 prefix length no wider than WIDEST."""
-    length = _count(value)
-    if length and not WIDEST[6] <= length <= 127:
+    length = _whole(0, 127)(value)
+    if length and length < WIDEST[6]:
         raise ValueError(f"{length}: 0 (off) or {WIDEST[6]}-127")
     return length
 
@@ -156,9 +142,28 @@ def _bool(value: Any) -> bool:
 
 
 def _redis_url(value: Any) -> str:
+    """A URL redis-py will take as it is: checked here, or it fails later with a
+    traceback (a bad port) or silently (a database that is not a number means 0)."""
     url = _string(value)
     if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
         raise ValueError(f"{url!r}: use memory://, redis://, rediss:// or unix://")
+    if url.startswith("memory://"):
+        return url
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        parse_url(url)
+    except ValueError as error:
+        raise ValueError(f"{redacted(url)!r}: {error}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{redacted(url)!r}: no socket path (unix:///run/redis.sock)")
+        return url
+    if not parts.hostname:
+        raise ValueError(f"{redacted(url)!r}: no host (redis://HOST[:PORT][/DB])")
+    database = parts.path.strip("/")
+    if database and not (database.isascii() and database.isdigit()):
+        raise ValueError(f"{redacted(url)!r}: database {database!r} is not a number")
     return url
 
 
@@ -199,12 +204,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "server": {
         "listen": (_host_port, "127.0.0.1:4573"),
         "allowed_clients": (_networks, ["127.0.0.1/32", "::1/128"]),
-        "max_sessions": (_positive_int, 256),
+        "max_sessions": (_whole(1, 1_000_000), 256),
         "session_timeout": (parse_duration, "5s"),
         "runtime_dir": (_string, ""),
     },
     "screening": {
-        "threshold": (_positive_int, 5),
+        "threshold": (_whole(1, 1_000_000), 5),
         "window": (parse_duration, "10m"),
         "ban_time": (parse_duration, "1h"),
         "ban_time_factor": (_factor, 2.0),
@@ -213,12 +218,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
         # Callers are counted and banned per prefix: an IPv6 scanner owns a whole /64.
-        "ipv4_prefix": (_prefix_length(WIDEST[4], 32), 32),
-        "ipv6_prefix": (_prefix_length(WIDEST[6], 128), 64),
+        # (no wider than WIDEST: one caller's calls would ban a provider's customers)
+        "ipv4_prefix": (_whole(WIDEST[4], 32), 32),
+        "ipv6_prefix": (_whole(WIDEST[6], 128), 64),
         # Off by default: ban the wider IPv6 prefix (e.g. 48) once escalate_after
         # prefixes inside it are banned at the same time (escalate.py).
         "escalate_prefix": (_escalate_prefix, 0),
-        "escalate_after": (_whole(2), 4),
+        "escalate_after": (_whole(2, 1_000_000), 4),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -228,7 +234,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "sentinel_service": (_string, "mymaster"),
         # Durability across a failover: after a step that bans, WAIT for this many
         # replicas to have the ban (0: do not wait), at most wait_timeout.
-        "wait_replicas": (_count, 0),
+        "wait_replicas": (_whole(0, 100), 0),
         "wait_timeout": (parse_duration, "100ms"),
         # Redis Cluster: `url` is any one node (a seed); the client follows the slot map.
         "cluster": (_bool, False),
@@ -439,7 +445,10 @@ def pbx_id(config: Config) -> str:
 
 def redacted(url: str) -> str:
     """The URL without its password, for logs and status."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # unbalanced brackets: no password to find
+        return url
     if parts.password:
         return url.replace(f":{parts.password}@", ":***@")
     return url

@@ -19,13 +19,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fastagi import logs
 from fastagi.screening import Outcome, StepObserver
 from fastagi.server import Observer
 
@@ -39,6 +48,9 @@ RESULTS = ("COUNTED", "BANNED", "IGNORED", "ERROR")
 SESSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 SCRAPE_BUDGET = 1.0  # seconds the cluster read may take inside one scrape
+MAX_CONNECTIONS = 64  # open /metrics connections; a new one closes the oldest idle one
+READ_TIMEOUT = 5.0  # seconds a /metrics client has to send its request (and to read)
+MAX_REQUEST = 8192  # bytes of request head
 # (metric, key of the store's stats hash, help): the totals `fastagi-ctl status` prints
 CLUSTER_COUNTERS = (
     (
@@ -92,7 +104,8 @@ class Metrics(Observer, StepObserver):
         )
         self.refused_total = Counter(
             "fastagi_sessions_refused",
-            "Connections refused: busy (max_sessions) or client (not in allowed_clients)",
+            "Connections not served: busy (max_sessions), client (not in allowed_clients), "
+            "reset (by the peer before the session started)",
             ["reason"],
             registry=r,
         )
@@ -145,14 +158,15 @@ class Metrics(Observer, StepObserver):
             for result in (*RESULTS, "none")
         }
         self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
-        for reason in ("busy", "client"):
+        for reason in ("busy", "client", "reset"):
             self.refused_total.labels(reason)
         for reason in ("timeout", "protocol", "connection"):
             self.aborted.labels(reason)
         for kind in ("error", "timeout"):
             self.redis_errors.labels(kind)
         self._routes = {route: route for route in ROUTES}
-        self._http = None
+        self._http: MetricsEndpoint | None = None
+        self.registry.register(LogCollector())
         if store is not None:
             self.registry.register(ClusterCollector(store, asyncio.get_running_loop()))
 
@@ -206,22 +220,99 @@ class Metrics(Observer, StepObserver):
 
     # -- the endpoint ----------------------------------------------------------------
 
-    def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Start /metrics in a thread; returns the bound address."""
+    async def serve(self, host: str, port: int) -> tuple[str, int]:
+        """Serve /metrics on this loop; returns the bound address."""
         global _active
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self._http = server
+        self._http = MetricsEndpoint(self.registry)
+        where = await self._http.start(host, port)
         _active = self
-        return server.server_address[:2]
+        return where
 
     def close(self) -> None:
         global _active
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
             self._http = None
         if _active is self:
             _active = None
+
+
+class MetricsEndpoint:
+    """A small HTTP server for scrapes, on the service's loop.
+
+    prometheus-client's own server starts a thread per connection: 1,000 idle
+    connections made 1,008 threads. Here a connection is a socket and a task; at most
+    MAX_CONNECTIONS are open (a new one closes the oldest that is still idle, so a
+    scraper always gets in), each must send its request within READ_TIMEOUT, and the
+    registry is read on one thread of its own (the cluster numbers are read back on
+    this loop, which must stay free meanwhile)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._server: asyncio.Server | None = None
+        self._idle: dict[asyncio.StreamWriter, None] = {}  # still reading, oldest first
+        self._busy: set[asyncio.StreamWriter] = set()
+        self._scraper = ThreadPoolExecutor(1, thread_name_prefix="metrics-scrape")
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.start_server(
+            self._connection, host, port, limit=MAX_REQUEST, reuse_address=True
+        )
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        if len(self._idle) + len(self._busy) >= MAX_CONNECTIONS:
+            if not self._idle:
+                writer.transport.abort()
+                return
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.transport.abort()
+        self._idle[writer] = None
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            self._idle.pop(writer, None)
+            self._busy.add(writer)
+            method = head.split(b" ", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                status, body = b"405 Method Not Allowed", b"GET /metrics\n"
+            else:
+                loop = asyncio.get_running_loop()
+                body = await loop.run_in_executor(self._scraper, generate_latest, self.registry)
+                status = b"200 OK"
+            writer.write(
+                b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n" % (status, CONTENT_TYPE_LATEST.encode(), len(body))
+            )
+            if method != b"HEAD":
+                writer.write(body)
+            async with asyncio.timeout(READ_TIMEOUT):
+                await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # a client that sent no request in time, or went away: nothing to answer
+        finally:
+            self._idle.pop(writer, None)
+            self._busy.discard(writer)
+            writer.transport.abort()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in [*self._idle, *self._busy]:
+            writer.transport.abort()
+        self._scraper.shutdown(wait=False, cancel_futures=True)
+
+
+class LogCollector(Collector):
+    """Log lines this process dropped because stderr did not keep up (logs.py)."""
+
+    def collect(self) -> Iterator:
+        yield CounterMetricFamily(
+            "fastagi_log_lines_dropped",
+            "Log lines not written: stderr did not keep up (a stuck journald or pipe)",
+            value=logs.dropped_lines(),
+        )
 
 
 class ClusterCollector(Collector):
@@ -272,13 +363,13 @@ class ClusterCollector(Collector):
         )
 
 
-def start(config_listen: str, store: Store | None) -> Metrics | None:
+async def start(config_listen: str, store: Store | None) -> Metrics | None:
     """This service's metrics served on `listen` ("host:port"); None when it is empty."""
     if not config_listen:
         return None
     metrics = Metrics(store)
     host, _, port = config_listen.rpartition(":")
-    where = metrics.serve(host.strip("[]") or "127.0.0.1", int(port))
+    where = await metrics.serve(host.strip("[]") or "127.0.0.1", int(port))
     log.info("metrics on http://%s:%d/metrics", where[0], where[1])
     return metrics
 

@@ -68,6 +68,15 @@ def escape(text: str, limit: int = 200) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")
 
 
+def dialed(env: Environment) -> str:
+    """The dialed number as this session saw it: `agi_extension`, or, when a forged
+    empty line in the number ended the block before it, `agi_dnid` (the number up to
+    its first forged line)."""
+    if "agi_extension" in env.values:
+        return env.get("agi_extension")
+    return env.get("agi_dnid")
+
+
 async def caller_address(session: AGISession, env: Environment) -> IPAddress:
     """Resync the session and return the caller's true address (the security rule)."""
     channel_type = env.get("agi_type")
@@ -116,7 +125,7 @@ class Screener:
             address = await caller_address(session, env)
         except ScreeningError as error:
             return Outcome("ERROR", error=str(error))
-        exten = escape(env.get("agi_extension"))
+        exten = escape(dialed(env))
         if session.stray:
             log.warning(
                 "injection attempt from %s: %d stray lines before the resync answer, "

@@ -36,10 +36,68 @@ class ServerStats:
     active: int = 0
     refused_busy: int = 0
     refused_client: int = 0
+    reset_early: int = 0  # connections reset by the peer before their session started
     timeouts: int = 0
     protocol_errors: int = 0
     injections: int = 0
     results: dict[str, int] = field(default_factory=dict)
+
+
+class RefusalLog:
+    """Refused connections as a few lines, not one each: a flood of them (Asterisk
+    past max_sessions, a scanner on the port) is seen without flooding the log. The
+    first of a burst is logged at once, the rest as one summary line every
+    SUMMARY_EVERY seconds, by reason, while they go on."""
+
+    SUMMARY_EVERY = 10.0
+    REASONS = {
+        "busy": "busy (max_sessions)",
+        "client": "not in allowed_clients",
+        "reset": "reset before the session",
+    }
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, str] = {}  # reason -> the latest such refusal, for the summary
+        self._timer: asyncio.TimerHandle | None = None
+
+    def refused(self, reason: str, text: str) -> None:
+        if self._timer is None:
+            log.warning(
+                "refused FastAGI connection from %s (further refusals: one line every %.0fs)",
+                text,
+                self.SUMMARY_EVERY,
+            )
+            self._timer = asyncio.get_running_loop().call_later(self.SUMMARY_EVERY, self._summary)
+            return
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.last[reason] = text
+
+    def _summary(self) -> None:
+        self._timer = None
+        if not self.counts:
+            return  # the burst is over: the next refusal is logged at once again
+        self._log()
+        self._timer = asyncio.get_running_loop().call_later(self.SUMMARY_EVERY, self._summary)
+
+    def _log(self) -> None:
+        parts = [
+            f"{n} {self.REASONS.get(reason, reason)} (last from {self.last[reason]})"
+            for reason, n in sorted(self.counts.items())
+        ]
+        log.warning(
+            "refused %d FastAGI connections more: %s", sum(self.counts.values()), "; ".join(parts)
+        )
+        self.counts.clear()
+        self.last.clear()
+
+    def close(self) -> None:
+        """At stop: what the next summary would have said."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.counts:
+            self._log()
 
 
 class Observer:
@@ -83,6 +141,7 @@ class FastAGIServer:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
+        self.refusals = RefusalLog()
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         self._server = await asyncio.start_server(
@@ -97,6 +156,7 @@ class FastAGIServer:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.refusals.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -108,11 +168,11 @@ class FastAGIServer:
             if task is not None:
                 self._tasks.discard(task)
 
-    def _client_allowed(self, writer: asyncio.StreamWriter) -> bool:
-        peer = writer.get_extra_info("peername")
-        if not peer:
-            return False
-        host = peer[0]
+    def _refused(self, reason: str, text: str) -> None:
+        self.observer.refused(reason)
+        self.refusals.refused(reason, text)
+
+    def _client_allowed(self, host: str) -> bool:
         allowed = self._clients.get(host)
         if allowed is None:
             try:
@@ -125,16 +185,26 @@ class FastAGIServer:
         return allowed
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._client_allowed(writer):
+        peer = writer.get_extra_info("peername")
+        if not peer:
+            # The peer reset the connection before this task ran (its address went
+            # with it): nothing to refuse, nothing to answer.
+            self.stats.reset_early += 1
+            self._refused("reset", "(address unknown): reset by the peer before the session")
+            writer.transport.abort()
+            return
+        # Taken now: uvloop asks the socket only when asked, and a connection reset
+        # later in the session would have no address left to log.
+        where = f"{peer[0]}:{peer[1]}"
+        if not self._client_allowed(peer[0]):
             self.stats.refused_client += 1
-            self.observer.refused("client")
-            log.warning("refused FastAGI client %s: not in allowed_clients", _peer(writer))
+            self._refused("client", f"{where}: not in allowed_clients")
             writer.transport.abort()
             return
         if self.stats.active >= self.max_sessions:
             # Answered and closed at once: Asterisk still executes a buffered command.
             self.stats.refused_busy += 1
-            self.observer.refused("busy")
+            self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
             writer.write(b"SET VARIABLE SCREEN_RESULT ERROR\n")
             writer.transport.close()
             return
@@ -152,14 +222,14 @@ class FastAGIServer:
         except TimeoutError:
             stats.timeouts += 1
             ended = "timeout"
-            log.warning("session from %s ended at session_timeout", _peer(writer))
+            log.warning("session from %s ended at session_timeout", where)
         except AGIProtocolError as error:
             stats.protocol_errors += 1
             ended = "protocol"
-            log.info("session from %s ended: %s", _peer(writer), error)
+            log.info("session from %s ended: %s", where, error)
         except (ConnectionError, OSError) as error:
             ended = "connection"
-            log.info("session from %s ended: %s", _peer(writer), error)
+            log.info("session from %s ended: %s", where, error)
         finally:
             stats.active -= 1
             injected = bool(session.stray)
@@ -201,11 +271,6 @@ class FastAGIServer:
                 int(outcome.ban_until or 0),
                 outcome.count,
             )
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
 def _quickack(writer: asyncio.StreamWriter) -> None:

@@ -12,6 +12,10 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import fakeredis
+import fakeredis.aioredis
+from redis.asyncio import BlockingConnectionPool
+
 from fastagi import config as configuration
 from fastagi import logs
 from fastagi.agent import Agent
@@ -26,6 +30,8 @@ if TYPE_CHECKING:
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
+
+EMBEDDED_SPARE_CONNECTIONS = 16  # beyond max_sessions: the agent, /metrics, startup
 
 
 class ServiceUsageError(Exception):
@@ -55,6 +61,24 @@ def make_service_store(config: Config) -> Store:
     if not config.redis.cluster and not config.redis.wait_replicas:
         link = SharedLink(client.connection_pool.make_connection)
     return make_store(config, client, link)
+
+
+def make_embedded_store(config: Config, server: fakeredis.FakeServer) -> Store:
+    """The service's store on the in-process fakeredis (memory://).
+
+    Every screening step in flight holds one of the client's connections, and
+    fakeredis's default pool fails past 100 (`Too many connections`: 50 of 150
+    concurrent calls got ERROR, far below max_sessions). So the pool is sized from
+    max_sessions, with room for the agent and /metrics, and would wait rather than fail
+    (each caller has its deadline). A fake connection costs no socket. The shared
+    connection of a real Redis (redis_link.py) costs ~10% more CPU per call here: its
+    reader task wakes once per reply."""
+    client = fakeredis.aioredis.FakeRedis(
+        server=server,
+        connection_pool_class=BlockingConnectionPool,
+        max_connections=config.server.max_sessions + EMBEDDED_SPARE_CONNECTIONS,
+    )
+    return make_store(config, client)
 
 
 def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGIServer:
@@ -116,7 +140,7 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
     if config.redis.url.startswith("memory://"):
         embedded = EmbeddedRedis(config.runtime_dir())
         embedded.start()
-        return make_store(config, embedded.client()), embedded
+        return make_embedded_store(config, embedded.server), embedded
     store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
@@ -135,7 +159,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
-        metrics = service_metrics.start(config.metrics.listen, store)
+        metrics = await service_metrics.start(config.metrics.listen, store)
     except OSError as error:
         await store.close()
         if embedded is not None:
@@ -229,7 +253,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
     _setup_logging()
     firewall = await _claimed_firewall(config)
     try:
-        metrics = service_metrics.start(config.metrics.listen, None)
+        metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     agent = _start_agent(config, None, firewall)

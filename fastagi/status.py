@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 
@@ -15,35 +16,44 @@ from fastagi.store import Store
 
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
-    banned, counted, totals, agents = await asyncio.gather(
-        store.banned(), store.counted(), store.totals(), store.agents()
+    banned, counted, (totals, bad_totals), agents = await asyncio.gather(
+        store.banned(), store.counted(), store.read_totals(), store.agents()
     )
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
+    unreadable = [f"stats field {key}: {text!r}" for key, text in sorted(bad_totals.items())]
+    unreadable += [
+        f"agents entry {pbx}: {info['unreadable']!r}"
+        for pbx, info in sorted(agents.items())
+        if "unreadable" in info
+    ]
+    for ip, record in zip(banned, records, strict=True):
+        if not _whole(record.get("bans", "1")):
+            unreadable.append(f"record of {ip}: bans {record['bans'][:40]!r}")
     return {
         "pbx_id": store.pbx_id,
         "store": {"url": redacted(config.redis.url), "reachable": True},
         "firewall": {"backend": config.firewall.backend, "chain": config.firewall.chain},
-        "calls": totals.get("calls", 0),
-        "injections": totals.get("injections", 0),
+        "calls": totals.get("calls", None if "calls" in bad_totals else 0),
+        "injections": totals.get("injections", None if "injections" in bad_totals else 0),
         "counted": {
             "current": len(counted),
             "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
         },
         "banned": {
             "current": len(banned),
-            "total": totals.get("bans", 0),
+            "total": totals.get("bans", None if "bans" in bad_totals else 0),
             "list": [
                 {
                     "ip": ip,
                     "until": until,
                     "pbx_id": record.get("pbx_id", ""),
                     "reason": record.get("reason", ""),
-                    "bans": int(record.get("bans", "1")),
+                    "bans": _whole(record.get("bans", "1")),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
         },
-        "unbanned_total": totals.get("unbans", 0),
+        "unbanned_total": totals.get("unbans", None if "unbans" in bad_totals else 0),
         "agents": [
             {
                 "pbx_id": pbx,
@@ -52,8 +62,20 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                 "backend": info.get("backend", ""),
             }
             for pbx, info in sorted(agents.items())
+            if "unreadable" not in info
         ],
+        # What another writer left in Redis that status could not read (skipped above).
+        "unreadable": unreadable,
     }
+
+
+def _whole(text: str) -> int | None:
+    """A count from Redis, or None when it is not one."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _shown(value: int | None) -> str:
+    return "? (unreadable, see below)" if value is None else str(value)
 
 
 def render_status(status: dict[str, Any]) -> str:
@@ -65,21 +87,21 @@ def render_status(status: dict[str, Any]) -> str:
         f"|- Firewall: {status['firewall']['backend']} (chain {status['firewall']['chain']})",
         "|- Screening",
         f"|  |- Currently counted: {status['counted']['current']}",
-        f"|  |- Total calls:       {status['calls']}",
-        f"|  |- Injection attempts: {status['injections']}",
+        f"|  |- Total calls:       {_shown(status['calls'])}",
+        f"|  |- Injection attempts: {_shown(status['injections'])}",
         (
             "|  `- Counted IP list:   "
             + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
         ).rstrip(),
         "|- Actions",
         f"|  |- Currently banned: {status['banned']['current']}",
-        f"|  |- Total banned:     {status['banned']['total']}",
+        f"|  |- Total banned:     {_shown(status['banned']['total'])}",
         "|  `- Banned IP list:",
     ]
     for ban in status["banned"]["list"]:
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans']})"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'})"
         )
     lines.append("`- Agents seen")
     agents = status["agents"]
@@ -92,6 +114,9 @@ def render_status(status: dict[str, Any]) -> str:
         )
     if not agents:
         lines.append("   `- (none)")
+    if status["unreadable"]:
+        lines.append("Unreadable in Redis (written by something else; skipped):")
+        lines += [f"   {entry}" for entry in status["unreadable"]]
     return "\n".join(lines)
 
 
@@ -138,4 +163,10 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
             return 0
         status = await gather_status(store, config)
     print(json.dumps(status, indent=2) if args.json else render_status(status))
+    if status["unreadable"]:
+        print(
+            f"fastagi-ctl: status: {len(status['unreadable'])} unreadable entries in Redis "
+            "(listed at the end)",
+            file=sys.stderr,
+        )
     return 0

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -178,7 +179,29 @@ class _ScreenParts:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _escaped(text: str, limit: int = 80) -> str:
+    """Text from Redis that is not ours, safe for one line of output."""
+    return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+def _heartbeat(text: str) -> dict[str, Any]:
+    try:
+        info = json.loads(text)
+    except ValueError:
+        info = None
+    numbers = (int, float)
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("time", 0), numbers)
+        or not isinstance(info.get("applied", 0), int)
+        or any(isinstance(info.get(key), bool) for key in ("time", "applied"))
+        or not math.isfinite(info.get("time", 0))
+    ):
+        return {"unreadable": _escaped(text)}
+    return info
 
 
 class Store:
@@ -404,8 +427,22 @@ class Store:
         )
 
     async def totals(self) -> dict[str, int]:
+        """The cluster's counters; a field that is not a whole number is left out."""
+        return (await self.read_totals())[0]
+
+    async def read_totals(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The counters, and apart from them (field -> its text, escaped) the fields
+        something else wrote that are not whole numbers: shown as such, never a crash."""
         raw = await self._call("totals read", self.redis.hgetall(self.keys.stats))
-        return {_text(k): int(v) for k, v in raw.items()}
+        good: dict[str, int] = {}
+        bad: dict[str, str] = {}
+        for key, value in raw.items():
+            text = _text(value)
+            try:
+                good[_text(key)] = int(text)
+            except ValueError:
+                bad[_text(key)] = _escaped(text)
+        return good, bad
 
     async def events_after(
         self, last_id: str, block_ms: int | None = None, count: int = 1000
@@ -436,8 +473,10 @@ class Store:
         await self._call("heartbeat", self.redis.hset(self.keys.agents, self.pbx_id, payload))
 
     async def agents(self) -> dict[str, dict[str, Any]]:
+        """Each agent's last heartbeat; an entry that is not one (not a JSON object, a
+        time or count that is not a number) is `{"unreadable": its text, escaped}`."""
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
-        return {_text(k): json.loads(v) for k, v in raw.items()}
+        return {_text(k): _heartbeat(_text(v)) for k, v in raw.items()}
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())

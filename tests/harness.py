@@ -16,7 +16,7 @@ from fastagi import config as configuration
 from fastagi.addresses import Prefixes, parse_address, target_text
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.server import FastAGIServer
-from fastagi.service import make_server, make_service_store, make_store
+from fastagi.service import make_embedded_store, make_server, make_service_store
 from fastagi.store import Store
 
 
@@ -75,7 +75,7 @@ async def running_server(redis_url: str = "memory://", **overrides: str) -> Asyn
     if not redis_url.startswith("memory://"):
         store = make_service_store(config)  # as `serve` has it
     else:
-        store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
+        store = make_embedded_store(config, fakeredis.FakeServer())
     server = make_server(config, store)  # as `serve` builds it
     host, port = (await server.start("127.0.0.1", 0))[0]
     try:

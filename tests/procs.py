@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,7 +37,15 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
 class Service:
     """`fastagi-ctl serve` in the background on a free port."""
 
-    def __init__(self, env: Mapping[str, str], *args: str, log: Path | None = None) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        *args: str,
+        log: Path | None = None,
+        stuck_stderr: bool = False,
+    ) -> None:
+        """`stuck_stderr`: stderr is a pipe nobody reads (a stuck journald or pager),
+        shrunk to one page so that a few dozen lines fill it."""
         self.port = free_port()
         self.env = {**env, "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{self.port}"}
         self.log = log
@@ -44,9 +54,23 @@ class Service:
             [sys.executable, "-m", "fastagi.cli", "serve", *args],
             env=_env(self.env),
             stdout=out,
-            stderr=out,
+            stderr=subprocess.PIPE if stuck_stderr else out,
         )
+        if stuck_stderr:
+            assert self.proc.stderr is not None
+            fcntl.fcntl(self.proc.stderr, fcntl.F_SETPIPE_SZ, 4096)
         self._wait_listening()
+
+    def stderr_unread(self) -> int:
+        """Bytes waiting in a stuck stderr pipe."""
+        assert self.proc.stderr is not None
+        raw = fcntl.ioctl(self.proc.stderr, termios.FIONREAD, b"\0\0\0\0")
+        return int.from_bytes(raw, sys.byteorder)
+
+    def threads(self) -> int:
+        """The service's thread count, as the kernel sees it."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(status.split("Threads:", 1)[1].split()[0])
 
     @property
     def target(self) -> str:
@@ -71,6 +95,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         return self.proc.returncode
 
     def __enter__(self) -> Service:

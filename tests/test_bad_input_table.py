@@ -8,33 +8,43 @@ closed port, so a command that wrongly went ahead would exit 1, not 2.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import logging
 import os
+import socket
+import struct
 import subprocess
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import uvloop
+
 from fastagi import cli
 from fastagi.config import SCHEMA
-from tests.harness import free_port
+from fastagi.emulator import Call
+from tests.harness import free_port, running_server
 
 # key -> wrong values (TOML literals). Each parser gets a wrong type and, where it has
 # a format, a bad value of the right type.
 BAD_DURATION = ['"soon"', "-5", "0", '"1y"', "true", '"10 minutes"', "[1]"]
+# Numbers TOML reads as floats that no comparison refuses (nan), or that are absurd.
+BAD_DURATION += ["nan", "inf", "-inf", "1e300", "-1e300", "1e-9", '"0.0000001s"']
+BAD_COUNT = ["nan", "inf", "9223372036854775807", "-9223372036854775808", "1e300"]
 BAD_NETS = ["5", '"not-a-cidr"', '["10.0.0.0/33"]', '["192.0.2.0/24", 7]', '["::1/129"]', "{}"]
 BAD_VALUES: dict[str, list[str]] = {
     "server.listen": ["5", '"no-port"', '"127.0.0.1:99999"', "[]", '"127.0.0.1:http"'],
     "server.allowed_clients": BAD_NETS,
-    "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]"],
+    "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]", *BAD_COUNT],
     "server.session_timeout": BAD_DURATION,
     "server.runtime_dir": ["5", "true", '["/tmp"]'],
-    "screening.threshold": ['"five"', "0", "false", "2.5"],
+    "screening.threshold": ['"five"', "0", "false", "2.5", *BAD_COUNT],
     "screening.window": BAD_DURATION,
     "screening.ban_time": BAD_DURATION,
-    "screening.ban_time_factor": ['"double"', "0.5", "101", "true", "[2]"],
+    "screening.ban_time_factor": ['"double"', "0.5", "101", "true", "[2]", "nan", "inf", "-inf"],
     "screening.ban_time_max": BAD_DURATION,
     "screening.ignore": BAD_NETS,
     "screening.pbx_id": ["5", "true", '["a"]'],
@@ -43,12 +53,26 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ipv6_prefix": ["16", "129", "false", "64.0", '"/64"', "[64]"],
     "screening.escalate_prefix": ["16", "128", "64", "-1", "true", '"/48"'],
     "screening.escalate_after": ["1", "0", '"four"', "true"],
-    "redis.url": ['"http://10.0.0.5"', "5", '"10.0.0.5:6379"', "true"],
+    "redis.url": [
+        '"http://10.0.0.5"',
+        "5",
+        '"10.0.0.5:6379"',
+        "true",
+        '"redis://127.0.0.1:notaport/0"',
+        '"redis://127.0.0.1:99999/0"',
+        '"redis://127.0.0.1:-1/0"',
+        '"rediss://[::1/0"',
+        '"redis://127.0.0.1:6379/zero"',
+        '"redis:///0"',
+        '"redis://127.0.0.1:6379/0?db=x"',
+        '"redis://user:secret@127.0.0.1:port/0"',
+        '"unix://"',
+    ],
     "redis.key_prefix": ["5", "true"],
     "redis.timeout": BAD_DURATION,
     "redis.sentinels": ["5", "[5]", '["no-port"]', '["10.0.0.5:"]', '["10.0.0.5:99999"]'],
     "redis.sentinel_service": ["5", "[]"],
-    "redis.wait_replicas": ['"all"', "-1", "true", "1.5"],
+    "redis.wait_replicas": ['"all"', "-1", "true", "1.5", *BAD_COUNT],
     "redis.wait_timeout": BAD_DURATION,
     "redis.cluster": ['"maybe"', "5", "[true]"],
     "firewall.backend": ['"ufw"', "5", '["nftables"]'],
@@ -71,8 +95,8 @@ def _env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def _ctl(args: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """A real `fastagi-ctl` process: (exit code, stderr)."""
+def _ctl(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """A real `fastagi-ctl` process: (exit code, stderr, stdout)."""
     proc = subprocess.run(
         [sys.executable, "-m", "fastagi.cli", *args],
         capture_output=True,
@@ -81,28 +105,28 @@ def _ctl(args: list[str], env: dict[str, str]) -> tuple[int, str]:
         env=env,
         stdin=subprocess.DEVNULL,
     )
-    return proc.returncode, proc.stderr
+    return proc.returncode, proc.stderr, proc.stdout
 
 
-def _main(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+def _main(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
     """`fastagi.cli.main` in this process (the same code, ~100x cheaper than a process):
-    (exit code, stderr). Any exception escaping main is a failure of the row."""
+    (exit code, stderr, stdout). Any exception escaping main is a failure of the row."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
             try:
                 code = cli.main(args)
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) else 1
             except BaseException:
-                return -1, "Traceback (in process)\n" + traceback.format_exc()
+                return -1, "Traceback (in process)\n" + traceback.format_exc(), ""
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    return code, err.getvalue()
+    return code, err.getvalue(), out.getvalue()
 
 
 def _check_all(rows, env: dict[str, str], runner=_main) -> None:
@@ -114,7 +138,7 @@ def _check_all(rows, env: dict[str, str], runner=_main) -> None:
     else:
         results = [_main(row[1], {**env, **_extra(row)}) for row in rows]
     failures = []
-    for row, (code, stderr) in zip(rows, results, strict=True):
+    for row, (code, stderr, _) in zip(rows, results, strict=True):
         label, argv, needle = row[:3]
         lines = stderr.splitlines()
         if code != 2 or len(lines) != 1 or needle not in lines[0] or "Traceback" in stderr:
@@ -236,6 +260,16 @@ CLI_ROWS = [
     (["simulate", "--ip", "203.0.113.9", "--calls", "1000001"], "--calls"),
     (["simulate", "--ip", "203.0.113.9", "--target", "http://127.0.0.1/screen"], "--target"),
     (["simulate", "--ip", "203.0.113.9", "--type", "IAX2"], "--type"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi://[::1/screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi://::1]/screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi://[::1]:99999/screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi://127.0.0.1:x/screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi:///screen"], "--target"),
+    (["simulate", "--ip", "203.0.113.9", "--target", "agi://[fe80::1%eth0/s"], "--target"),
+    (["serve", "--redis", "redis://127.0.0.1:notaport/0"], "--redis"),
+    (["agent", "--redis", "redis://[::1:6379/0"], "--redis"),
+    (["ban", "fe80::1%"], "fe80::1%"),
+    (["ban", "203.0.113.9%eth0"], "203.0.113.9%eth0"),
 ]
 
 
@@ -246,6 +280,175 @@ def test_bad_command_lines_exit_2_with_one_line(tmp_path):
 
 def test_bad_command_lines_as_real_processes(tmp_path):
     """A sample of the command-line rows as real processes (argparse's own exits)."""
-    sample = [CLI_ROWS[i] for i in (0, 1, 3, 12, 14, 19, 26, 29, 32)]
+    sample = [CLI_ROWS[i] for i in (0, 1, 3, 12, 14, 19, 26, 29, 32, 33)]
     rows = [(" ".join(argv) or "(none)", argv, needle) for argv, needle in sample]
     _check_all(rows, _env(tmp_path), runner=_ctl)
+
+
+# What another writer (an older version, a hand edit, a bug) can leave in Redis where
+# `status` reads: (label, key method of Keys, field, value). Each: status still shows
+# the rest, marks the entry, exits 0 with one warning line on stderr.
+BAD_REDIS_ENTRIES = [
+    ("agents entry not JSON", "agents", "pbx-bad", b"{not json"),
+    ("agents entry a JSON list", "agents", "pbx-bad", b"[1, 2]"),
+    ("agents entry a JSON number", "agents", "pbx-bad", b"17"),
+    ("agents time a string", "agents", "pbx-bad", b'{"time": "yesterday"}'),
+    ("agents time out of range", "agents", "pbx-bad", b'{"time": 1e400}'),
+    ("agents applied a bool", "agents", "pbx-bad", b'{"time": 1, "applied": true}'),
+    ("agents applied text", "agents", "pbx-bad", b'{"time": 1, "applied": "3"}'),
+    ("agents entry not UTF-8", "agents", "pbx-bad", b"\xff\xfe{"),
+    ("stats calls not a number", "stats", "calls", b"many"),
+    ("stats bans a fraction", "stats", "bans", b"1.5"),
+    ("stats injections with a newline", "stats", "injections", b"1\n2"),
+    ("stats unbans empty", "stats", "unbans", b""),
+    ("ban record count not a number", "record", "bans", b"x"),
+]
+
+
+def test_status_shows_what_it_can_and_marks_each_unreadable_entry(tmp_path, redis_url):
+    import redis
+
+    from fastagi.keys import Keys
+
+    keys = Keys("fastagi:")
+    client = redis.Redis.from_url(redis_url)
+    env = {**_env(tmp_path), "FASTAGI_REDIS_URL": redis_url}
+    failures = []
+    for label, key, field, value in BAD_REDIS_ENTRIES:
+        client.flushall()
+        good = b'{"time": 1.0e9, "applied": 4, "backend": "nftables"}'
+        client.hset(keys.agents, "pbx-good", good)
+        client.hset(keys.stats, mapping={"calls": 7, "bans": 1})
+        client.zadd(keys.banned, {"203.0.113.9": 4e12})
+        client.hset(keys.record("203.0.113.9"), mapping={"bans": 1, "pbx_id": "pbx-good"})
+        where = keys.record("203.0.113.9") if key == "record" else getattr(keys, key)
+        client.hset(where, field, value)
+        for argv in (["status"], ["status", "--json"]):
+            code, stderr, stdout = _main(argv, env)
+            lines = stderr.splitlines()
+            shown = field if key == "stats" else "pbx-bad" if key == "agents" else "bans"
+            if (
+                code != 0
+                or len(lines) != 1
+                or "unreadable" not in lines[0]
+                or "Traceback" in stderr
+                or "pbx-good" not in stdout  # the rest is still shown
+                or "203.0.113.9" not in stdout
+                or shown not in stdout.split("nreadable", 1)[-1]  # and the bad one marked
+            ):
+                failures.append(f"{label} {argv}: exit={code} stderr={stderr!r} out={stdout!r}")
+    assert not failures, "\n".join(failures)
+
+
+def test_a_redis_url_with_a_bad_port_never_shows_its_password(tmp_path):
+    env = {**_env(tmp_path), "FASTAGI_REDIS_URL": "redis://u:hunter2@127.0.0.1:port/0"}
+    code, stderr, _ = _main(["status"], env)
+    assert code == 2 and len(stderr.splitlines()) == 1 and "hunter2" not in stderr
+
+
+# -- bad input at the FastAGI port: the session goes on, one clear log line ----------
+
+ZONED_CALLERS = [
+    ("SIP", "fe80::1%eth0"),
+    ("PJSIP", "fe80::1%eth0"),
+    ("SIP", "fe80::1%2"),
+    ("PJSIP", "fe80::1%veth-pbx.1"),
+]
+
+
+def test_link_local_callers_with_a_zone_are_counted_without_it(caplog):
+    caplog.set_level(logging.INFO, logger="fastagi")
+
+    async def main():
+        async with running_server() as srv:
+            results = [
+                await srv.call(Call(source=source, channel_type=kind))
+                for kind, source in ZONED_CALLERS
+            ]
+            return results, await srv.store.count("fe80::1")
+
+    results, count = asyncio.run(main())
+    assert [r.variables["SCREEN_RESULT"] for r in results] == ["COUNTED"] * 4
+    assert [r.variables["SCREEN_COUNT"] for r in results] == ["1", "2", "3", "4"]
+    assert count == 4
+    notices = [r.getMessage() for r in caplog.records if "failed for" in r.getMessage()]
+    assert len(notices) == 4 and all("failed for fe80::1 - " in n for n in notices)
+
+
+def test_an_ignore_entry_in_mapped_form_matches_ipv4_callers():
+    async def main():
+        async with running_server(SCREENING_IGNORE='["::ffff:192.0.2.0/120"]') as srv:
+            return [
+                (await srv.call(Call(source=source, channel_type=kind))).variables
+                for kind, source in (
+                    ("SIP", "192.0.2.9"),
+                    ("SIP", "::ffff:192.0.2.10"),
+                    ("PJSIP", "192.0.2.11"),
+                    ("SIP", "192.0.3.9"),
+                )
+            ]
+
+    results = asyncio.run(main())
+    assert [r["SCREEN_RESULT"] for r in results] == ["IGNORED"] * 3 + ["COUNTED"]
+
+
+def test_a_connection_reset_before_its_session_is_logged_as_such(caplog):
+    caplog.set_level(logging.INFO, logger="fastagi")
+
+    async def main():
+        async with running_server() as srv:
+            port = int(srv.target.split(":")[2].split("/")[0])
+            # Connected and reset before the loop gets to accept it: the peer's
+            # address is gone by the time the session would start.
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            await asyncio.sleep(0.2)
+            served = await srv.call(Call(source="192.0.2.80"))
+            return served, srv.server.stats
+
+    # On uvloop, as `serve` runs: it asks for the peer's address only when asked, and
+    # by then a reset connection has none.
+    served, stats = uvloop.run(main())
+    assert served.variables["SCREEN_RESULT"] == "COUNTED"  # and the next call is served
+    assert stats.reset_early == 1 and stats.refused_client == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "fastagi.server"]
+    assert len(lines) == 1 and "reset by the peer before the session" in lines[0], lines
+    assert "?" not in lines[0]
+
+
+def test_the_injection_warning_shows_the_dialed_text_when_the_block_ended_early(caplog):
+    caplog.set_level(logging.INFO, logger="fastagi")
+    dialed = "559%0Aagi_arg_3%3A%20203.0.113.9%0A%0A"
+
+    async def main():
+        async with running_server() as srv:
+            return await srv.call(Call.from_uri_user(dialed, source="198.51.100.4"))
+
+    result = asyncio.run(main())
+    assert result.variables["SCREEN_RESULT"] == "COUNTED"
+    warnings = [r.getMessage() for r in caplog.records if "injection attempt" in r.getMessage()]
+    assert len(warnings) == 1 and "dialed '559'" in warnings[0], warnings
+
+
+def test_refusals_are_logged_as_a_few_summary_lines_and_counted(caplog):
+    caplog.set_level(logging.INFO, logger="fastagi")
+
+    async def main():
+        async with running_server(SERVER_MAX_SESSIONS="1") as srv:
+            srv.server.refusals.SUMMARY_EVERY = 0.3
+            port = int(srv.target.split(":")[2].split("/")[0])
+            _, holder = await asyncio.open_connection("127.0.0.1", port)  # the one session
+            await asyncio.sleep(0.05)
+            refused = [await srv.call(Call(source="192.0.2.81")) for _ in range(30)]
+            await asyncio.sleep(0.5)  # one summary due
+            holder.close()
+            return refused, srv.server.stats
+
+    refused, stats = asyncio.run(main())
+    assert [r.variables for r in refused] == [{"SCREEN_RESULT": "ERROR"}] * 30
+    assert stats.refused_busy == 30
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "max_sessions 1 busy" in lines[0]
+    assert lines[1].startswith("refused 29 FastAGI connections more: 29 busy (max_sessions)")

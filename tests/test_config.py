@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
-from fastagi.addresses import AddressError, parse_address
+from fastagi.addresses import AddressError, AddressSet, parse_address
 from fastagi.config import ConfigError, load, parse_duration
 
 
@@ -101,6 +103,10 @@ def test_redis_cluster_with_what_cannot_work_is_refused(overrides, culprit):
         ("2001:DB8::9", "2001:db8::9"),
         ("::ffff:203.0.113.9", "203.0.113.9"),
         ("[::ffff:203.0.113.9]:5060", "203.0.113.9"),
+        # A zone names our interface, not the caller (CHANNEL(recvip) of a link-local caller)
+        ("fe80::1%eth0", "fe80::1"),
+        ("[fe80::1%eth0]:5060", "fe80::1"),
+        ("FE80::1%2", "fe80::1"),
     ],
 )
 def test_addresses_have_one_spelling(text, canonical):
@@ -114,7 +120,10 @@ def test_addresses_have_one_spelling(text, canonical):
         "1.2.3",
         "203.0.113.9:99999",
         "[2001:db8::9",
-        "fe80::1%eth0",
+        "fe80::1%",
+        "fe80::1%a b",
+        "fe80::1%eth0:5060",
+        "203.0.113.9%eth0",
         "a" * 100,
         "1.2.3.4:5:6",
         "203.0.113.9:",
@@ -123,3 +132,21 @@ def test_addresses_have_one_spelling(text, canonical):
 def test_garbage_addresses_are_refused(text):
     with pytest.raises(AddressError):
         parse_address(text)
+
+
+@pytest.mark.parametrize(
+    "entry,caller,inside",
+    [
+        ("::ffff:192.0.2.0/120", "192.0.2.9", True),
+        ("::ffff:192.0.2.0/120", "::ffff:192.0.2.9", True),
+        ("::ffff:192.0.2.0/120", "192.0.3.9", False),
+        ("::ffff:192.0.2.9", "192.0.2.9", True),
+        ("192.0.2.0/24", "::ffff:192.0.2.9", True),
+        ("::ffff:0:0/96", "203.0.113.9", True),
+        ("2001:db8::/32", "192.0.2.9", False),
+    ],
+)
+def test_ignore_entries_in_mapped_form_match_ipv4_callers_both_ways(entry, caller, inside):
+    ignore = AddressSet.parse([entry])
+    assert (parse_address(caller) in ignore) is inside
+    assert (ipaddress.ip_address(caller) in ignore) is inside

@@ -6,6 +6,7 @@ import configparser
 import functools
 import shutil
 import subprocess
+import sys
 import tempfile
 import tomllib
 from pathlib import Path
@@ -51,7 +52,8 @@ def _unit_copy_with_real_ctl(name: str, tmp_path: Path) -> Path:
     when /usr/local/bin/fastagi-ctl does not exist (systemd-analyze checks the binary)."""
     text = (DEPLOY / "systemd" / name).read_text(encoding="utf-8")
     if not Path(INSTALLED_CTL).exists():
-        ctl = shutil.which("fastagi-ctl")
+        beside = Path(sys.executable).with_name("fastagi-ctl")  # the venv's, unactivated
+        ctl = str(beside) if beside.exists() else shutil.which("fastagi-ctl")
         if ctl is None:
             pytest.skip("fastagi-ctl is not installed (pip install -e .) and not in PATH")
         text = text.replace(INSTALLED_CTL, ctl)

@@ -1,39 +1,48 @@
-"""The service's log lines: the same text as logging's defaults, fewer writes."""
+"""The service's log lines: the same text as logging's defaults, written off the loop."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
+import threading
 
-from fastagi.logs import FLUSH_AFTER, FORMAT, BatchingHandler, LineFormatter
-
-
-class _CountingSink(io.RawIOBase):
-    """A file that remembers each write() it got."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.writes.append(bytes(data))
-        return len(data)
+from fastagi.logs import FORMAT, WARNING_RESERVE, LineFormatter, QueuedHandler
 
 
-def _handler() -> tuple[BatchingHandler, _CountingSink]:
-    sink = _CountingSink()
-    stream = io.TextIOWrapper(io.BufferedWriter(sink, 1 << 16), encoding="utf-8")
-    handler = BatchingHandler(stream)
+class _Sink:
+    """A text stream that remembers what it got; `gate` cleared makes write() block,
+    like a pipe whose reader stopped reading."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.text: list[str] = []
+        self.fail = fail
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.gate.wait()
+        if self.fail:
+            raise OSError("stderr closed")
+        self.text.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def lines(self) -> list[str]:
+        return "".join(self.text).splitlines()
+
+
+def _handler(sink: _Sink, limit: int = 100) -> QueuedHandler:
+    handler = QueuedHandler(stream=sink, limit=limit)
     handler.setFormatter(LineFormatter())
-    return handler, sink
+    return handler
 
 
-def _record(created: float, level: int = logging.INFO) -> logging.LogRecord:
+def _record(created: float, level: int = logging.INFO, text: str = "x") -> logging.LogRecord:
     record = logging.LogRecord(
-        "fastagi.screening", level, "", 0, "Ext. %s: %s", ("7001", "x"), None
+        "fastagi.screening", level, "", 0, "Ext. %s: %s", ("7001", text), None
     )
     record.created, record.msecs = created, (created - int(created)) * 1000
     return record
@@ -46,47 +55,101 @@ def test_lines_read_exactly_as_with_loggings_default_formatter_across_seconds():
         assert ours.format(record) == default.format(record)
 
 
-def test_info_lines_leave_together_and_a_warning_at_once_with_those_before_it():
-    handler, sink = _handler()
-
-    async def main():
-        for n in range(5):
-            handler.handle(_record(1795587476.0 + n))
-        held = len(sink.writes)
-        await asyncio.sleep(FLUSH_AFTER + 0.05)
-        batched = list(sink.writes)
-        handler.handle(_record(1795587481.0))
-        handler.handle(_record(1795587482.0, level=logging.WARNING))
-        return held, batched
-
-    held, batched = asyncio.run(main())
-    assert held == 0
-    assert len(batched) == 1 and batched[0].decode().count("\n") == 5
-    assert len(sink.writes) == 2
-    assert [line.split()[2] for line in sink.writes[1].decode().splitlines()] == [
-        "INFO",
-        "WARNING",
+def test_info_and_warning_lines_come_out_whole_and_in_order():
+    sink = _Sink()
+    handler = _handler(sink)
+    levels = [logging.INFO] * 5 + [logging.WARNING, logging.INFO, logging.ERROR]
+    for n, level in enumerate(levels):
+        handler.handle(_record(1795587476.0 + n, level, f"line {n}"))
+    handler.close()
+    default = logging.Formatter(FORMAT)
+    expected = [
+        default.format(_record(1795587476.0 + n, lv, f"line {n}")) for n, lv in enumerate(levels)
     ]
+    assert sink.lines() == expected
 
 
-def test_a_line_left_pending_by_a_closed_loop_goes_out_with_the_next_loop():
-    handler, sink = _handler()
+def test_a_blocked_stderr_never_blocks_the_logging_thread_and_drops_info_lines_first():
+    sink = _Sink()
+    handler = _handler(sink, limit=10)
+    sink.gate.clear()
+    handler.handle(_record(1795587476.0, text="first"))
+    assert sink.entered.wait(5)  # the writer holds "first" and is stuck in write()
+    for n in range(30):  # 10 wait in the queue, 20 are dropped: none of these blocks
+        handler.handle(_record(1795587477.0, text=f"info {n}"))
+    handler.handle(_record(1795587478.0, logging.WARNING, "kept"))
+    for n in range(5):
+        handler.handle(_record(1795587479.0, text=f"late {n}"))
+    assert handler.dropped == 25
+    sink.gate.set()  # the reader reads again
+    handler.flush()
+    handler.handle(_record(1795587480.0, text="resumed"))
+    handler.close()
+    messages = [line.split(": ", 1)[1] for line in sink.lines()]
+    assert messages == [
+        "Ext. 7001: first",
+        *(f"Ext. 7001: info {n}" for n in range(10)),
+        "20 log lines dropped: stderr did not keep up",
+        "Ext. 7001: kept",
+        "5 log lines dropped: stderr did not keep up",
+        "Ext. 7001: resumed",
+    ]
+    assert "WARNING fastagi.logs: 20 log lines dropped" in sink.lines()[11]
 
-    async def one_line(created: float) -> None:
-        handler.handle(_record(created))
 
-    asyncio.run(one_line(1795587476.0))  # the loop closes before its flush is due
-    assert sink.writes == []
-
-    async def later():
-        await one_line(1795587477.0)
-        await asyncio.sleep(FLUSH_AFTER + 0.05)
-
-    asyncio.run(later())
-    assert b"".join(sink.writes).decode().count("\n") == 2
-
-
-def test_outside_a_running_loop_each_line_is_written_at_once():
-    handler, sink = _handler()
+def test_warnings_have_room_beyond_the_info_limit():
+    sink = _Sink()
+    handler = _handler(sink, limit=3)
+    sink.gate.clear()
     handler.handle(_record(1795587476.0))
-    assert len(sink.writes) == 1 and sink.writes[0].endswith(b"x\n")
+    assert sink.entered.wait(5)
+    for _ in range(3 + 5):
+        handler.handle(_record(1795587477.0))
+    for _ in range(WARNING_RESERVE + 2):
+        handler.handle(_record(1795587478.0, logging.ERROR))
+    # 5 INFO beyond the limit, then 2 errors beyond the reserve (one slot went to the summary)
+    assert handler.dropped == 5 + 3
+    sink.gate.set()
+    handler.close()
+
+
+def test_exit_with_a_stuck_stderr_returns_after_its_bounded_wait():
+    sink = _Sink()
+    handler = _handler(sink)
+    sink.gate.clear()
+    handler.handle(_record(1795587476.0))
+    assert sink.entered.wait(5)
+    handler.handle(_record(1795587477.0))
+    handler.flush(timeout=0.1)
+    handler.close(timeout=0.1)  # returns: the writer thread stays stuck, a daemon
+    assert sink.text == []
+    sink.gate.set()
+
+
+def test_lines_a_failing_stderr_could_not_take_are_counted():
+    sink = _Sink(fail=True)
+    handler = _handler(sink)
+    for n in range(4):
+        handler.handle(_record(1795587476.0 + n))
+    handler.close()
+    assert handler.dropped == 4
+
+
+def test_dropped_lines_are_counted_in_metrics(monkeypatch):
+    from prometheus_client import generate_latest
+
+    from fastagi import logs
+    from fastagi.metrics import Metrics
+
+    sink = _Sink()
+    handler = _handler(sink, limit=1)
+    sink.gate.clear()
+    handler.handle(_record(1795587476.0))
+    assert sink.entered.wait(5)
+    for _ in range(1 + 3):
+        handler.handle(_record(1795587477.0))
+    monkeypatch.setattr(logs, "_handler", handler)
+    text = generate_latest(Metrics().registry).decode()
+    sink.gate.set()
+    handler.close()
+    assert "fastagi_log_lines_dropped_total 3.0" in text

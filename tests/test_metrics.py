@@ -46,7 +46,7 @@ def test_scrape_counts_sessions_bans_injections_and_matches_status():
         store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
         metrics = service_metrics.Metrics(store)
         port = free_port()
-        metrics.serve("127.0.0.1", port)
+        await metrics.serve("127.0.0.1", port)
         server = make_server(config, store, metrics)
         host, agi_port = (await server.start("127.0.0.1", 0))[0]
         target = f"agi://{host}:{agi_port}/screen"
@@ -110,7 +110,7 @@ def test_the_agent_reports_what_it_applies():
         agent = Agent(store, DryRunFirewall(), 30, AddressSet.parse([]), block_ms=None)
         metrics = service_metrics.Metrics()
         port = free_port()
-        metrics.serve("127.0.0.1", port)
+        await metrics.serve("127.0.0.1", port)
         try:
             await agent.step()  # the reconcile at start: nothing yet
             for ip in ("198.51.100.1", "198.51.100.2", "2001:db8::3"):
@@ -160,3 +160,30 @@ def test_fastagi_ctl_serve_metrics_and_status_tell_the_same_story(tmp_path):
     assert value(samples, "fastagi_cluster_calls_total") == status["calls"] == 4
     assert value(samples, "fastagi_cluster_bans_total") == status["banned"]["total"] == 1
     assert value(samples, "fastagi_cluster_banned") == status["banned"]["current"] == 1
+
+
+def test_the_endpoint_bounds_idle_connections_and_still_answers(monkeypatch):
+    monkeypatch.setattr(service_metrics, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(service_metrics, "READ_TIMEOUT", 2.0)
+
+    async def main():
+        metrics = service_metrics.Metrics()
+        port = free_port()
+        await metrics.serve("127.0.0.1", port)
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+            # The 4th pushed out the oldest at once; the others wait for READ_TIMEOUT.
+            oldest = await asyncio.wait_for(idle[0][0].read(), 1.0)
+            samples = await asyncio.to_thread(scrape, port)
+            rest = await asyncio.wait_for(
+                asyncio.gather(*(reader.read() for reader, _ in idle[1:])), 5
+            )
+            for _, writer in idle:
+                writer.close()
+            return oldest, samples, rest
+        finally:
+            metrics.close()
+
+    oldest, samples, rest = asyncio.run(main())
+    assert oldest == b"" and rest == [b""] * 3
+    assert ("fastagi_sessions_active", ()) in samples
