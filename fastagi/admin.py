@@ -13,6 +13,7 @@ from fastagi.addresses import (
     WIDEST,
     AddressError,
     IPNetwork,
+    overlaps,
     parse_address,
     parse_target,
     target_text,
@@ -70,20 +71,17 @@ def cli_target(text: str, config: Config, refuse_ignored: bool) -> IPNetwork:
     return network
 
 
-def covering(banned: dict[str, float], target: IPNetwork) -> list[str]:
-    """The ban list entries wider than `target` that contain it (an escalated /48, a
-    prefix banned under another ipv6_prefix): an address inside them is banned too."""
+def holding(banned: dict[str, float], given: IPNetwork) -> list[str]:
+    """The ban list entries that hold any of `given`: for an address, every ban covering
+    it (its prefix, a wider escalated /48, its own /128 from before prefixes or from a
+    PBX with another ipv6_prefix); for a network, also the bans inside it."""
     out = []
     for text in banned:
         try:
             network = parse_target(text)
         except AddressError:
             continue
-        if (
-            network.version == target.version
-            and network.prefixlen < target.prefixlen
-            and target.subnet_of(network)  # type: ignore[arg-type]
-        ):
+        if overlaps(network, given):
             out.append(text)
     return out
 
@@ -109,12 +107,13 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
 async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
-    targets = [cli_target(ip, config, refuse_ignored=False) for ip in args.ips]
-    addresses = list(dict.fromkeys(target_text(t) for t in targets))
+    addresses = [target_text(cli_target(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
-        if targets:  # and the wider bans that hold these addresses too
+        if args.ips:  # and every other ban that holds these addresses
             banned = await store.banned()
-            addresses += [w for t in targets for w in covering(banned, t) if w not in addresses]
+            for ip in args.ips:
+                addresses += holding(banned, parse_target(ip))
+            addresses = list(dict.fromkeys(addresses))
         lifted = await (store.unban_all() if args.all else store.unban(addresses))
     for ip in addresses:
         print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")

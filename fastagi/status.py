@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from fastagi.addresses import parse_target, target_text
-from fastagi.admin import cli_target, client_store, covering, when
+from fastagi.admin import cli_target, client_store, holding, when
 from fastagi.config import Config, redacted
 from fastagi.store import Store
 
@@ -126,8 +126,9 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
         if target is not None:
             address = target_text(target)
             banned = await store.banned()
-            # banned as its own prefix, or inside a wider banned one
-            held = address if address in banned else next(iter(covering(banned, target)), "")
+            # banned as its prefix, or by another ban that holds it
+            given = parse_target(args.ip)
+            held = address if address in banned else next(iter(holding(banned, given)), "")
             record = await store.record(held or address)
             count = await store.count(address)
             report: dict[str, Any] = {
@@ -136,15 +137,15 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 "banned": bool(held),
                 "banned_as": held or None,
                 "until": banned.get(held),
-                "ignored": parse_target(args.ip) in config.screening.ignore,
+                "ignored": given in config.screening.ignore,
                 "history": record,
             }
             if args.json:
                 print(json.dumps(report, indent=2))
             else:
-                given = target_text(parse_target(args.ip))
-                counted_as = "" if given == address else f" (counted as {address})"
-                print(f"Status for {given}{counted_as}")
+                shown = target_text(given)
+                counted_as = "" if shown == address else f" (counted as {address})"
+                print(f"Status for {shown}{counted_as}")
                 print(f"|- Count in window: {count}")
                 if report["banned"]:
                     also = "" if held == address else f" (as {held})"

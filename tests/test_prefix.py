@@ -226,6 +226,14 @@ def test_status_and_unban_take_an_address_inside_a_banned_prefix(redis_url):
     proc = ctl("unban", "2001:db8:1:2::5", env=env)
     assert proc.returncode == 0 and "2001:db8:1:2::/64 unbanned" in proc.stdout
     assert json.loads(ctl("status", "--json", env=env).stdout)["banned"]["current"] == 0
+    # a ban of one address, made under ipv6_prefix = 128 (or before prefixes existed)
+    single = {**env, "FASTAGI_SCREENING_IPV6_PREFIX": "128"}
+    assert ctl("ban", "2001:db8:1:2::5", "--for", "1h", env=single).returncode == 0
+    report = json.loads(ctl("status", "2001:db8:1:2::5", "--json", env=env).stdout)
+    assert report["banned"] is True and report["banned_as"] == "2001:db8:1:2::5"
+    proc = ctl("unban", "2001:db8:1:2::5", env=env)
+    assert "2001:db8:1:2::5 unbanned" in proc.stdout
+    assert json.loads(ctl("status", "--json", env=env).stdout)["banned"]["current"] == 0
 
 
 def test_a_cidr_ban_holds_the_addresses_inside_it(redis_url):
