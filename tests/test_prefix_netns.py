@@ -138,6 +138,15 @@ def test_a_banned_prefix_drops_every_address_in_it_and_nothing_beside(backend, p
         fw.set({ROTATING64: until, "2001:db8:0:100::/56": until + 60})  # nested
         assert not any(reach(ip) for ip in SAMPLE)
         assert reach(ATTACKER6)
+        # nested prefixes other than /64 (nftables keeps them in one interval set)
+        fw.set({})
+        fw.add({"2001:db8:0:100::/60": until + 600})
+        fw.add({"2001:db8:0:100::/56": until})  # wider, ends sooner: both must hold
+        assert not reach(ROTATING6_HOSTS[0])
+        fw.delete(["2001:db8:0:100::/56"])
+        assert not reach(ROTATING6_HOSTS[0]), "the /60 inside the lifted /56 was lost"
+        fw.delete(["2001:db8:0:100::/60"])
+        assert reach(ROTATING6_HOSTS[0])
         fw.set({})
         assert all(reach(ip) for ip in ROTATING6_HOSTS[:3])
         fw.teardown()
