@@ -54,6 +54,7 @@ class Outcome:
     error: str = ""
     address: IPAddress | None = None
     new_ban: bool = False  # this call hit the threshold: the ban was issued here
+    target: str = ""  # what was counted and banned: the caller's prefix ("2001:db8::/64")
 
 
 class StepObserver:
@@ -161,6 +162,7 @@ class Screener:
         if self.log_notice:
             await session.answer()
         outcome.address = address
+        outcome.target = target_text(network)
         return outcome
 
     async def _escalate(self, network: IPNetwork, until: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import math
 
 import pytest
@@ -162,13 +163,16 @@ def _rotate(redis_url: str, **overrides: str):
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
-def test_twelve_addresses_of_one_64_reach_the_threshold_together(store, request):
+def test_twelve_addresses_of_one_64_reach_the_threshold_together(store, request, caplog):
     url = "memory://" if store == "memory" else request.getfixturevalue("redis_url")
+    caplog.set_level(logging.WARNING, logger="fastagi.server")
     results, other, banned, counted = _rotate(url)
     outcomes = [(r.variables["SCREEN_RESULT"], r.variables.get("SCREEN_COUNT")) for r in results]
     assert outcomes[:5] == [*(("COUNTED", str(n)) for n in range(1, 5)), ("BANNED", "5")]
     assert all(result == "BANNED" for result, _ in outcomes[5:])
     assert set(banned) == {"2001:db8:1:2::/64"}  # one ban, not twelve
+    bans = [r.getMessage() for r in caplog.records if "banned until" in r.getMessage()]
+    assert len(bans) == 1 and bans[0].startswith("2001:db8:1:2::/64 banned until")
     # each NOTICE names the caller's own address, as the seed dialplan's line does
     for ip, result in zip(ROTATING, results, strict=True):
         assert result.log[0].endswith(f"failed for {ip} - Unknown connection from peer")
