@@ -311,3 +311,11 @@ def test_escalate_prefix_must_be_wider_than_ipv6_prefix(tmp_path):
     env = {"FASTAGI_SCREENING_ESCALATE_PREFIX": "64", "FASTAGI_RUNTIME_DIR": str(tmp_path)}
     proc = ctl("status", env=env)
     assert proc.returncode == 2 and "screening.escalate_prefix" in proc.stderr
+
+
+def test_default_ports_are_sip_signalling_and_all_stays_a_choice():
+    from tests.harness import settings
+
+    assert settings().firewall.ports == ("5060/udp", "5060/tcp", "5061/udp", "5061/tcp")
+    assert settings(FIREWALL_PORTS="all").firewall.ports == "all"
+    assert settings().screening.prefixes() == Prefixes(32, 64)
