@@ -28,7 +28,7 @@ from fastagi.addresses import (
 )
 from fastagi.emulator import Call
 from fastagi.firewall._common import flatten
-from tests.harness import running_server
+from tests.harness import running_server, settings
 from tests.procs import Service, ctl
 
 v4 = st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address)
@@ -314,8 +314,6 @@ def test_escalate_prefix_must_be_wider_than_ipv6_prefix(tmp_path):
 
 
 def test_default_ports_are_sip_signalling_and_all_stays_a_choice():
-    from tests.harness import settings
-
     assert settings().firewall.ports == ("5060/udp", "5060/tcp", "5061/udp", "5061/tcp")
     assert settings(FIREWALL_PORTS="all").firewall.ports == "all"
     assert settings().screening.prefixes() == Prefixes(32, 64)
