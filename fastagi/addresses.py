@@ -129,6 +129,20 @@ class Prefixes:
             return ipaddress.ip_network(address)
         return network
 
+    def key(self, address: IPAddress, avoid: AddressSet | None = None) -> str:
+        """target_text(target(...)) without building a network where the prefix is the
+        whole address (IPv4 /32 by default): ipaddress takes ~12 us to make one, on
+        every screened call."""
+        length = self.length(address.version)
+        if length == address.max_prefixlen or address.is_link_local:
+            return str(address)
+        bits = address.max_prefixlen - length
+        first = int(address) >> bits << bits
+        last = first | (1 << bits) - 1
+        if avoid is not None and avoid.overlaps_range(address.version, first, last):
+            return str(address)
+        return f"{type(address)(first)}/{length}"
+
     def widen(self, network: IPNetwork) -> IPNetwork:
         """An admin's target, at least as wide as the configured prefix: `ban`, `unban`
         and `status` of one address act on the prefix the screening counts."""
@@ -148,6 +162,14 @@ class AddressSet:
     def __init__(self, networks: Iterable[IPNetwork]) -> None:
         self.networks = tuple(networks)
         self._match = tuple(_unmapped(network) for network in self.networks)
+        self._ranges = tuple(
+            (n.version, int(n.network_address), int(n.broadcast_address)) for n in self._match
+        )
+
+    def overlaps_range(self, version: int, first: int, last: int) -> bool:
+        """Does any network overlap the addresses first..last (as integers)? The
+        per-call form of `network in self`, without building a network."""
+        return any(v == version and lo <= last and first <= hi for v, lo, hi in self._ranges)
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> AddressSet:

@@ -24,6 +24,7 @@ from fastagi.addresses import (
     IPNetwork,
     Prefixes,
     parse_address,
+    parse_target,
     target_text,
 )
 from fastagi.agi import AGISession, Environment
@@ -153,16 +154,16 @@ class Screener:
                 lost = error
         # counted and banned as its prefix; the address alone when the prefix would
         # also cover an ignored network
-        network = self.prefixes.target(address, self.ignore)
-        outcome = await self._count(target_text(network), bool(session.stray))
+        target = self.prefixes.key(address, self.ignore)
+        outcome = await self._count(target, bool(session.stray))
         if outcome.new_ban and self.escalation.prefix:
-            await self._escalate(network, outcome.ban_until or 0.0)
+            await self._escalate(parse_target(target), outcome.ban_until or 0.0)
         if lost is not None:
             raise lost
         if self.log_notice:
             await session.answer()
         outcome.address = address
-        outcome.target = target_text(network)
+        outcome.target = target
         return outcome
 
     async def _escalate(self, network: IPNetwork, until: float) -> None:

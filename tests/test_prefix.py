@@ -94,7 +94,7 @@ def test_every_address_of_one_prefix_maps_to_that_prefix(base, length, offsets):
     network = ipaddress.IPv6Network((base, length), strict=False)
     addresses = [network[offset % network.num_addresses] for offset in offsets]
     targets = {target_text(prefixes.target(a)) for a in addresses}
-    assert targets == {target_text(network)}
+    assert targets == {target_text(network)} == {prefixes.key(a) for a in addresses}
     if int(network.broadcast_address) < 2**128 - 1:
         assert prefixes.target(network.broadcast_address + 1) != network
 
@@ -105,6 +105,7 @@ def test_ipv4_callers_map_through_ipv4_prefix(address, length):
     target = Prefixes(ipv4=length).target(address)
     assert target.prefixlen == length and address in target
     assert Prefixes().target(address) == ipaddress.ip_network(address)  # the default: /32
+    assert Prefixes(ipv4=length).key(address) == target_text(target)
 
 
 def test_a_prefix_that_would_cover_an_ignored_network_narrows_to_the_caller():
@@ -112,6 +113,7 @@ def test_a_prefix_that_would_cover_an_ignored_network_narrows_to_the_caller():
     caller = parse_address("2001:db8:1:2::99")
     assert target_text(Prefixes().target(caller)) == "2001:db8:1:2::/64"
     assert target_text(Prefixes().target(caller, ignore)) == "2001:db8:1:2::99"
+    assert Prefixes().key(caller, ignore) == "2001:db8:1:2::99"
     assert parse_target("2001:db8:1:2::/64") in ignore  # a target overlapping it
     assert parse_target("2001:db8:1:3::/64") not in ignore
     # a link-local /64 is every host of the link: such a caller is counted alone
