@@ -120,6 +120,20 @@ def test_a_prefix_that_would_cover_an_ignored_network_narrows_to_the_caller():
     assert target_text(Prefixes().target(parse_address("fe80::1%eth0"))) == "fe80::1"
 
 
+@given(
+    address=st.one_of(v4, v6),
+    ignored=st.lists(st.tuples(st.one_of(v4, v6), st.integers(0, 128)), max_size=4),
+    v4len=st.integers(16, 32),
+    v6len=st.integers(32, 128),
+)
+def test_the_per_call_key_is_the_targets_text(address, ignored, v4len, v6len):
+    ignore = AddressSet(
+        ipaddress.ip_network((a, min(n, a.max_prefixlen)), strict=False) for a, n in ignored
+    )
+    prefixes = Prefixes(v4len, v6len)
+    assert prefixes.key(address, ignore) == target_text(prefixes.target(address, ignore))
+
+
 def test_widen_keeps_wider_networks_and_widens_narrower_ones():
     prefixes = Prefixes()
     assert prefixes.widen(parse_target("2001:db8:1::/48")) == parse_target("2001:db8:1::/48")
