@@ -9,7 +9,6 @@ from .base import (
     FirewallError,
     FirewallSettings,
     FirewallStats,
-    IPAddress,
     IPNetwork,
 )
 
@@ -52,7 +51,6 @@ __all__ = [
     "FirewallError",
     "FirewallSettings",
     "FirewallStats",
-    "IPAddress",
     "IPNetwork",
     "create",
 ]

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # SIP signalling, as fail2ban's asterisk jail: a ban costs the address its SIP only.
 SIP_PORTS = ("5060/udp", "5060/tcp", "5061/udp", "5061/tcp")
