@@ -104,6 +104,7 @@ def target_text(network: IPNetwork) -> str:
 
 
 def overlaps(a: IPNetwork, b: IPNetwork) -> bool:
+    """Do two targets share an address (never across IPv4 and IPv6)?"""
     return a.version == b.version and a.overlaps(b)  # type: ignore[arg-type]
 
 
