@@ -11,7 +11,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastagi.access import url_with_key
-from fastagi.addresses import AddressError, IPAddress, parse_address
+from fastagi.addresses import (
+    WIDEST,
+    AddressError,
+    IPNetwork,
+    overlaps,
+    parse_address,
+    parse_target,
+    target_text,
+)
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
 from fastagi.protect import Protected
@@ -50,14 +58,40 @@ async def client_store(config: Config):
         await store.close()
 
 
-def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
+def cli_target(text: str, config: Config, refuse_ignored: bool) -> IPNetwork:
+    """The ban target an admin means: an address maps to the prefix the screening
+    counts it under (`ipv6_prefix`), a CIDR is taken as given, widened to that prefix."""
     try:
-        address = parse_address(text)
+        network = parse_target(text)
     except AddressError as error:
         raise UsageError(str(error)) from None
-    if refuse_ignored and address in config.screening.ignore:
-        raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
-    return address
+    screening = config.screening
+    if network.prefixlen == network.max_prefixlen:
+        address = network.network_address
+        if refuse_ignored and address in screening.ignore:
+            raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
+        return screening.prefixes().target(address, screening.ignore)
+    if network.prefixlen < WIDEST[network.version]:
+        raise UsageError(f"{network}: wider than /{WIDEST[network.version]}, refusing it")
+    network = screening.prefixes().widen(network)
+    if refuse_ignored and network in screening.ignore:
+        raise UsageError(f"{network} overlaps screening.ignore: refusing to ban it")
+    return network
+
+
+def holding(banned: dict[str, float], given: IPNetwork) -> list[str]:
+    """The ban list entries that hold any of `given`: for an address, every ban covering
+    it (its prefix, a wider escalated /48, its own /128 from before prefixes or from a
+    PBX with another ipv6_prefix); for a network, also the bans inside it."""
+    out = []
+    for text in banned:
+        try:
+            network = parse_target(text)
+        except AddressError:
+            continue
+        if overlaps(network, given):
+            out.append(text)
+    return out
 
 
 def hold_name(text: str | None, default: str | None) -> str | None:
@@ -110,7 +144,8 @@ async def protected_set(config: Config, store: Store | None = None) -> Protected
 
 
 async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
-    address = cli_address(args.ip, config, refuse_ignored=True)
+    network = cli_target(args.ip, config, refuse_ignored=True)
+    address = target_text(network)
     duration = None
     if args.duration:
         try:
@@ -119,10 +154,10 @@ async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
             raise UsageError(f"--for: {error}") from None
     hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
-        if why := (await protected_set(config, store)).reason(address):
+        if why := (await protected_set(config, store)).reason(network):
             raise UsageError(f"{address} is protected ({why}): refusing to ban it")
         reason = printable(args.reason)[:REASON_MAX]
-        placed = await store.hold(str(address), hold, reason, duration=duration)
+        placed = await store.hold(address, hold, reason, duration=duration)
     if placed.hold_until >= placed.until:
         print(f"{address} banned until {when(placed.until)} (hold {hold})")
     else:
@@ -137,8 +172,13 @@ async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
     hold = hold_name(args.hold, None)
-    addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
+    addresses = [target_text(cli_target(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
+        if args.ips:  # and every other ban that holds these addresses
+            banned = await store.banned()
+            for ip in args.ips:
+                addresses += holding(banned, parse_target(ip))
+            addresses = list(dict.fromkeys(addresses))
         targets = list(await store.banned()) if args.all else addresses
         lifted = await store.lift(targets, hold)
     for ip in addresses:

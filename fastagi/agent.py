@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastagi import metrics
-from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
+from fastagi.addresses import AddressError, AddressSet, IPNetwork, parse_target, target_text
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.protect import Protected
 from fastagi.store import HEARTBEAT_INTERVAL, Store, StoreError
@@ -47,8 +47,6 @@ def _event_id(text: str) -> tuple[int, int]:
 
 # -- what the agent accepts from Redis ---------------------------------------------------
 
-# The one parser of a ban target: addresses.parse_target once targets may be networks.
-parse_target = parse_address
 MAX_SHOWN = 120  # characters of a skipped entry's text in its log line
 MAX_END_MS = 253_402_300_799_999  # 9999-12-31: a later ban end is garbage, not a ban
 # (reason label, why) for an entry the agent leaves out; the label goes into the metric
@@ -64,7 +62,7 @@ def shown(text: str) -> str:
     return repr(text[:MAX_SHOWN]) + ("..." if len(text) > MAX_SHOWN else "")
 
 
-def parse_ban_target(text: str | None) -> IPAddress:
+def parse_ban_target(text: str | None) -> IPNetwork:
     if text is None:
         raise BadEntry("no ip")
     try:
@@ -81,7 +79,7 @@ def parse_end(ms: float) -> float:
     return ms / 1000.0
 
 
-def parse_event(fields: dict[str, str]) -> tuple[str, IPAddress, float]:
+def parse_event(fields: dict[str, str]) -> tuple[str, IPNetwork, float]:
     """(op, target, end in Redis's clock) of an event as lua.py writes it: `until` is
     whole milliseconds, nothing else (`17e11` is some other writer's mistake)."""
     op = fields.get("op")
@@ -120,12 +118,12 @@ class Agent:
         self.block_ms = block_ms  # None: the store cannot block (embedded); poll instead
         self.poll_interval = poll_interval
         # what we put in the firewall, with ends in this host's clock (as the firewall has them)
-        self.applied: dict[IPAddress, float] = {}
+        self.applied: dict[IPNetwork, float] = {}
         # ban-list entries left out (text -> end in Redis's clock): counted as the list
         # counts them, and logged only when they first appear
         self.skipped: dict[str, float] = {}
         # why an entry may not be applied: each returns a Skip or None
-        self.checks: list[Callable[[IPAddress], Skip | None]] = [self._ignored]
+        self.checks: list[Callable[[IPNetwork], Skip | None]] = [self._ignored]
         # this host's infrastructure is never banned here, whatever the list says
         self.protected = protected
         self._protected_generation = 0
@@ -159,10 +157,10 @@ class Agent:
 
     # -- filtering: what this host applies of what it reads -------------------------------
 
-    def _ignored(self, target: IPAddress) -> Skip | None:
+    def _ignored(self, target: IPNetwork) -> Skip | None:
         return ("ignored", "in screening.ignore") if target in self.ignore else None
 
-    def _protected(self, target: IPAddress) -> Skip | None:
+    def _protected(self, target: IPNetwork) -> Skip | None:
         why = self.protected.reason(target) if self.protected is not None else None
         return None if why is None else ("protected", why)
 
@@ -173,7 +171,7 @@ class Agent:
         self._protected_generation = self.protected.generation
         return True
 
-    def _refused(self, target: IPAddress) -> Skip | None:
+    def _refused(self, target: IPNetwork) -> Skip | None:
         for check in self.checks:
             if (skip := check(target)) is not None:
                 return skip
@@ -193,11 +191,11 @@ class Agent:
         """A ban end in Redis's clock as this host's clock (and the firewall) counts it."""
         return until - self.store.clock_offset
 
-    def _wanted(self, bans: dict[str, float]) -> dict[IPAddress, float]:
+    def _wanted(self, bans: dict[str, float]) -> dict[IPNetwork, float]:
         """The ban list as this host applies it (ends in its own clock). The entries left
         out are remembered with their ends, so the periodic count compares like with
         like, and logged when they first appear, not at every read."""
-        wanted: dict[IPAddress, float] = {}
+        wanted: dict[IPNetwork, float] = {}
         skipped: dict[str, float] = {}
         for text, until in bans.items():
             try:
@@ -237,7 +235,7 @@ class Agent:
                 "%s: our chain/table/set was changed behind our back; restoring", self.firewall.name
             )
             full = True
-        wanted: dict[IPAddress, float] | None = None
+        wanted: dict[IPNetwork, float] | None = None
         if full or not await self._count_matches():
             wanted = self._wanted(await self.store.banned())
         await self._firewall("setup")
@@ -286,7 +284,7 @@ class Agent:
             log.warning("%s: intact check failed (%s)", self.firewall.name, error)
             return False
 
-    async def _apply_difference(self, wanted: dict[IPAddress, float]) -> None:
+    async def _apply_difference(self, wanted: dict[IPNetwork, float]) -> None:
         gone = [address for address in self.applied if address not in wanted]
         new = {
             address: until
@@ -308,8 +306,8 @@ class Agent:
 
     async def apply(self, events: list[tuple[str, dict[str, str]]]) -> None:
         """Apply a batch of events in order, collapsing them to one add and one delete."""
-        adds: dict[IPAddress, float] = {}
-        deletes: set[IPAddress] = set()
+        adds: dict[IPNetwork, float] = {}
+        deletes: set[IPNetwork] = set()
         for event_id, fields in events:
             self.last_id = event_id
             try:
@@ -337,7 +335,7 @@ class Agent:
             await self._firewall("add", adds)
             self.applied.update(adds)
             self.applied_total += len(adds)
-            log.info("applied %d bans: %s", len(adds), " ".join(map(str, list(adds)[:10])))
+            log.info("applied %d bans: %s", len(adds), " ".join(map(target_text, list(adds)[:10])))
         self._report(applied=len(adds), lifted=len(deletes))
         self._beat_due = self._beat_due or bool(adds or deletes)
 
@@ -480,7 +478,7 @@ class Agent:
             return
         now = time.time()  # applied ends are on this host's clock (_local)
         running = {
-            str(a): until + self.store.clock_offset  # back on Redis's clock
+            target_text(a): until + self.store.clock_offset  # back on Redis's clock
             for a, until in self.applied.items()
             if math.isfinite(until) and until > now
         }

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 
 from redis.connection import parse_url
 
-from fastagi.addresses import AddressError, AddressSet, parse_network
+from fastagi.addresses import WIDEST, AddressError, AddressSet, Prefixes, parse_network
 from fastagi.firewall._common import parse_ports
-from fastagi.firewall.base import FirewallError, FirewallSettings
+from fastagi.firewall.base import SIP_PORTS, FirewallError, FirewallSettings
 from fastagi.protect import parse_entry
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
@@ -100,6 +100,14 @@ def _factor(value: Any) -> float:
     if not 1.0 <= number <= 100.0:
         raise ValueError(f"{number} must be between 1 and 100")
     return number
+
+
+def _escalate_prefix(value: Any) -> int:
+    """0 (off) or an IPv6 prefix length no wider than WIDEST."""
+    length = _whole(0, 127)(value)
+    if length and length < WIDEST[6]:
+        raise ValueError(f"{length}: 0 (off) or {WIDEST[6]}-127")
+    return length
 
 
 def _networks(value: Any) -> AddressSet:
@@ -276,6 +284,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # addresses, networks and host names (trunks, dynamic-DNS offices).
         "protect": (_protect, []),
         "protect_refresh": (parse_duration, "5m"),
+        # Callers are counted and banned per prefix: an IPv6 scanner owns a whole /64.
+        # (no wider than WIDEST: one caller's calls would ban a provider's customers)
+        "ipv4_prefix": (_whole(WIDEST[4], 32), 32),
+        "ipv6_prefix": (_whole(WIDEST[6], 128), 64),
+        # Off by default: ban the wider IPv6 prefix (e.g. 48) once escalate_after
+        # prefixes inside it are banned at the same time (escalate.py).
+        "escalate_prefix": (_escalate_prefix, 0),
+        "escalate_after": (_whole(2, 1_000_000), 4),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -293,7 +309,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "firewall": {
         "backend": (_backend, "dry-run"),
         "chain": (_chain, "FASTAGI"),
-        "ports": (_ports, "all"),
+        # SIP signalling only, as fail2ban's asterisk jail: a spoofed ban then costs the
+        # spoofed address its SIP, not its trunk, Redis, DNS or SSH traffic.
+        "ports": (_ports, list(SIP_PORTS)),
         "forward": (_bool, False),
         "sync_interval": (parse_duration, "30s"),
     },
@@ -327,6 +345,13 @@ class ScreeningConfig:
     log_notice: bool
     protect: tuple[str, ...] = ()
     protect_refresh: float = 300.0
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    escalate_prefix: int = 0
+    escalate_after: int = 4
+
+    def prefixes(self) -> Prefixes:
+        return Prefixes(self.ipv4_prefix, self.ipv6_prefix)
 
 
 @dataclass(frozen=True)
@@ -482,6 +507,11 @@ def _check_together(config: Config) -> None:
     screening = config.screening
     if screening.ban_time_max < screening.ban_time:
         raise ConfigError("screening.ban_time_max: must not be shorter than screening.ban_time")
+    if screening.escalate_prefix and screening.escalate_prefix >= screening.ipv6_prefix:
+        raise ConfigError(
+            "screening.escalate_prefix: must be shorter than screening.ipv6_prefix "
+            f"({screening.escalate_prefix} >= {screening.ipv6_prefix})"
+        )
     if config.redis.timeout >= config.server.session_timeout:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:

@@ -36,6 +36,11 @@ class Keys:
         step."""
         return self.count("").encode(), self.record("").encode(), self.holds("").encode()
 
+    def inside(self, prefix: str) -> str:
+        """Sorted set: the banned prefixes inside this wider one -> their ban ends (ms),
+        for escalation (escalate.py)."""
+        return f"{self.base}inside:{prefix}"
+
     @property
     def banned(self) -> str:
         """Sorted set: ip -> ban end (ms), the end of its longest hold. The ban list every

@@ -304,7 +304,7 @@ class FastAGIServer:
             # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(
                 "%s banned until %d (count %s)",
-                outcome.address,
+                outcome.target or outcome.address,
                 int(outcome.ban_until or 0),
                 outcome.count,
             )

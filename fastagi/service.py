@@ -37,6 +37,7 @@ from fastagi.store import (
 )
 
 if TYPE_CHECKING:
+    from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
@@ -168,6 +169,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
 
     The Redis step gets at most half of a session and three `redis.timeout`s, so a
     slow Redis still leaves time to answer Asterisk."""
+    from fastagi.escalate import Escalation
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
@@ -175,7 +177,14 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
     screening = config.screening
     screener = Screener(
-        store, screening.ignore, screening.log_notice, redis_budget, metrics, store.protected
+        store,
+        screening.ignore,
+        screening.log_notice,
+        redis_budget,
+        metrics,
+        protected=store.protected,
+        prefixes=screening.prefixes(),
+        escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
     )
     return FastAGIServer(
         screener,
@@ -239,6 +248,7 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     _setup_logging()
+    firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
         metrics = await service_metrics.start(config.metrics.listen, store)
@@ -256,8 +266,8 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
-        if not args.no_agent:
-            agent = await _start_agent(config, store, protected)
+        if firewall is not None:
+            agent = await _start_agent(config, store, firewall, protected)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s)",
@@ -317,13 +327,31 @@ async def supervised(agent: Agent, first: float = RESTART_FIRST) -> None:
         delay = min(delay * 2, RESTART_MAX)
 
 
+async def _claimed_firewall(config: Config) -> Firewall:
+    """The configured backend, once it is clear that no chain/table/set of our name is
+    someone else's: that stops the start (one line, exit 2) before the service listens
+    or anything is touched. Other firewall trouble the agent retries and logs."""
+    from fastagi.firewall import FirewallConflict, FirewallError, create
+
+    firewall = create(config.firewall.settings())
+    try:
+        await asyncio.to_thread(firewall.claim)
+    except FirewallConflict as error:
+        raise ServiceUsageError(str(error)) from None
+    except FirewallError as error:
+        log.warning("firewall: %s; the agent keeps trying", error)
+    return firewall
+
+
 async def _start_agent(
-    config: Config, store: Store | None, protected: Protected, check: bool = False
+    config: Config,
+    store: Store | None,
+    firewall: Firewall,
+    protected: Protected,
+    check: bool = False,
 ) -> tuple[Agent, asyncio.Task, Store | None]:
     """The agent, on the service's store (embedded) or on a Redis client of its own;
     `check`: the Redis version first (`agent`; `serve` checked its own store)."""
-    from fastagi.firewall import create
-
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
@@ -346,7 +374,7 @@ async def _start_agent(
         await protected.refresh()
     agent = Agent(
         store,
-        create(config.firewall.settings()),
+        firewall,
         config.firewall.sync_interval,
         config.screening.ignore,
         block_ms=block_ms,
@@ -370,6 +398,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
             "agent needs a shared Redis ([redis] url); with memory:// use serve"
         )
     _setup_logging()
+    firewall = await _claimed_firewall(config)
     try:
         metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
@@ -377,7 +406,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
     protected = Protected.from_config(config)
     await protected.start()
     try:
-        agent = await _start_agent(config, None, protected, check=True)
+        agent = await _start_agent(config, None, firewall, protected, check=True)
     except RedisTooOld:
         if metrics is not None:
             metrics.close()

@@ -9,8 +9,8 @@ import math
 import sys
 from typing import Any
 
-from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, printable, protected_set, when
+from fastagi.addresses import parse_target, target_text
+from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
 from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
@@ -155,9 +155,15 @@ def render_status(status: dict[str, Any]) -> str:
 def render_address(report: dict[str, Any]) -> str:
     """`status IP`: its count, its ban with the holds that make it, its history."""
     record = report["history"]
-    lines = [f"Status for {report['ip']}", f"|- Count in window: {report['count']}"]
+    shown, counted = report["given"], report["ip"]
+    counted_as = "" if shown == counted else f" (counted as {counted})"
+    lines = [f"Status for {shown}{counted_as}", f"|- Count in window: {report['count']}"]
     if report["banned"]:
-        lines += [f"|- Banned until:    {when(report['until'])}", "|- Holds (the longest wins)"]
+        also = "" if report["banned_as"] == counted else f" (as {report['banned_as']})"
+        lines += [
+            f"|- Banned until:    {when(report['until'])}{also}",
+            "|- Holds (the longest wins)",
+        ]
         holds = report["holds"]
         for n, hold in enumerate(holds):
             mark = "`-" if n == len(holds) - 1 else "|-"
@@ -179,23 +185,30 @@ def _for_terminal(lines: list[str]) -> str:
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
+    target = cli_target(args.ip, config, refuse_ignored=False) if args.ip else None
     async with client_store(config) as store:
         protected = await protected_set(config, store)
-        if address:
+        if target is not None:
+            address = target_text(target)
             banned = await store.banned()
-            record, count = await store.record(address), await store.count(address)
-            holds = await store.holds(address)
+            # banned as its prefix, or by another ban that holds it
+            given = parse_target(args.ip)
+            held = address if address in banned else next(iter(holding(banned, given)), "")
+            record = await store.record(held or address)
+            count = await store.count(address)
+            holds = await store.holds(held) if held else []
             report: dict[str, Any] = {
                 "ip": address,
+                "given": target_text(given),
                 "count": count,
-                "banned": address in banned,
-                "until": banned.get(address),
+                "banned": bool(held),
+                "banned_as": held or None,
+                "until": banned.get(held),
                 "holds": [
                     {"source": h.source, "until": h.until, "reason": h.reason} for h in holds
                 ],
-                "ignored": parse_address(address) in config.screening.ignore,
-                "protected": protected.reason(parse_address(address)),
+                "ignored": given in config.screening.ignore,
+                "protected": protected.reason(given),
                 "history": record,
             }
             print(json.dumps(report, indent=2) if args.json else render_address(report))

@@ -433,6 +433,21 @@ class Store:
         ban_until, hold_until, placed = (int(x) for x in reply)
         return Placed(ban_until / 1000.0, hold_until / 1000.0, bool(placed))
 
+    async def note_inside(self, wider: str, target: str, until: float) -> tuple[int, bool]:
+        """Record that `target`, inside `wider`, is banned until `until`: (how many bans
+        inside `wider` are running, whether `wider` itself is banned now). One pipeline:
+        a call racing it may see one ban fewer, which delays the escalation by one ban."""
+        now_ms = self.now_ms()
+        key = self.keys.inside(wider)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {target: int(until * 1000)})
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zcard(key)
+            pipe.pexpire(key, self.policy.history_ms)  # no ban outlives ban_time_max
+            pipe.zscore(self.keys.banned, wider)
+            _, _, running, _, wider_until = await self._call("escalation", pipe.execute())
+        return int(running), wider_until is not None and wider_until > now_ms
+
     async def unban(self, ips: Iterable[str], hold: str | None = None) -> list[str]:
         """Lift these bans (`hold` None: every hold, and reset their counts; else only that
         source's hold) everywhere; the addresses whose ban ended."""

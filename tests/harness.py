@@ -13,6 +13,7 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi import config as configuration
+from fastagi.addresses import Prefixes, parse_address, target_text
 from fastagi.admin import protected_set
 from fastagi.emulator import Call, CallResult, FakeAsterisk
 from fastagi.protect import Protected
@@ -32,8 +33,14 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> boo
 
 
 def firewall_ips(firewall) -> set[str]:
-    """The addresses a firewall backend holds, as text."""
-    return {str(ip) for ip in firewall.list()}
+    """The targets a firewall backend holds, as their canonical text ("192.0.2.9",
+    "2001:db8:1:2::/64")."""
+    return {target_text(network) for network in firewall.list()}
+
+
+def counted_as(ip: str, prefixes: Prefixes | None = None) -> str:
+    """The store key a caller is counted under (its /64 for IPv6, by default)."""
+    return target_text((prefixes or Prefixes()).target(parse_address(ip)))
 
 
 async def redis_nodes_protected(config: configuration.Config) -> tuple[list[str], dict]:

@@ -54,6 +54,10 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.log_notice": ['"maybe"', "5", "[true]"],
     "screening.protect": ["5", '["bad name!"]', '["10.0.0.0/33"]', '["-x.example"]', '[""]'],
     "screening.protect_refresh": BAD_DURATION,
+    "screening.ipv4_prefix": ['"wide"', "8", "33", "true", "24.5", '"/24"'],
+    "screening.ipv6_prefix": ["16", "129", "false", "64.0", '"/64"', "[64]"],
+    "screening.escalate_prefix": ["16", "128", "64", "-1", "true", '"/48"'],
+    "screening.escalate_after": ["1", "0", '"four"', "true"],
     "redis.url": [
         '"http://10.0.0.5"',
         "5",
@@ -244,7 +248,9 @@ CLI_ROWS = [
     (["ban", "::1"], "ignore"),
     (["ban", "203.0.113.9", "--for", "forever"], "--for"),
     (["ban", "203.0.113.9", "--for", "-5s"], "--for"),
-    (["ban", "203.0.113.0/24"], "203.0.113.0/24"),
+    (["ban", "203.0.113.9/24"], "203.0.113.9/24"),  # host bits set: a typo, not a /24
+    (["ban", "0.0.0.0/0"], "0.0.0.0/0"),
+    (["ban", "2001:db8::/16"], "2001:db8::/16"),
     (["unban"], "--all"),
     (["unban", "203.0.113.9", "--all"], "--all"),
     (["unban", "203.0.113.9", "bad-ip"], "bad-ip"),

@@ -135,12 +135,12 @@ def test_unban_lifts_the_ban_and_resets_the_count(embedded):
 
 def test_unban_all_and_ipv6(embedded):
     env = embedded.env
-    for ip in ("2001:db8::41", "[2001:db8::42]:5060", "203.0.113.44"):
+    for ip in ("2001:db8::41", "[2001:db8::42]:5060", "2001:db8:0:1::7", "203.0.113.44"):
         assert ctl("ban", ip, env=env).returncode == 0
     report = json.loads(ctl("status", "--json", env=env).stdout)
-    assert sorted(b["ip"] for b in report["banned"]["list"]) == [
-        "2001:db8::41",
-        "2001:db8::42",
+    assert sorted(b["ip"] for b in report["banned"]["list"]) == [  # one ban per IPv6 /64
+        "2001:db8:0:1::/64",
+        "2001:db8::/64",
         "203.0.113.44",
     ]
     result = ctl("unban", "--all", env=env)

@@ -146,6 +146,9 @@ class Cluster:
                 "FASTAGI_FIREWALL_SYNC_INTERVAL": f"{SYNC}s",
                 "FASTAGI_SCREENING_PBX_ID": role,
                 "FASTAGI_SCREENING_THRESHOLD": "3",
+                # one ban per address: the attacker's addresses share a /64 with the PBXs
+                # and Redis here (prefixes: tests/test_prefix_netns.py)
+                "FASTAGI_SCREENING_IPV6_PREFIX": "128",
                 "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{AGI_PORT}",
             }
         )

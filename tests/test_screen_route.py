@@ -124,7 +124,7 @@ def test_pjsip_ipv6_address_comes_from_remote_addr_without_port_or_brackets():
 
     result, counted = asyncio.run(main())
     assert result.variables["SCREEN_RESULT"] == "COUNTED"
-    assert counted == {"2001:db8::9": 1}
+    assert counted == {"2001:db8::/64": 1}  # counted as its /64; the NOTICE names the caller
     assert result.log[0].endswith("failed for 2001:db8::9 - Unknown connection from peer")
 
 
