@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastagi.addresses import AddressSet
+from fastagi.addresses import AddressSet, target_text
 from fastagi.agent import Agent
 from fastagi.firewall import BACKENDS, FirewallError, FirewallSettings, create
 from fastagi.firewall.dryrun import DryRunFirewall
@@ -260,7 +260,7 @@ def test_iptables_agent_restarted_while_redis_is_down_still_lifts_bans(
         agent = Agent(store, fw, 30, AddressSet.parse([]), block_ms=20)
         task = asyncio.create_task(agent.run())
         try:  # the driver is the agent's alone while it runs: watch the agent
-            held = lambda: {str(target) for target in agent.applied}  # noqa: E731
+            held = lambda: {target_text(t) for t in agent.applied}  # noqa: E731
             adopted = await wait_until(lambda: ATTACKER4_B in held(), timeout=10)
             lifted = await wait_until(lambda: held() == {ATTACKER4_B}, timeout=10)
             return adopted and lifted

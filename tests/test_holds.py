@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastagi.addresses import target_text
 from fastagi.agent import Agent
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
@@ -122,7 +123,7 @@ def test_lifting_the_longest_hold_shortens_the_ban_for_the_agents_too(make):
         return (
             short,
             lifted,
-            {str(a): u for a, u in agent.applied.items()},
+            {target_text(a): u for a, u in agent.applied.items()},
             await store.events_after("0"),
             (before, await store.record("198.51.100.5")),
         )
@@ -132,7 +133,8 @@ def test_lifting_the_longest_hold_shortens_the_ban_for_the_agents_too(make):
     # the record tells the reason of the hold that makes the ban
     assert before == "manual" and record["reason"] == "jail"
     assert int(record["until"]) / 1000 == short.hold_until
-    assert applied == {"198.51.100.5": short.hold_until}
+    # the agent keeps ends on its host's clock (Redis's, less the measured offset)
+    assert applied == {"198.51.100.5": pytest.approx(short.hold_until, abs=0.05)}
     assert [(e["op"], e["reason"]) for _, e in events] == [("ban", "manual"), ("ban", "jail")]
 
 

@@ -194,7 +194,7 @@ def test_agents_healing_at_once_agree_on_the_longer_end(redis_url, redis_server)
         for pbx, end in (("pbx1", now + 600), ("pbx2", now + 1800)):
             agent = Agent(_store(redis_url, pbx), DryRunFirewall(), SYNC, AddressSet.parse([]))
             await agent.reconcile()  # the first look adopts (here: creates) the token
-            agent.applied = {ipaddress.ip_address("198.51.100.9"): end}
+            agent.applied = {ipaddress.ip_network("198.51.100.9"): end}
             agents.append(agent)
         await asyncio.to_thread(redis_server.client().flushall)
         await asyncio.gather(*(agent._heal_if_wiped() for agent in agents))

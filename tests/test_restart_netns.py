@@ -124,6 +124,8 @@ def test_embedded_serve_sigkilled_keeps_bans_history_escalation_and_firewall(
         screening_ban_time="1h",
         screening_ban_time_factor="2",
         screening_pbx_id="pbx1",
+        # one ban per address, as the assertions read the kernel (prefixes: test_prefix_netns)
+        screening_ipv6_prefix="128",
     )
     env["FASTAGI_RUNTIME_DIR"] = str(tmp_path / "run")
     log = tmp_path / "serve.log"
@@ -188,6 +190,7 @@ class Cluster:
             firewall_backend="nftables",
             firewall_sync_interval=f"{SYNC}s",
             screening_pbx_id=role,
+            screening_ipv6_prefix="128",  # one ban per address (prefixes: test_prefix_netns)
         )
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
@@ -255,7 +258,9 @@ def _wiped_and_healed(c: Cluster, addresses: set[str], wipe: Callable[[], None])
         print(f"\nRedis whole again {healed_in:.2f}s after the wipe ({sampler.samples} samples)")
         assert sampler.lacking == [], sampler.lacking[:5]
         assert healed and healed_in <= SYNC, c.logs_tail()
-        assert restored == pytest.approx(ends, abs=1)  # the same ends (ms), not new ones
+        # the same ends (ms), not new ones: through each agent's clock offset, measured to
+        # within half a round trip
+        assert restored == pytest.approx(ends, abs=50)
         record = c.redis.client().hgetall(KEYS.record(sorted(addresses)[0]))
         assert record[b"reason"] == b"restored"
         # a later unban lifts them everywhere
