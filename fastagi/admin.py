@@ -109,6 +109,12 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
+    if config.auth.enabled:
+        from fastagi.auth import check_ami
+
+        for passed, line in await check_ami(config.auth):
+            ok = ok and passed
+            print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
 
 

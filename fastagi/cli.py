@@ -18,7 +18,7 @@ from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError
-from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, run_service
+from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
 from fastagi.status import cmd_status
 from fastagi.store import StoreError
 
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--redis", metavar="URL")
     agent.add_argument("--firewall", metavar="BACKEND")
     agent.set_defaults(func=cmd_agent)
+
+    watch = sub.add_parser(
+        "watch", help="count password guessing from the local AMI ([auth]) in the store"
+    )
+    watch.add_argument("--redis", metavar="URL")
+    watch.set_defaults(func=cmd_watch)
 
     ban = sub.add_parser("ban", help="ban an address on every PBX")
     ban.add_argument("ip")
@@ -105,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = _load_config(args)
-        if args.func in (cmd_serve, cmd_agent):
+        if args.func in (cmd_serve, cmd_agent, cmd_watch):
             return run_service(args.func(args, config))
         return asyncio.run(args.func(args, config))
     except (ConfigError, UsageError, ServiceUsageError, AddressError) as error:

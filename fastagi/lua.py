@@ -122,3 +122,36 @@ end
 return lifted
 """
 )
+
+# One authentication failure (a security event from Asterisk's AMI, auth.py): counted
+# under the [auth] rules in counts of its own, banned through the same write_ban (same
+# ban list, history, escalation and events) with reason 'auth'.
+# KEYS: auth_count, record, banned, auth_counted, events, stats
+# ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
+#       member (unique per failure), events_maxlen, history_ms
+# Returns {result, count, ban_until_ms, new_ban}, as SCREEN
+AUTH_FAILURE = (
+    _COMMON
+    + """
+local ip, window = ARGV[1], tonumber(ARGV[3])
+redis.call('HINCRBY', KEYS[6], 'auth_failures', 1)
+local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
+if ban_until and ban_until > now then
+  return {'BANNED', redis.call('HINCRBY', KEYS[2], 'count', 1), ban_until, 0}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+redis.call('ZADD', KEYS[1], int(now), ARGV[9])
+redis.call('PEXPIRE', KEYS[1], int(window))
+local failures = redis.call('ZCARD', KEYS[1])
+if failures < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[4], int(now + window), ip)
+  return {'COUNTED', failures, 0, 0}
+end
+ban_until = write_ban(KEYS[2], KEYS[3], KEYS[5], KEYS[6], ip, 0, tonumber(ARGV[4]),
+                      tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], failures,
+                      ARGV[10], tonumber(ARGV[11]))
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ip)
+return {'BANNED', failures, ban_until, 1}
+"""
+)

@@ -16,8 +16,8 @@ from fastagi.store import Store
 
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
-    banned, counted, (totals, bad_totals), agents = await asyncio.gather(
-        store.banned(), store.counted(), store.read_totals(), store.agents()
+    banned, counted, auth_counted, (totals, bad_totals), agents = await asyncio.gather(
+        store.banned(), store.counted(), store.auth_counted(), store.read_totals(), store.agents()
     )
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
     unreadable = [f"stats field {key}: {text!r}" for key, text in sorted(bad_totals.items())]
@@ -38,6 +38,13 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "counted": {
             "current": len(counted),
             "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
+        },
+        # password guessing, from Asterisk's AMI security events (auth.py)
+        "auth": {
+            "enabled": config.auth.enabled,
+            "failures": totals.get("auth_failures", None if "auth_failures" in bad_totals else 0),
+            "current": len(auth_counted),
+            "list": [{"ip": ip, "count": n} for ip, n in sorted(auth_counted.items())],
         },
         "banned": {
             "current": len(banned),
@@ -93,6 +100,13 @@ def render_status(status: dict[str, Any]) -> str:
             "|  `- Counted IP list:   "
             + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
         ).rstrip(),
+        f"|- Password guessing (AMI, {'on' if status['auth']['enabled'] else 'off here'})",
+        f"|  |- Currently counted: {status['auth']['current']}",
+        f"|  |- Total failures:    {_shown(status['auth']['failures'])}",
+        (
+            "|  `- Counted IP list:   "
+            + " ".join(f"{c['ip']}({c['count']})" for c in status["auth"]["list"])
+        ).rstrip(),
         "|- Actions",
         f"|  |- Currently banned: {status['banned']['current']}",
         f"|  |- Total banned:     {_shown(status['banned']['total'])}",
@@ -126,9 +140,11 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
         if address:
             banned = await store.banned()
             record, count = await store.record(address), await store.count(address)
+            auth_count = await store.auth_count(address, config.auth.window)
             report: dict[str, Any] = {
                 "ip": address,
                 "count": count,
+                "auth_failures": auth_count,
                 "banned": address in banned,
                 "until": banned.get(address),
                 "ignored": parse_address(address) in config.screening.ignore,
@@ -139,6 +155,7 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
             else:
                 print(f"Status for {address}")
                 print(f"|- Count in window: {count}")
+                print(f"|- Auth failures:   {auth_count} (in the [auth] window)")
                 if report["banned"]:
                     print(f"|- Banned until:    {when(report['until'])}")
                 else:

@@ -234,6 +234,7 @@ class Store:
         self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
+        self._auth_failure = client.register_script(lua.AUTH_FAILURE)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -384,18 +385,46 @@ class Store:
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""
+        return await self._counted(self.keys.counted, self.keys.count)
+
+    async def auth_counted(self) -> dict[str, int]:
+        """Addresses with authentication failures in their current `[auth]` window."""
+        return await self._counted(self.keys.auth_counted, self.keys.auth_count)
+
+    async def _counted(self, counted: str, count: Callable[[str], str]) -> dict[str, int]:
         now_ms = int(time.time() * 1000)
         ips = await self._call(
-            "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
+            "counted read", self.redis.zrangebyscore(counted, f"({now_ms}", "+inf")
         )
         ips = [_text(ip) for ip in ips]
         if not ips:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for ip in ips:
-                pipe.zcard(self.keys.count(ip))
+                pipe.zcard(count(ip))
             counts = await self._call("counts read", pipe.execute())
         return {ip: int(n) for ip, n in zip(ips, counts, strict=True) if n}
+
+    async def auth_failure(self, ip: str, rules: Policy) -> Verdict:
+        """Count one authentication failure from `ip` under `rules` (the [auth] ones) and
+        ban it at their threshold with reason `auth`: the same ban list, history and
+        escalation as screened calls, in counts of its own, atomically, cluster-wide."""
+        k = self.keys
+        keys = [k.auth_count(ip), k.record(ip), k.banned, k.auth_counted, k.events, k.stats]
+        args = [
+            ip,
+            rules.threshold,
+            int(rules.window * 1000),
+            int(rules.ban_time * 1000),
+            rules.ban_time_factor,
+            int(rules.ban_time_max * 1000),
+            self.pbx_id,
+            "auth",
+            secrets.token_hex(8),
+            EVENTS_MAXLEN,
+            rules.history_ms,
+        ]
+        return _verdict(await self._call("auth step", self._auth_failure(keys=keys, args=args)))
 
     async def record(self, ip: str) -> dict[str, str]:
         """Everything we know of one address: its ban record (possibly empty)."""
@@ -403,13 +432,15 @@ class Store:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count(self, ip: str) -> int:
-        now_ms = int(time.time() * 1000)
-        window_start = now_ms - int(self.policy.window * 1000)
-        return int(
-            await self._call(
-                "count read", self.redis.zcount(self.keys.count(ip), window_start, "+inf")
-            )
-        )
+        return await self._count(self.keys.count(ip), self.policy.window)
+
+    async def auth_count(self, ip: str, window: float) -> int:
+        """This address's authentication failures in the last `window` seconds."""
+        return await self._count(self.keys.auth_count(ip), window)
+
+    async def _count(self, key: str, window: float) -> int:
+        window_start = int(time.time() * 1000) - int(window * 1000)
+        return int(await self._call("count read", self.redis.zcount(key, window_start, "+inf")))
 
     async def totals(self) -> dict[str, int]:
         """The cluster's counters; a field that is not a whole number is left out."""
