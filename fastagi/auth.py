@@ -39,7 +39,7 @@ from fastagi.ami import (
     event_label,
     security_event,
 )
-from fastagi.config import AuthConfig, Config, ami_secret
+from fastagi.config import AuthConfig, Config, ConfigError, ami_secret
 from fastagi.store import Policy, Store, StoreError
 
 log = logging.getLogger("fastagi.auth")
@@ -191,6 +191,7 @@ class AuthWatcher:
         self.ignore = ignore
         self.metrics = metrics or AuthMetrics()
         self.store_budget = store_budget
+        self.secret = ami_secret(auth)  # ConfigError now, at start, not at each connect
         self.counted_events = frozenset(auth.events)
         self.attempts = Attempts()
         self.outcomes: collections.Counter[str] = collections.Counter()  # tests, `watch`
@@ -264,7 +265,7 @@ class AuthWatcher:
         connection = await Connection.open(auth.host, auth.port, CONNECT_TIMEOUT)
         self._connection = connection
         try:
-            await connection.login(auth.username, ami_secret(auth), CONNECT_TIMEOUT)
+            await connection.login(auth.username, self.secret, CONNECT_TIMEOUT)
             self.metrics.connected.set(1)
             self.metrics.connects.inc()
             self._was_up = True
@@ -332,13 +333,17 @@ async def check_ami(auth: AuthConfig, timeout: float = CONNECT_TIMEOUT) -> list[
     user reads security events) and actions beyond that are refused. (ok, line) each."""
     where = f"AMI {auth.host}:{auth.port}"
     try:
+        secret = ami_secret(auth)
+    except ConfigError as error:
+        return [(False, f"{where}: {error}")]
+    try:
         connection = await Connection.open(auth.host, auth.port, timeout)
     except (AMIError, OSError, TimeoutError) as error:
         return [(False, f"{where}: cannot connect ({error or type(error).__name__})")]
     results = []
     try:
         try:
-            await connection.login(auth.username, ami_secret(auth), timeout)
+            await connection.login(auth.username, secret, timeout)
         except (AMIError, OSError, TimeoutError) as error:
             return [(False, f"{where}: login as {auth.username} failed ({error or 'timeout'})")]
         results.append((True, f"{where}: logged in as {auth.username}"))

@@ -458,12 +458,16 @@ def _check_auth(auth: AuthConfig) -> None:
         raise ConfigError("auth.username: needed with auth.enabled = true (manager.conf user)")
     if bool(auth.secret) == bool(auth.secret_file):
         raise ConfigError("auth.secret: set either auth.secret or auth.secret_file, not both")
-    ami_secret(auth)  # an unreadable secret_file is a config error now, not at connect
+    if "$" not in os.path.expandvars(auth.secret_file):
+        # Unreadable: a config error now, not at connect. A path naming a variable this
+        # shell lacks (${CREDENTIALS_DIRECTORY} of the unit) is read by the service only.
+        ami_secret(auth)
 
 
 def ami_secret(auth: AuthConfig) -> str:
-    """The AMI secret: `auth.secret`, or the first line of `auth.secret_file` (read when
-    needed, so a credential file of systemd's LoadCredential= works)."""
+    """The AMI secret: `auth.secret`, or the first line of `auth.secret_file`, whose
+    `${VARIABLES}` are expanded (`${CREDENTIALS_DIRECTORY}/ami-secret` for systemd's
+    LoadCredential=)."""
     if not auth.secret_file:
         return auth.secret
     path = Path(os.path.expandvars(auth.secret_file))

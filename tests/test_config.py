@@ -186,3 +186,18 @@ def test_auth_secret_file_and_its_escape(tmp_path):
     secret.write_text("a\rAction: Originate\n")
     with pytest.raises(ConfigError, match=r"auth\.secret_file"):
         load(None, {**base, "FASTAGI_AUTH_SECRET_FILE": str(secret)})
+
+
+def test_a_credentials_directory_path_is_left_to_the_service(monkeypatch):
+    """`${CREDENTIALS_DIRECTORY}/ami-secret` (the unit's LoadCredential=): an admin shell
+    without that variable still loads the config for status, ban, unban."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = load(
+        None,
+        {
+            "FASTAGI_AUTH_ENABLED": "true",
+            "FASTAGI_AUTH_USERNAME": "fastagi",
+            "FASTAGI_AUTH_SECRET_FILE": "${CREDENTIALS_DIRECTORY}/ami-secret",
+        },
+    )
+    assert config.auth.enabled
