@@ -76,6 +76,7 @@ async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
         lifted = await (store.unban_all() if args.all else store.unban(addresses))
+        await store.auth_reset(lifted if args.all else addresses)
     for ip in addresses:
         print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")
     if args.all:

@@ -405,6 +405,14 @@ class Store:
             counts = await self._call("counts read", pipe.execute())
         return {ip: int(n) for ip, n in zip(ips, counts, strict=True) if n}
 
+    async def auth_reset(self, ips: Iterable[str]) -> None:
+        """Forget these addresses' authentication failures (`unban` resets every count)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ip in ips:
+                pipe.delete(self.keys.auth_count(ip))
+                pipe.zrem(self.keys.auth_counted, ip)
+            await self._call("auth reset", pipe.execute())
+
     async def auth_failure(self, ip: str, rules: Policy) -> Verdict:
         """Count one authentication failure from `ip` under `rules` (the [auth] ones) and
         ban it at their threshold with reason `auth`: the same ban list, history and

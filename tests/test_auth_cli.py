@@ -128,3 +128,12 @@ def test_watch_without_auth_enabled_exits_2(tmp_path: Path) -> None:
     proc = ctl("watch", env={"FASTAGI_RUNTIME_DIR": str(tmp_path)})
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "auth.enabled" in proc.stderr
+
+
+def test_unban_resets_the_auth_count_too(tmp_path: Path) -> None:
+    with emulated_ami(ATTACKER, ATTACKER) as port:
+        env = auth_env(port, tmp_path)
+        with Service(env) as service:
+            wait_status(service.env, lambda s: s["auth"]["failures"] == 2)
+            assert ctl("unban", ATTACKER, env=service.env).returncode == 0
+            assert status(service.env)["auth"]["list"] == []

@@ -164,6 +164,29 @@ def test_ami_down_then_up_slow_or_refusing(redis_url: str, quick_retries, caplog
 
 
 EXAMPLES = itertools.count()
+
+
+def test_a_slow_ami_drips_an_event_the_service_answers_meanwhile(redis_url: str) -> None:
+    """Must show 3, slow: an event arriving a few bytes at a time holds nothing."""
+
+    async def main() -> None:
+        ami = FakeAMI()
+        config = auth_config(redis_url, await ami.start())
+        async with running_server(redis_url) as server, watching(config) as watcher:
+            assert await wait_until(watcher.logged_in.is_set, 5)
+            event = failure("192.0.2.71")
+            for start in range(0, len(event), 16):
+                await ami.send(event[start : start + 16])
+                if start % 128 == 0:
+                    assert await answered(server)
+                await asyncio.sleep(0.01)
+            assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 5)
+            assert await watcher.store.auth_counted() == {"192.0.2.71": 1}
+        await ami.close()
+
+    asyncio.run(main())
+
+
 # Garbage: AMI-looking lines, forged RemoteAddress lines, raw bytes, line breaks.
 GARBAGE = st.lists(
     st.one_of(
@@ -213,12 +236,14 @@ def test_a_message_without_end_reconnects(redis_url: str, quick_retries) -> None
     async def main() -> None:
         ami = FakeAMI()
         config = auth_config(redis_url, await ami.start())
-        async with watching(config) as watcher:
+        async with running_server(redis_url) as server, watching(config) as watcher:
             assert await wait_until(watcher.logged_in.is_set, 5)
             await ami.send(b"Event: x\r\n" * 10_000)  # 100 kB, no CRLF CRLF
+            assert await answered(server)
             assert await wait_until(lambda: ami.logins == 2, 5)
             await ami.send(failure("192.0.2.81"))
             assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 5)
+            assert await watcher.store.auth_counted() == {"192.0.2.81": 1}
         await ami.close()
 
     asyncio.run(main())
