@@ -40,7 +40,7 @@ from fastagi.ami import (
     security_event,
 )
 from fastagi.config import AuthConfig, Config, ConfigError, ami_secret
-from fastagi.store import Policy, Store, StoreError
+from fastagi.store import Policy, Store
 
 log = logging.getLogger("fastagi.auth")
 
@@ -242,8 +242,8 @@ class AuthWatcher:
             try:
                 async with asyncio.timeout(self.store_budget):
                     verdict = await self.store.auth_failure(address, self.rules)
-            except (StoreError, TimeoutError) as error:
-                self._store_trouble(str(error) or "timed out")
+            except Exception as error:  # StoreError, a timeout, an odd reply: never a dead task
+                self._store_trouble(str(error) or type(error).__name__)
                 self._outcome(label, "error")
                 continue
             finally:
@@ -295,7 +295,7 @@ class AuthWatcher:
                 self._was_up = False
                 try:
                     await self._session()
-                except (AMIError, OSError, TimeoutError) as error:
+                except (AMIError, OSError, TimeoutError, ValueError, UnicodeError) as error:
                     if self._was_up:  # it worked for a while: a new outage, start over
                         delay, reported = BACKOFF_FIRST, False
                     if not reported and not self._stopping:

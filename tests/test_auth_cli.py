@@ -137,3 +137,29 @@ def test_unban_resets_the_auth_count_too(tmp_path: Path) -> None:
             wait_status(service.env, lambda s: s["auth"]["failures"] == 2)
             assert ctl("unban", ATTACKER, env=service.env).returncode == 0
             assert status(service.env)["auth"]["list"] == []
+
+
+def test_serve_refuses_an_unreadable_credential_with_exit_2(tmp_path: Path) -> None:
+    """The secret file is read at start: a missing credential is one line and exit 2,
+    not a watcher failing at every reconnect."""
+    env = auth_env(
+        free_port(),
+        tmp_path,
+        FASTAGI_AUTH_SECRET="",
+        FASTAGI_AUTH_SECRET_FILE="${CREDENTIALS_DIRECTORY}/ami-secret",
+        CREDENTIALS_DIRECTORY=str(tmp_path / "nothing-here"),
+        FASTAGI_SERVER_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    proc = ctl("serve", env=env, timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert "auth.secret_file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_shipped_manager_user_reads_security_only() -> None:
+    text = (Path(__file__).parent.parent / "deploy/asterisk/manager-fastagi.conf").read_text()
+    settings = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith(";")
+    )
+    settings = {k.strip(): v.strip() for k, v in settings.items()}
+    assert settings["read"] == "security" and "write" not in settings
+    assert settings["permit"].startswith("127.0.0.1/") and settings["deny"] == "0.0.0.0/0.0.0.0"

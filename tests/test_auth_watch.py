@@ -187,6 +187,26 @@ def test_a_slow_ami_drips_an_event_the_service_answers_meanwhile(redis_url: str)
     asyncio.run(main())
 
 
+def test_redis_down_drops_failures_with_one_line_then_counts_again(own_redis, caplog) -> None:
+    async def main() -> None:
+        ami = FakeAMI()
+        config = auth_config(own_redis.url, await ami.start())
+        async with watching(config) as watcher:
+            assert await wait_until(watcher.logged_in.is_set, 5)
+            own_redis.kill()
+            await ami.send(failure("192.0.2.72") * 5)
+            assert await wait_until(lambda: watcher.outcomes["error"] == 5, 10)
+            own_redis.start()
+            await ami.send(failure("192.0.2.73"))
+            assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 10)
+            assert await watcher.store.auth_counted() == {"192.0.2.73": 1}
+        await ami.close()
+
+    with caplog.at_level("WARNING", logger="fastagi.auth"):
+        asyncio.run(main())
+    assert len([r for r in caplog.records if "store unavailable" in r.getMessage()]) == 1
+
+
 # Garbage: AMI-looking lines, forged RemoteAddress lines, raw bytes, line breaks.
 GARBAGE = st.lists(
     st.one_of(
