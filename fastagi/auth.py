@@ -304,7 +304,7 @@ class AuthWatcher:
                             "AMI %s:%d: %s; retrying every %.0fs at most (FastAGI unaffected)",
                             self.auth.host,
                             self.auth.port,
-                            error or type(error).__name__,
+                            str(error) or type(error).__name__,
                             BACKOFF_MAX,
                         )
                 if self._stopping:
@@ -339,13 +339,15 @@ async def check_ami(auth: AuthConfig, timeout: float = CONNECT_TIMEOUT) -> list[
     try:
         connection = await Connection.open(auth.host, auth.port, timeout)
     except (AMIError, OSError, TimeoutError) as error:
-        return [(False, f"{where}: cannot connect ({error or type(error).__name__})")]
+        return [(False, f"{where}: cannot connect ({str(error) or type(error).__name__})")]
     results = []
     try:
         try:
             await connection.login(auth.username, secret, timeout)
         except (AMIError, OSError, TimeoutError) as error:
-            return [(False, f"{where}: login as {auth.username} failed ({error or 'timeout'})")]
+            return [
+                (False, f"{where}: login as {auth.username} failed ({str(error) or 'no answer'})")
+            ]
         results.append((True, f"{where}: logged in as {auth.username}"))
         results.append(await _reads_security(connection, auth.username, timeout))
         for probe in FORBIDDEN_PROBES:
