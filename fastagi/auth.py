@@ -8,8 +8,9 @@ slow or dead AMI, or a slow Redis, never holds a FastAGI session.
 
 What counts (README "Password guessing"):
 - only trusted events (ami.py): an event with a CR or LF inside a value, a line that is
-  not `Key: value`, or a key seen twice is *not counted*, logged (first one, then one
-  summary line a minute) and counted in `fastagi_auth_events_total{outcome="untrusted"}`.
+  not `Key: value`, or a key seen twice is *not counted*, logged (the first at once,
+  then at most a line a minute) and counted in
+  `fastagi_auth_events_total{outcome="untrusted"}`.
   Every such event in the captures belongs to an attempt that cannot succeed (an
   account name or a digest response with a CR in it matches no account and no
   password), so not counting it loses no real guess, while counting it under any of
@@ -128,8 +129,8 @@ class Attempts:
 
 
 class Summary:
-    """A repeated problem as few lines: the first at once, then one summary line every
-    SUMMARY_EVERY seconds while it goes on (an attacker can send thousands)."""
+    """A repeated problem as few lines (an attacker can cause thousands): the first at
+    once, then at most one every SUMMARY_EVERY seconds, saying how many were left out."""
 
     def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.what = what

@@ -17,7 +17,11 @@ from fastagi.store import Store
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
     banned, counted, auth_counted, (totals, bad_totals), agents = await asyncio.gather(
-        store.banned(), store.counted(), store.auth_counted(), store.read_totals(), store.agents()
+        store.banned(),
+        store.counted(),
+        store.auth_counted(config.auth.window),
+        store.read_totals(),
+        store.agents(),
     )
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
     unreadable = [f"stats field {key}: {text!r}" for key, text in sorted(bad_totals.items())]

@@ -385,23 +385,16 @@ class Store:
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""
-        return await self._counted(self.keys.counted, self.keys.count)
-
-    async def auth_counted(self) -> dict[str, int]:
-        """Addresses with authentication failures in their current `[auth]` window."""
-        return await self._counted(self.keys.auth_counted, self.keys.auth_count)
-
-    async def _counted(self, counted: str, count: Callable[[str], str]) -> dict[str, int]:
         now_ms = int(time.time() * 1000)
         ips = await self._call(
-            "counted read", self.redis.zrangebyscore(counted, f"({now_ms}", "+inf")
+            "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
         )
         ips = [_text(ip) for ip in ips]
         if not ips:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for ip in ips:
-                pipe.zcard(count(ip))
+                pipe.zcard(self.keys.count(ip))
             counts = await self._call("counts read", pipe.execute())
         return {ip: int(n) for ip, n in zip(ips, counts, strict=True) if n}
 
@@ -434,21 +427,43 @@ class Store:
         ]
         return _verdict(await self._call("auth step", self._auth_failure(keys=keys, args=args)))
 
+    async def auth_counted(self, window: float) -> dict[str, int]:
+        """Addresses with authentication failures in the last `window` seconds (the
+        [auth] one), with how many, for `status`."""
+        now_ms = int(time.time() * 1000)
+        listed = await self._call(
+            "auth read", self.redis.zrangebyscore(self.keys.auth_counted, f"({now_ms}", "+inf")
+        )
+        addresses = [_text(entry) for entry in listed]
+        since = now_ms - int(window * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for address in addresses:
+                pipe.zcount(self.keys.auth_count(address), since, "+inf")
+            failures = await self._call("auth read", pipe.execute()) if addresses else []
+        return {a: int(n) for a, n in zip(addresses, failures, strict=True) if int(n)}
+
+    async def auth_count(self, ip: str, window: float) -> int:
+        """This address's authentication failures in the last `window` seconds."""
+        since = int(time.time() * 1000) - int(window * 1000)
+        return int(
+            await self._call(
+                "auth read", self.redis.zcount(self.keys.auth_count(ip), since, "+inf")
+            )
+        )
+
     async def record(self, ip: str) -> dict[str, str]:
         """Everything we know of one address: its ban record (possibly empty)."""
         raw = await self._call("record read", self.redis.hgetall(self.keys.record(ip)))
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count(self, ip: str) -> int:
-        return await self._count(self.keys.count(ip), self.policy.window)
-
-    async def auth_count(self, ip: str, window: float) -> int:
-        """This address's authentication failures in the last `window` seconds."""
-        return await self._count(self.keys.auth_count(ip), window)
-
-    async def _count(self, key: str, window: float) -> int:
-        window_start = int(time.time() * 1000) - int(window * 1000)
-        return int(await self._call("count read", self.redis.zcount(key, window_start, "+inf")))
+        now_ms = int(time.time() * 1000)
+        window_start = now_ms - int(self.policy.window * 1000)
+        return int(
+            await self._call(
+                "count read", self.redis.zcount(self.keys.count(ip), window_start, "+inf")
+            )
+        )
 
     async def totals(self) -> dict[str, int]:
         """The cluster's counters; a field that is not a whole number is left out."""

@@ -77,7 +77,7 @@ def test_captures_replayed_count_true_addresses_only(redis_url: str) -> None:
         async with watching(config, registry) as watcher:
             total = events.count(TERMINATOR) + 1  # and the emulator's SuccessfulAuth of us
             assert await wait_until(lambda: watcher.outcomes.total() == total, 10), watcher.outcomes
-            counted = await watcher.store.auth_counted()
+            counted = await watcher.store.auth_counted(watcher.rules.window)
             status = await gather_status(watcher.store, config)
             banned = await watcher.store.banned()
         await ami.close()
@@ -154,7 +154,7 @@ def test_ami_down_then_up_slow_or_refusing(redis_url: str, quick_retries, caplog
             ami.drop()  # an Asterisk restart: the watcher logs in again
             assert await wait_until(lambda: ami.logins == 2, 5)
             assert await answered(server)
-            assert await watcher.store.auth_counted() == {"192.0.2.70": 1}
+            assert await watcher.store.auth_counted(watcher.rules.window) == {"192.0.2.70": 1}
             await ami.close()
 
     with caplog.at_level("WARNING", logger="fastagi.auth"):
@@ -181,7 +181,7 @@ def test_a_slow_ami_drips_an_event_the_service_answers_meanwhile(redis_url: str)
                     assert await answered(server)
                 await asyncio.sleep(0.01)
             assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 5)
-            assert await watcher.store.auth_counted() == {"192.0.2.71": 1}
+            assert await watcher.store.auth_counted(watcher.rules.window) == {"192.0.2.71": 1}
         await ami.close()
 
     asyncio.run(main())
@@ -199,7 +199,7 @@ def test_redis_down_drops_failures_with_one_line_then_counts_again(own_redis, ca
             own_redis.start()
             await ami.send(failure("192.0.2.73"))
             assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 10)
-            assert await watcher.store.auth_counted() == {"192.0.2.73": 1}
+            assert await watcher.store.auth_counted(watcher.rules.window) == {"192.0.2.73": 1}
         await ami.close()
 
     with caplog.at_level("WARNING", logger="fastagi.auth"):
@@ -245,7 +245,7 @@ def test_garbage_counts_nothing_and_the_next_event_counts(redis_url: str, garbag
             assert await wait_until(watcher.logged_in.is_set, 5)
             await ami.send(garbage + TERMINATOR + failure("192.0.2.80"))
             assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 5), watcher.outcomes
-            counted = await watcher.store.auth_counted()
+            counted = await watcher.store.auth_counted(watcher.rules.window)
         await ami.close()
         assert counted == {"192.0.2.80": 1}
 
@@ -263,7 +263,7 @@ def test_a_message_without_end_reconnects(redis_url: str, quick_retries) -> None
             assert await wait_until(lambda: ami.logins == 2, 5)
             await ami.send(failure("192.0.2.81"))
             assert await wait_until(lambda: watcher.outcomes["counted"] == 1, 5)
-            assert await watcher.store.auth_counted() == {"192.0.2.81": 1}
+            assert await watcher.store.auth_counted(watcher.rules.window) == {"192.0.2.81": 1}
         await ami.close()
 
     asyncio.run(main())
