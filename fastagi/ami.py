@@ -88,8 +88,6 @@ class SecurityEvent:
     address: IPAddress
     remote: str
     session: str
-    account: str
-    service: str
 
 
 def parse_message(frame: bytes) -> Message:
@@ -151,8 +149,6 @@ def security_event(message: Message) -> SecurityEvent:
         address=parse_remote_address(message.get("RemoteAddress")),
         remote=message.get("RemoteAddress"),
         session=message.get("SessionID"),
-        account=message.get("AccountID"),
-        service=message.get("Service"),
     )
 
 

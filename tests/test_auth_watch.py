@@ -281,8 +281,9 @@ def test_a_message_without_end_reconnects(redis_url: str, quick_retries) -> None
     ],
 )
 def test_check_ami(emulator: dict, secret: str, expect: list[bool]) -> None:
+    ami = FakeAMI(**emulator)
+
     async def main() -> list[tuple[bool, str]]:
-        ami = FakeAMI(**emulator)
         config = auth_config("memory://", await ami.start(), auth_secret=secret)
         try:
             return await check_ami(config.auth, timeout=2)
@@ -291,6 +292,8 @@ def test_check_ami(emulator: dict, secret: str, expect: list[bool]) -> None:
 
     results = asyncio.run(main())
     assert [ok for ok, _ in results] == expect, results
+    tried = ["login", "command", "getconfig"] if len(expect) > 1 else ["login"]
+    assert ami.actions == tried
 
 
 def test_check_ami_nobody_listening() -> None:
