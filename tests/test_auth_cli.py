@@ -163,3 +163,16 @@ def test_the_shipped_manager_user_reads_security_only() -> None:
     settings = {k.strip(): v.strip() for k, v in settings.items()}
     assert settings["read"] == "security" and "write" not in settings
     assert settings["permit"].startswith("127.0.0.1/") and settings["deny"] == "0.0.0.0/0.0.0.0"
+
+
+def test_an_auth_ban_is_the_same_ban_for_guest_calls(tmp_path: Path) -> None:
+    with (
+        emulated_ami(ATTACKER, ATTACKER, ATTACKER) as port,
+        Service(auth_env(port, tmp_path)) as service,
+    ):
+        seen = wait_status(service.env, lambda s: s["banned"]["current"] == 1)
+        call = ctl("simulate", "--ip", ATTACKER, env=service.env)
+    assert [(b["ip"], b["reason"], b["bans"]) for b in seen["banned"]["list"]] == [
+        (ATTACKER, "auth", 1)
+    ]
+    assert "SCREEN_RESULT=BANNED" in call.stdout, call.stdout + call.stderr
