@@ -18,6 +18,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER_DIR = ROOT / "deploy" / "fail2ban" / "filter.d"
@@ -69,6 +71,8 @@ _FUNC = {
     "res_pjsip/pjsip_distributor.c": ("676", "log_failed_request"),
     "res_pjsip_session.c": ("3859", "new_invite"),
     "acl.c": ("1032", "ast_apply_acl_internal"),
+    "res_pjsip_registrar.c": ("1262", "register_aor"),
+    "pjproject": ("0", "<?>"),  # res_pjproject's log forwarder: no line, function "<?>"
 }
 
 
@@ -135,19 +139,20 @@ IPV6_ROWS = [r for r in (to_ipv6(row) for row in ROWS) if r is not None]
 # ---------------------------------------------------------------------------------------------
 @functools.cache
 def run_filter(filter_spec: str, lines: tuple[str, ...], tmp: Path) -> dict[str, str]:
+    """Lines may hold CR bytes (Asterisk writes them): only LF separates lines, in and out."""
     log = tmp / f"in-{abs(hash((filter_spec, lines)))}.log"
-    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    log.write_bytes(("\n".join(lines) + "\n").encode("utf-8"))
     proc = subprocess.run(
         [FAIL2BAN_REGEX, "--usedns=no", "-l", "error", "-o", "<ip>\t<msg>", str(log), filter_spec],
         capture_output=True,
-        text=True,
         timeout=60,
     )
+    stdout = proc.stdout.decode("utf-8", "replace")
     assert proc.returncode == 0, (
-        f"fail2ban-regex failed ({proc.returncode}): {proc.stderr}{proc.stdout[-2000:]}"
+        f"fail2ban-regex failed ({proc.returncode}): {proc.stderr!r}{stdout[-2000:]}"
     )
     found: dict[str, str] = {}
-    for out in proc.stdout.splitlines():
+    for out in stdout.split("\n")[:-1]:
         ip, _, msg = out.partition("\t")
         assert msg in lines, f"unexpected fail2ban-regex output line: {out!r}"
         assert found.get(msg, ip) == ip
@@ -291,6 +296,8 @@ def test_jail_file_loads_in_fail2ban(tmp_path):
     (conf / "jail.d" / "zz-test.local").write_text(
         "[asterisk-fastagi]\nenabled = true\nlogpath = {security}\n"
         "[asterisk-fastagi-messages]\nenabled = true\nlogpath = {messages}\n"
+        "[asterisk22-fastagi]\nenabled = true\nlogpath = {security}\n"
+        "[asterisk22-fastagi-messages]\nenabled = true\nlogpath = {messages}\n"
         "[fastagi-notice]\nenabled = true\nlogpath = {messages}\n".format(**logs)
     )
     test = subprocess.run(
@@ -301,9 +308,18 @@ def test_jail_file_loads_in_fail2ban(tmp_path):
         [FAIL2BAN_CLIENT, "-c", str(conf), "-d"], capture_output=True, text=True, timeout=60
     )
     assert dump.returncode == 0, dump.stderr
-    for jail in ("asterisk-fastagi", "asterisk-fastagi-messages", "fastagi-notice"):
+    for jail in (
+        "asterisk-fastagi",
+        "asterisk-fastagi-messages",
+        "asterisk22-fastagi",
+        "asterisk22-fastagi-messages",
+        "fastagi-notice",
+    ):
         assert f"['set', '{jail}', 'addaction', 'fastagi']" in dump.stdout
         assert f"--reason \\'f2b-{jail}\\'" in dump.stdout
+    # drops=yes reaches the Asterisk 22 messages jail only
+    drops = {line.split("'")[3] for line in dump.stdout.splitlines() if "Dropping" in line}
+    assert drops == {"asterisk22-fastagi-messages"}
 
 
 _ACTION_DRIVER = r"""
@@ -433,9 +449,37 @@ SHORTEST_FORGERIES = [
     ),
     (
         "asterisk-fastagi",
-        "asterisk[1]: NOTICE[1][C-00000000] chan_sip.c: Call from '' (1::1:1) to extension '"
+        "asterisk[1]: NOTICE[1][C-00000000] chan_sip.c: Call from '' (1:::1) to extension '"
         "' rejected because extension not found in context 'from-sip-external'.",
         1,
+    ),
+    (  # Asterisk 13 PJSIP form: no call id (res_pjsip logs it before the channel exists)
+        "asterisk-fastagi",
+        "asterisk[1]: NOTICE[1] res_pjsip_session.c: Call from '' (1:::1) to extension '"
+        "' rejected because extension not found in context 'from-sip-external'.",
+        1,
+    ),
+    (  # Asterisk 14+ PJSIP form (22: through ast_trace_log): IPv6 in brackets, no WS
+        "asterisk-fastagi",
+        "asterisk[1]: NOTICE[1] res_pjsip_session.c: x: Call (TCP:[1::]:1) to extension '"
+        "' rejected because extension not found in context 'from-sip-external'.",
+        1,
+    ),
+    (
+        "asterisk-fastagi",
+        "asterisk[1]: WARNING[1] res_pjsip_registrar.c: Endpoint '' (1:::1) has no configured AORs",
+        2,
+    ),
+    (
+        "asterisk-fastagi",
+        'asterisk[1]: WARNING[1][C-00000000] Ext. s: "Rejecting unknown SIP connection from 1::"',
+        2,
+    ),
+    (
+        "asterisk-fastagi",
+        "asterisk[1]: NOTICE[1] res_pjsip/pjsip_distributor.c: Request from '' failed for '1::'"
+        " (callid: ) - Failed to authenticate",
+        2,
     ),
     (
         "fastagi-notice",
@@ -449,7 +493,289 @@ _ASTERISK_TAIL = "' rejected because extension not found in context 'from-sip-ex
 
 def test_shortest_forgeries_exceed_the_dialed_number_limit(tmp):
     for name, line, line_feeds in SHORTEST_FORGERIES:
-        found = run_filter(_filter_path(name), (line,), tmp)
+        lines = tuple(forged for filt, forged, _ in SHORTEST_FORGERIES if filt == name)
+        found = run_filter(_filter_path(name), lines, tmp)  # one run per filter (cached)
         assert found.get(line), (name, line, found)  # a forgery the filter would accept
         written = line.removesuffix(_ASTERISK_TAIL) if line_feeds == 1 else line
         assert len(written) + line_feeds > 79, (name, len(written) + line_feeds, line)
+
+
+# Lines of the opt-in shortlines=yes: short enough for a dialed number to write in full, hence not
+# in the default modes.  The default filter must ignore them; shortlines=yes takes them.
+SHORT_LINES = [
+    "asterisk[1]: NOTICE[1] manager.c: 1:: failed to pass IP ACL as ''",
+    "asterisk[1]: NOTICE[1] chan_sip.c: hacking attempt detected '1::'",
+    "asterisk[1]: NOTICE[1] chan_iax2.c: No registration for peer '' (from 1::)",
+    "asterisk[1]: NOTICE[1] chan_iax2.c: Host 1:: failed to authenticate as '",
+]
+
+
+def test_short_lines_are_opt_in(tmp):
+    base = _filter_path("asterisk-fastagi")
+    assert run_filter(base, tuple(SHORT_LINES), tmp) == {}
+    found = run_filter(f"{base}[shortlines=yes]", tuple(SHORT_LINES), tmp)
+    assert set(found) == set(SHORT_LINES)
+    assert all(len(line) + 2 <= 79 for line in SHORT_LINES[:3])  # two LFs: a complete forgery
+    assert len(SHORT_LINES[3]) + 1 <= 79  # one LF: any Asterisk tail completes ".*$"
+
+
+# ---------------------------------------------------------------------------------------------
+# Asterisk 22.10.1 (PJSIP) lab captures: security log, messages log, pjproject drop lines
+# ---------------------------------------------------------------------------------------------
+def _load22() -> list[tuple[str, str, str, str]]:
+    """(expected address, kind, source, raw line); the file keeps the captures' escapes."""
+    rows = []
+    for raw in (DATA_DIR / "asterisk22.tsv").read_text(encoding="utf-8").splitlines():
+        if raw and not raw.startswith("#"):
+            expect, kind, source, line = raw.split("\t", 3)
+            rows.append((expect, kind, source, line.replace("\\r", "\r").replace("\\t", "\t")))
+    return rows
+
+
+ROWS22 = _load22()
+
+
+def test_asterisk22_data_covers_the_captures():
+    kinds = {kind for _, kind, _, _ in ROWS22}
+    assert kinds == {"security", "logs", "drop", "none"}
+    text = "\n".join(line for *_, line in ROWS22)
+    for needle in (
+        "No matching endpoint found",
+        "Failed to authenticate",
+        "has no configured AORs",
+        'SecurityEvent="ChallengeResponseFailed"',
+        'SecurityEvent="InvalidAccountID"',
+        'SecurityEvent="FailedACL"',
+        'Service="AMI"',
+        "\r",  # CR bytes a client put into AccountID / digest fields
+        "pjproject: \t",
+        "from TCP 127.0.0.43:",
+        "203.0.113.9",
+        "] VERBOSE[",  # the full log: dialed numbers, Log() arguments
+        "agi_arg_3: 203.0.113.9",  # a line an injected LF split off Asterisk's own VERBOSE line
+    ):
+        assert needle in text, needle
+    assert {"::1", "127.0.0.41", "127.0.0.43"} <= {e for e, *_ in ROWS22}
+
+
+# (mode, drops) -> the kinds of lines that must yield their address
+MODES22 = {
+    ("all", "no"): {"security", "logs"},
+    ("all", "yes"): {"security", "logs", "drop"},
+    ("logs", "no"): {"logs"},
+    ("logs", "yes"): {"logs", "drop"},
+    ("security", "no"): {"security"},
+}
+
+
+@pytest.mark.parametrize(("mode", "drops"), sorted(MODES22))
+def test_asterisk22_lines(mode, drops, tmp):
+    """Must show 3: every failure line of the real Asterisk 22 logs gives its true address, the
+    "PJSIP syntax error" drop lines only with drops=yes, nothing else matches, nothing forged."""
+    spec = f"{_filter_path('asterisk-fastagi')}[mode={mode}, drops={drops}]"
+    found = run_filter(spec, tuple(dict.fromkeys(line for *_, line in ROWS22)), tmp)
+    assert FORGED_ADDRESS not in found.values()
+    want = MODES22[(mode, drops)]
+    bad = [
+        f"expected {expect if kind in want else '-'}, got {found.get(line, '-')}: {line!r}"
+        for expect, kind, _, line in ROWS22
+        if found.get(line, "-") != (expect if kind in want else "-")
+    ]
+    assert not bad, "\n".join(bad)
+    assert len(found) >= (50 if mode == "security" else 100)
+
+
+@pytest.mark.parametrize("form", FORMS[1:])
+def test_asterisk22_lines_in_other_forms(form, tmp):
+    """The same lines as the plain formatter, syslog and the journal write them."""
+    spec = f"{_filter_path('asterisk-fastagi')}[mode=all, drops=yes]"
+    rendered = [(expect, kind, to_form(line, form)) for expect, kind, _, line in ROWS22]
+    found = run_filter(spec, tuple(dict.fromkeys(line for *_, line in rendered)), tmp)
+    bad = [
+        f"expected {expect}, got {found.get(line, '-')}: {line!r}"
+        for expect, kind, line in rendered
+        if found.get(line, "-") != (expect if kind != "none" else "-")
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def test_asterisk22_notice_lines_for_fastagi_notice(tmp):
+    lines = tuple(dict.fromkeys(line for *_, line in ROWS22))
+    found = run_filter(_filter_path("fastagi-notice"), lines, tmp)
+    notice = re.compile(
+        r"^\[[^\]]+\] NOTICE\[\d+\]\[C-[\da-f]{8}\] Ext\. \w+: Incoming SIP connection from"
+        r" unknown peer failed for (\S+) - Unknown connection from peer$"
+    )
+    want = {line: m[1] for line in lines if (m := notice.match(line))}
+    assert found == want
+    assert set(want.values()) == {
+        "127.0.0.40",
+        "127.0.0.41",
+        "127.0.0.42",
+        "127.0.0.55",
+        "127.0.0.90",
+        "127.0.0.91",
+        "::1",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# fail2ban's own Asterisk test log (tests/data/fail2ban/upstream/, see its README): every line it
+# expects to match, with its expected address.  Lines after a "filterOptions" comment with
+# "test.prefix-line" get that prefix, as fail2ban's own sample test runner does (journal lines).
+# ---------------------------------------------------------------------------------------------
+UPSTREAM_LOG = DATA_DIR / "upstream" / "asterisk"
+
+
+def _upstream_cases() -> list[tuple[int, str, str]]:
+    """(line number, expected address, log line) for each "# failJSON:" with "match": true."""
+    cases, expect, prefix = [], None, ""
+    lines = UPSTREAM_LOG.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if line.startswith("# failJSON:"):
+            spec = json.loads(line.removeprefix("# failJSON:"))
+            expect = spec["host"] if spec.get("match") else "-"
+        elif line.startswith("# filterOptions:"):
+            prefix = json.loads(line.removeprefix("# filterOptions:"))[0].get(
+                "test.prefix-line", ""
+            )
+        elif line and not line.startswith("#") and expect is not None:
+            cases.append((number, expect, prefix + line))
+            expect = None
+    return cases
+
+
+UPSTREAM = _upstream_cases()
+
+
+def test_upstream_suite_is_the_expected_one():
+    assert len(UPSTREAM) == 48
+    assert all(expect != "-" for _, expect, _ in UPSTREAM)
+
+
+@pytest.mark.parametrize("shortlines", ["no", "yes"])
+def test_upstream_asterisk_log(shortlines, tmp):
+    """Must show 4: fail2ban's own test log through the real fail2ban-regex.  With shortlines=yes
+    all 48 lines give fail2ban's expected address; by default the 7 AMI / chan_iax2 / "hacking
+    attempt" lines (short enough for a dialed number to forge, see SHORT_LINES) are left out."""
+    spec = f"{_filter_path('asterisk-fastagi')}[shortlines={shortlines}]"
+    found = run_filter(spec, tuple(line for *_, line in UPSTREAM), tmp)
+    short = re.compile(r" (?:manager\.c|chan_iax2\.c|chan_sip\.c: hacking attempt detected)")
+    bad = []
+    for number, expect, line in UPSTREAM:
+        want = "-" if shortlines == "no" and short.search(line) else expect
+        if found.get(line, "-") != want:
+            bad.append(f"line {number}: expected {want}, got {found.get(line, '-')}: {line}")
+    assert not bad, "\n".join(bad)
+    assert len(found) == (48 if shortlines == "yes" else 41)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated variants of the three evasions: quotes, backslashes, CR bytes and whole injected
+# separators ("' failed for '...", '",RemoteAddress="...') in the From header, the Call-ID (PJSIP
+# NOTICE and SessionID), AccountID and the digest fields.  Each line carries its own true address;
+# the filter must yield it or nothing, never 203.0.113.9, and must yield it whenever Asterisk's
+# separator occurs only once on the line (and always for events with an Asterisk-only tail).
+# ---------------------------------------------------------------------------------------------
+_INJECTED = [
+    "'",
+    '"',
+    "\\",
+    "\\'",
+    '\\"',
+    "\r",
+    "' failed for '203.0.113.9:5060' (callid: x",
+    "' failed for '203.0.113.9:5060' (callid: x) - No matching endpoint found",
+    ") - Failed to authenticate",
+    '",RemoteAddress="IPV4/UDP/203.0.113.9/5060',
+    '",RemoteAddress="IPV4/UDP/203.0.113.9/5060"',
+    '",LocalAddress="IPV4/UDP/127.0.0.1/5060",RemoteAddress="IPV4/UDP/203.0.113.9/1111"',
+    '",Challenge="',
+    ",ExpectedResponse=",
+]
+# Endings that would complete a forged structure if a filter let client text move its match
+_FORGED_ENDINGS = [
+    "",
+    '",LocalAddress="IPV4/UDP/127.0.0.1/5060",RemoteAddress="IPV4/UDP/203.0.113.9/1111',
+    ") - No matching endpoint found' failed for '203.0.113.9:5060' (callid: y",
+    "' failed for '203.0.113.9:5060' - Wrong password",
+]
+_client_text = st.tuples(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_INJECTED),
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=6),
+        ),
+        max_size=5,
+    ).map("".join),
+    st.sampled_from(_FORGED_ENDINGS),
+).map("".join)
+
+_PJSIP = (
+    "[Dec  2 11:41:05] NOTICE[11693] res_pjsip/pjsip_distributor.c: Request 'INVITE' from "
+    "'\"{a}\" <sip:{b}@4.5.6.7>' failed for '{ip}:43678' (callid: {c}) - No matching endpoint found"
+)
+_SIP = (
+    "[Dec  2 11:41:05] NOTICE[28502] chan_sip.c: Registration from '\"{a}\" <sip:{b}@4.5.6.7>{c}'"
+    " failed for '{ip}:5060' - Wrong password"
+)
+_SECURITY = (
+    '[Dec  2 11:41:05] SECURITY[11709] res_security_log.c: SecurityEvent="{event}",'
+    'EventTV="2026-12-02T11:41:05.021+0000",Severity="Error",Service="PJSIP",EventVersion="1",'
+    'AccountID="{a}",SessionID="{b}",LocalAddress="IPV4/UDP/127.0.0.1/5080",'
+    'RemoteAddress="IPV4/UDP/{ip}/54798"{tail}'
+)
+_TAILS = {
+    "InvalidAccountID": "",
+    "FailedACL": ',ACLName="registrar_attempt_without_configured_aors"',
+    "ChallengeResponseFailed": ',Challenge="{c}",Response="{c}",ExpectedResponse=""',
+    "InvalidPassword": ',Challenge="5d2a",ReceivedChallenge="{c}",ReceivedHash="{c}"',
+}
+
+
+@st.composite
+def _evasion(draw, ip: str) -> tuple[str, bool]:
+    """A line with client text at every client-controlled place; True if it must match."""
+    a, b, c = draw(_client_text), draw(_client_text), draw(_client_text)
+    kind = draw(st.sampled_from(["pjsip", "sip", *_TAILS]))
+    if kind == "pjsip":
+        line = _PJSIP.format(a=a, b=b, c=c, ip=ip)
+        return line, line.count("' failed for '") == 1
+    if kind == "sip":  # anchored at the end: the To header may hold anything
+        return _SIP.format(a=a, b=b, c=c, ip=ip), True
+    tail = _TAILS[kind].format(c=c)
+    line = _SECURITY.format(event=kind, a=a, b=b, ip=ip, tail=tail)
+    fixed_tail = kind in ("InvalidAccountID", "FailedACL")
+    return line, fixed_tail or line.count('",RemoteAddress="') == 1
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data())
+def test_generated_evasions_yield_the_true_address_or_nothing(data, tmp_path_factory):
+    cases = [data.draw(_evasion(f"192.0.2.{n}")) for n in range(1, 41)]
+    lines = tuple(dict.fromkeys(line for line, _ in cases))
+    tmp = tmp_path_factory.getbasetemp()
+    found = run_filter(_filter_path("asterisk-fastagi"), lines, tmp)
+    assert FORGED_ADDRESS not in found.values()
+    for n, (line, must_match) in enumerate(cases, 1):
+        got = found.get(line)
+        assert got in (None, f"192.0.2.{n}"), (got, line)
+        assert got or not must_match, line
+
+
+def test_pjproject_addresses_without_brackets(tmp):
+    """pjproject prints an IPv6 source without brackets before ":port" (pj_sockaddr_print flag 0):
+    the address is everything before the last colon."""
+    lines = {
+        "[Dec  2 11:41:14] WARNING[11698] pjproject: \t       sip_transport.c Dropping 652 bytes"
+        " packet from UDP 2001:db8::5:5060 : PJSIP syntax error exception when parsing"
+        " 'Authorization' header on line 10 col 38": "2001:db8::5",
+        "[Dec  2 11:41:10] WARNING[11693] res_pjsip_registrar.c: Endpoint 'anonymous'"
+        " (2001:db8::7:36853) has no configured AORs": "2001:db8::7",
+    }
+    spec = f"{_filter_path('asterisk-fastagi')}[mode=logs, drops=yes]"
+    assert run_filter(spec, tuple(lines), tmp) == lines
