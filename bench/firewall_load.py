@@ -31,8 +31,8 @@ def inner(backend: str, count: int) -> dict:
     fw.setup()
     now = time.time()
     base = int(ipaddress.IPv4Address("10.0.0.0"))
-    bans = {ipaddress.IPv4Address(base + i): now + 3600 for i in range(count)}
-    one = ipaddress.ip_address("198.51.100.7")
+    bans = {ipaddress.IPv4Network(base + i): now + 3600 for i in range(count)}
+    one = ipaddress.ip_network("198.51.100.7")
     out: dict[str, float | int | str] = {"backend": backend, "bans": count}
 
     started = time.perf_counter()

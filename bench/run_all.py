@@ -127,6 +127,8 @@ def start_servers(
         "FASTAGI_SERVER_MAX_SESSIONS": "4096",
         "FASTAGI_SERVER_SESSION_TIMEOUT": session_timeout,
         "FASTAGI_RUNTIME_DIR": str(procs.workdir),
+        # memory://: the embedded store's saved state stays in the bench's own directory
+        "FASTAGI_SERVER_STATE_DIR": str(procs.workdir / "state"),
         "FASTAGI_SCREENING_PBX_ID": "bench",
         "FASTAGI_METRICS_LISTEN": f"127.0.0.1:{metrics_port}" if metrics_port else "",
     }

@@ -7,13 +7,35 @@ import argparse
 import asyncio
 import contextlib
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
-from fastagi.addresses import AddressError, IPAddress, parse_address
+from fastagi.access import url_with_key
+from fastagi.addresses import (
+    WIDEST,
+    AddressError,
+    IPNetwork,
+    overlaps,
+    parse_address,
+    parse_target,
+    target_text,
+)
 from fastagi.config import Config, parse_duration, redacted
-from fastagi.embedded import SOCKET_NAME, reachable
-from fastagi.service import make_store
-from fastagi.store import StoreError, redis_client
+from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
+from fastagi.protect import Protected
+from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
+from fastagi.store import (
+    ADMIN_HOLD,
+    AUTH_HOLD,
+    MIN_REDIS,
+    Store,
+    StoreError,
+    redis_client,
+    version_tuple,
+)
+
+HOLD_NAME_MAX = 128
+REASON_MAX = 64
 
 
 class UsageError(Exception):
@@ -24,12 +46,14 @@ class UsageError(Exception):
 async def client_store(config: Config):
     """The store as seen by ban/unban/status: Redis, or a running embedded service."""
     if config.redis.url.startswith("memory://"):
-        path = config.runtime_dir() / SOCKET_NAME
-        if not reachable(path):
+        try:
+            path = client_socket(config.runtime_dir())
+        except UnsafeRuntimeDir:
+            raise
+        except EmbeddedError as error:
             raise StoreError(
-                f"no running service with the embedded store (memory://) at {path}: "
-                "start `fastagi-ctl serve` first, or set [redis] url"
-            )
+                f"{error} (memory://): start `fastagi-ctl serve` first, or set [redis] url"
+            ) from None
         import redis.asyncio as aioredis
 
         client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
@@ -42,45 +66,149 @@ async def client_store(config: Config):
         await store.close()
 
 
-def cli_address(text: str, config: Config, refuse_ignored: bool) -> IPAddress:
+def cli_target(text: str, config: Config, refuse_ignored: bool) -> IPNetwork:
+    """The ban target an admin means: an address maps to the prefix the screening
+    counts it under (`ipv6_prefix`), a CIDR is taken as given, widened to that prefix."""
     try:
-        address = parse_address(text)
+        network = parse_target(text)
     except AddressError as error:
         raise UsageError(str(error)) from None
-    if refuse_ignored and address in config.screening.ignore:
-        raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
-    return address
+    screening = config.screening
+    if network.prefixlen == network.max_prefixlen:
+        address = network.network_address
+        if refuse_ignored and address in screening.ignore:
+            raise UsageError(f"{address} is in screening.ignore: refusing to ban it")
+        return screening.prefixes().target(address, screening.ignore)
+    if network.prefixlen < WIDEST[network.version]:
+        raise UsageError(f"{network}: wider than /{WIDEST[network.version]}, refusing it")
+    network = screening.prefixes().widen(network)
+    if refuse_ignored and network in screening.ignore:
+        raise UsageError(f"{network} overlaps screening.ignore: refusing to ban it")
+    return network
+
+
+def holding(banned: dict[str, float], given: IPNetwork) -> list[str]:
+    """The ban list entries that hold any of `given`: for an address, every ban covering
+    it (its prefix, a wider escalated /48, its own /128 from before prefixes or from a
+    PBX with another ipv6_prefix); for a network, also the bans inside it."""
+    out = []
+    for text in banned:
+        try:
+            network = parse_target(text)
+        except AddressError:
+            continue
+        if overlaps(network, given):
+            out.append(text)
+    return out
+
+
+def hold_name(text: str | None, default: str | None) -> str | None:
+    """The --hold argument checked, or `default`. A hold's name (a ban's source) is shown
+    by `status` and built by fail2ban's action from any jail name (`f2b-<jail>`): one
+    printable word, whatever its characters."""
+    if text is None:
+        return default
+    if not 0 < len(text) <= HOLD_NAME_MAX or not text.isprintable() or any(map(str.isspace, text)):
+        raise UsageError(
+            f"--hold: {text[:80]!r} is not a hold name (one printable word, up to "
+            f"{HOLD_NAME_MAX} characters)"
+        )
+    return text
+
+
+def printable(text: str) -> str:
+    """`text` with every unprintable character (newline, escape, U+2028, ...) as its
+    escape, so a reason or a name can neither forge a line nor drive the terminal;
+    printable non-ASCII text stays as it is."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def render_protected(summary: dict[str, Any]) -> tuple[bool, list[str]]:
+    """The protected set in a few lines: its size, then each part and where it comes
+    from; not ok when a part could not be read (the set then lacks those addresses)."""
+    ok = all(part["ok"] for part in summary["parts"])
+    mark = "ok  " if ok else "FAIL"
+    lines = [f"{mark} protected: {summary['size']} addresses and networks never banned here"]
+    for part in summary["parts"]:
+        shown = " ".join(part["entries"][:8]) + (" ..." if len(part["entries"]) > 8 else "")
+        detail = f" [{part['detail']}]" if part["detail"] else ""
+        lines.append(f"       {part['source']}: {part['size']}{detail} {shown}".rstrip())
+    return ok, lines
 
 
 def when(unix: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
 
 
+async def protected_set(config: Config, store: Store | None = None) -> Protected:
+    """This host's protected set as the service sees it: names resolved and, given the
+    store, the nodes behind a Sentinel or a Cluster (the store's guard uses the same)."""
+    protected = store.protected if store is not None else None
+    protected = protected or Protected.from_config(config)
+    if store is not None:
+        protected.discover = store.nodes
+    await protected.refresh()
+    return protected
+
+
 async def cmd_ban(args: argparse.Namespace, config: Config) -> int:
-    address = cli_address(args.ip, config, refuse_ignored=True)
+    network = cli_target(args.ip, config, refuse_ignored=True)
+    address = target_text(network)
     duration = None
     if args.duration:
         try:
             duration = parse_duration(args.duration)
         except ValueError as error:
             raise UsageError(f"--for: {error}") from None
+    hold = hold_name(args.hold, ADMIN_HOLD)
     async with client_store(config) as store:
-        until = await store.ban(str(address), duration, args.reason[:64])
-    print(f"{address} banned until {when(until)}")
+        if why := (await protected_set(config, store)).reason(network):
+            raise UsageError(f"{address} is protected ({why}): refusing to ban it")
+        reason = printable(args.reason)[:REASON_MAX]
+        placed = await store.hold(address, hold, reason, duration=duration)
+    if placed.hold_until >= placed.until:
+        print(f"{address} banned until {when(placed.until)} (hold {hold})")
+    else:
+        print(
+            f"{address} banned until {when(placed.until)}; its hold {hold} ends "
+            f"{when(placed.hold_until)}, a longer hold keeps the ban"
+        )
     return 0
 
 
 async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
     if args.all == bool(args.ips):
         raise UsageError("give one or more IPs, or --all")
-    addresses = [str(cli_address(ip, config, refuse_ignored=False)) for ip in args.ips]
+    hold = hold_name(args.hold, None)
+    addresses = [target_text(cli_target(ip, config, refuse_ignored=False)) for ip in args.ips]
     async with client_store(config) as store:
-        lifted = await (store.unban_all() if args.all else store.unban(addresses))
-        await store.auth_reset(lifted if args.all else addresses)
+        if args.ips:  # and every other ban that holds these addresses
+            banned = await store.banned()
+            for ip in args.ips:
+                addresses += holding(banned, parse_target(ip))
+            addresses = list(dict.fromkeys(addresses))
+        targets = list(await store.banned()) if args.all else addresses
+        lifted = await store.lift(targets, hold)
+        if hold in (None, AUTH_HOLD):  # a full unban resets every count, auth's too
+            await store.auth_reset(targets)
     for ip in addresses:
-        print(f"{ip} unbanned" if ip in lifted else f"{ip} was not banned (count reset)")
+        result = lifted[ip]
+        if hold is None:
+            print(f"{ip} unbanned" if result.ended else f"{ip} was not banned (count reset)")
+        elif not result.held:
+            print(f"{ip} had no hold {hold}: nothing changed")
+        elif result.ended:
+            print(f"{ip} unbanned (its last hold, {hold}, lifted)")
+        else:
+            until = when(result.until)
+            print(f"{ip}: hold {hold} lifted; other holds keep it banned until {until}")
     if args.all:
-        print(f"{len(lifted)} bans lifted")
+        ended = sum(1 for result in lifted.values() if result.ended)
+        if hold is None:
+            print(f"{ended} bans lifted")
+        else:
+            held = sum(1 for result in lifted.values() if result.held)
+            print(f"hold {hold} lifted on {held} addresses, {ended} bans ended")
     return 0
 
 
@@ -93,10 +221,19 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
     try:
         async with client_store(config) as store:
             await store.ping()
-        print(f"ok   store: {redacted(config.redis.url)} answers")
+            print(f"ok   store: {redacted(config.redis.url)} answers")
+            if config.redis.url.startswith("memory://"):
+                _check_embedded_state(await store.embedded_state())
+            else:
+                ok = await _check_shared_redis(store) and ok
+            protected = await protected_set(config, store)
     except StoreError as error:
         ok = False
-        print(f"FAIL store: {error}")
+        print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
+        protected = await protected_set(config)
+    protected_ok, lines = render_protected(protected.summary())
+    ok = ok and protected_ok
+    print("\n".join(lines))
     try:
         firewall = create(config.firewall.settings())
         results = await asyncio.to_thread(firewall.check)
@@ -117,6 +254,38 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             ok = ok and passed
             print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
+
+
+def _check_embedded_state(state: dict[str, str]) -> None:
+    """Where the running service saves its bans, and whether that works (a warning)."""
+    path = state.get("path", "?")
+    if state.get("error"):
+        print(f"warn store: cannot save {path} ({state['error']}): bans will not survive a restart")
+    elif state.get("saved_at"):
+        ago = time.time() - int(state["saved_at"]) / 1000
+        print(f"ok   store: bans saved in {path} ({ago:.0f}s ago)")
+    else:
+        print(f"ok   store: bans saved in {path} (nothing to save yet)")
+
+
+async def _check_shared_redis(store: Store) -> bool:
+    """The Redis version (FAIL below the minimum) and its persistence (a warning)."""
+    facts = await store.redis_facts()
+    ok = True
+    if facts.version is None:
+        print(f"warn store: Redis version unknown ({'; '.join(facts.refused)})")
+    elif version_tuple(facts.version) < MIN_REDIS:
+        ok = False
+        print(f"FAIL store: Redis {facts.version}: needs {MIN_REDIS_TEXT} or later")
+    else:
+        print(f"ok   store: Redis {facts.version} (needs {MIN_REDIS_TEXT} or later)")
+    problem = persistence_problem(facts)
+    if problem:
+        print(f"warn store: {problem}")
+    else:
+        fsync = f", appendfsync {facts.appendfsync}" if facts.appendfsync else ""
+        print(f"ok   store: persistence: appendonly yes{fsync}")
+    return ok
 
 
 def _check_target(target: str) -> None:
@@ -142,6 +311,7 @@ async def cmd_simulate(args: argparse.Namespace, config: Config) -> int:
     _check_target(target)
     if not 1 <= args.calls <= 100_000:
         raise UsageError("--calls: between 1 and 100000")
+    target = url_with_key(target, config.server.key)
     emulator = FakeAsterisk(hold_limit=config.server.session_timeout + 5)
     agi_args = str(address) if args.channel_type == "Local" else ""
     for n in range(1, args.calls + 1):

@@ -14,6 +14,7 @@ Knows nothing of Redis or of screening.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import re
 import secrets
@@ -33,31 +34,85 @@ class AGIProtocolError(Exception):
     """The peer broke the protocol or went away; the session cannot go on."""
 
 
+# The lines res_agi writes, in its order (launch_netscript, then setup_env): identical in
+# the Asterisk 20.20.1 chan_sip and 22.10.1 PJSIP captures and on Local channels.
+# `agi_network_script` is left out when the URL has no path; `agi_arg_1..N` follow.
+ASTERISK_KEYS = (
+    "agi_network",
+    "agi_network_script",
+    "agi_request",
+    "agi_channel",
+    "agi_language",
+    "agi_type",
+    "agi_uniqueid",
+    "agi_version",
+    "agi_callerid",
+    "agi_calleridname",
+    "agi_callingpres",
+    "agi_callingani2",
+    "agi_callington",
+    "agi_callingtns",
+    "agi_dnid",
+    "agi_rdnis",
+    "agi_context",
+    "agi_extension",
+    "agi_priority",
+    "agi_enhanced",
+    "agi_accountcode",
+    "agi_threadid",
+)
+_SCRIPT = ASTERISK_KEYS.index("agi_network_script")
+_THREADID = ASTERISK_KEYS.index("agi_threadid")
+
+
 @dataclass
 class Environment:
-    """The `agi_*` block. First occurrence wins: a forged later line cannot replace it."""
+    """The `agi_*` block. First occurrence wins: a forged later line cannot replace it.
+
+    Caller text (caller ID, name, dialed number, redirecting number) sits in the middle
+    of the block and may carry line feeds, so a forged line can only be told from a real
+    one by its place: `tampered` says why the block is not exactly res_agi's layout."""
 
     values: dict[str, str] = field(default_factory=dict)
-    duplicates: list[str] = field(default_factory=list)
-    malformed: int = 0
+    keys: list[str] = field(default_factory=list)  # every line's key in order; "" if none
 
     def get(self, key: str, default: str = "") -> str:
         return self.values.get(key, default)
 
     @property
+    def script(self) -> str:
+        """`agi_network_script` where res_agi writes it (second line), else ""."""
+        if len(self.keys) > _SCRIPT and self.keys[_SCRIPT] == "agi_network_script":
+            return self.values["agi_network_script"]
+        return ""
+
+    @property
     def route(self) -> str:
         """The script name: `agi_network_script` without any query string."""
-        return self.get("agi_network_script").partition("?")[0].strip("/")
+        return self.script.partition("?")[0].strip("/")
+
+    @functools.cached_property
+    def tampered(self) -> str:
+        """Why this is not the block res_agi writes ("" when it is): a line that is not
+        the key Asterisk writes at that place, a duplicate, or a block cut short."""
+        keys, skipped = self.keys, 0
+        if len(keys) > _SCRIPT and keys[_SCRIPT] != "agi_network_script":
+            keys, skipped = [keys[0], "agi_network_script", *keys[1:]], 1  # URL without a path
+        for n, key in enumerate(keys):
+            want = ASTERISK_KEYS[n] if n < len(ASTERISK_KEYS) else f"agi_arg_{n - _THREADID}"
+            if key != want:
+                return f"environment line {n + 1 - skipped} is not {want}"
+        if len(keys) < len(ASTERISK_KEYS):
+            return f"environment ended before {ASTERISK_KEYS[len(keys)]}"
+        return ""
 
     @property
     def args(self) -> list[str]:
-        found = []
-        for n in range(1, 64):
-            key = f"agi_arg_{n}"
-            if key not in self.values:
-                break
-            found.append(self.values[key])
-        return found
+        """The AGI() arguments, only from a block laid out as res_agi writes it."""
+        if self.tampered:
+            return []
+        first = self.keys.index("agi_threadid") + 1
+        return [self.values[key] for key in self.keys[first:]]
 
 
 async def _readline(reader: asyncio.StreamReader) -> str:
@@ -110,11 +165,10 @@ def _add_env_line(env: Environment, line: str) -> bool:
         return False
     key, sep, value = line.partition(": ")
     if not sep or not key.startswith("agi_"):
-        env.malformed += 1
-    elif key in env.values:
-        env.duplicates.append(key)
-    else:
+        key = ""
+    elif key not in env.values:
         env.values[key] = value
+    env.keys.append(key)
     return True
 
 
@@ -156,6 +210,25 @@ class AGISession(AGI):
         self._got_sighup = False
         self.hung_up = False  # the caller hung up: Asterisk sent an unsolicited HANGUP
         self.stray: list[str] = []  # lines received before our resync answer
+        self.tampered = ""  # why the env block is not res_agi's own layout ("" if it is)
+
+    async def environment(self) -> Environment:
+        """Read the env block, noting whether caller text forged lines into it."""
+        env = await read_environment(self.reader)
+        self.tampered = env.tampered
+        return env
+
+    @property
+    def injected(self) -> bool:
+        """Caller text forged lines: into the env block, or as stray answer lines."""
+        return bool(self.stray or self.tampered)
+
+    def injection(self) -> str:
+        """What was forged, for a log line (no attacker text)."""
+        found = [self.tampered] if self.tampered else []
+        if self.stray:
+            found.append(f"{len(self.stray)} stray lines before the resync answer")
+        return ", ".join(found)
 
     async def send(self, command: str, *args: object) -> None:
         self.stdout.text = ""

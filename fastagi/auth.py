@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from fastagi.addresses import AddressSet
+from fastagi.addresses import AddressSet, Prefixes
 from fastagi.ami import (
     SECURITY_EVENTS,
     AMIError,
@@ -85,6 +85,7 @@ def make_watcher(config: Config, store: Store, registry: CollectorRegistry | Non
         config.screening.ignore,
         AuthMetrics(registry),
         store_budget=max(1.0, 4 * config.redis.timeout),
+        prefixes=config.screening.prefixes(),
     )
 
 
@@ -185,6 +186,7 @@ class AuthWatcher:
         ignore: AddressSet,
         metrics: AuthMetrics | None = None,
         store_budget: float = 1.0,
+        prefixes: Prefixes | None = None,
     ) -> None:
         self.auth = auth
         self.store = store
@@ -192,6 +194,7 @@ class AuthWatcher:
         self.ignore = ignore
         self.metrics = metrics or AuthMetrics()
         self.store_budget = store_budget
+        self.prefixes = prefixes or Prefixes()  # counted and banned as its prefix, as calls
         self.secret = ami_secret(auth)  # ConfigError now, at start, not at each connect
         self.counted_events = frozenset(auth.events)
         self.attempts = Attempts()
@@ -225,9 +228,12 @@ class AuthWatcher:
             return self._outcome(label, "not_security")
         if event.name not in self.counted_events:
             return self._outcome(label, "not_counted")
-        if event.address in self.ignore:
+        protected = self.store.protected if self.store is not None else None
+        if event.address in self.ignore or (protected and protected.reason(event.address)):
             return self._outcome(label, "ignored")
-        address = str(event.address)
+        address = self.prefixes.key(event.address, self.ignore)
+        if protected and address != str(event.address) and protected.reason(address):
+            address = str(event.address)  # the prefix covers us: the address alone, as calls
         if not self.attempts.is_new(event.session, event.remote, event.name):
             return self._outcome(label, "same_attempt")
         try:

@@ -17,7 +17,8 @@ from fastagi import config as configuration
 from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
-from fastagi.embedded import EmbeddedError
+from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
+from fastagi.protect import ProtectedError
 from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
 from fastagi.status import cmd_status
 from fastagi.store import StoreError
@@ -55,11 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     ban.add_argument("ip")
     ban.add_argument("--for", dest="duration", metavar="DURATION")
     ban.add_argument("--reason", default="manual")
+    ban.add_argument(
+        "--hold",
+        metavar="NAME",
+        help="the ban's source (default admin); the longest hold wins, `unban --hold NAME` "
+        "lifts only this one",
+    )
     ban.set_defaults(func=cmd_ban)
 
     unban = sub.add_parser("unban", help="lift bans on every PBX and reset the counts")
     unban.add_argument("ips", nargs="*", metavar="IP")
     unban.add_argument("--all", action="store_true")
+    unban.add_argument(
+        "--hold", metavar="NAME", help="lift only this source's hold (default: every hold)"
+    )
     unban.set_defaults(func=cmd_unban)
 
     status = sub.add_parser("status", help="what is counted and banned, cluster-wide")
@@ -114,7 +124,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func in (cmd_serve, cmd_agent, cmd_watch):
             return run_service(args.func(args, config))
         return asyncio.run(args.func(args, config))
-    except (ConfigError, UsageError, ServiceUsageError, AddressError) as error:
+    except (
+        ConfigError,
+        UsageError,
+        ServiceUsageError,
+        AddressError,
+        UnsafeRuntimeDir,
+        ProtectedError,
+    ) as error:
         print(f"fastagi-ctl: {error}", file=sys.stderr)
         return 2
     except (StoreError, EmbeddedError, OSError) as error:

@@ -10,18 +10,20 @@ from __future__ import annotations
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.connection import parse_url
 
-from fastagi.addresses import AddressError, AddressSet, parse_network
+from fastagi.addresses import WIDEST, AddressError, AddressSet, Prefixes, parse_network
 from fastagi.firewall._common import parse_ports
-from fastagi.firewall.base import FirewallError, FirewallSettings
+from fastagi.firewall.base import SIP_PORTS, FirewallError, FirewallSettings
+from fastagi.protect import parse_entry
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 BACKENDS = ("iptables", "nftables", "ipset", "dry-run")
@@ -100,12 +102,28 @@ def _factor(value: Any) -> float:
     return number
 
 
+def _escalate_prefix(value: Any) -> int:
+    """0 (off) or an IPv6 prefix length no wider than WIDEST."""
+    length = _whole(0, 127)(value)
+    if length and length < WIDEST[6]:
+        raise ValueError(f"{length}: 0 (off) or {WIDEST[6]}-127")
+    return length
+
+
 def _networks(value: Any) -> AddressSet:
     entries = _string_list(value)
     try:
         return AddressSet(parse_network(entry) for entry in entries)
     except AddressError as error:
         raise ValueError(str(error)) from None
+
+
+def _protect(value: Any) -> tuple[str, ...]:
+    """`screening.protect`: addresses, networks and host names (resolved at run time)."""
+    entries = _string_list(value)
+    for entry in entries:
+        parse_entry(entry)
+    return entries
 
 
 def _string_list(value: Any) -> tuple[str, ...]:
@@ -184,6 +202,52 @@ def _listen_or_empty(value: Any) -> str:
     return text
 
 
+KEY_CHARACTERS = re.compile(r"[A-Za-z0-9._~-]{16,256}")
+
+
+def _key(value: Any) -> str:
+    """The shared secret of the AGI URL (`?key=...`): URL-safe characters, so Asterisk
+    passes it verbatim and no comma splits AGI()'s arguments. Never echoed in an error."""
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    if value and not KEY_CHARACTERS.fullmatch(value):
+        raise ValueError(
+            "16 to 256 of the characters A-Z a-z 0-9 . _ ~ - (e.g. openssl rand -hex 32)"
+        )
+    return value
+
+
+def read_key_file(path: str) -> str:
+    """The key from a file owned by root or us that no other local user may read (a key
+    they can read or write proves nothing)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if info.st_mode & 0o007:
+            raise ValueError(f"{path}: other users may read it (chmod 0600 or 0640)")
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o020:
+            raise ValueError(f"{path}: another user may write it (owner root or us, no g+w)")
+        text = file.read(1024).decode("ascii", errors="replace").strip()
+    if not text:
+        raise ValueError(f"{path}: empty")
+    try:
+        return _key(text)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _absolute_or_empty(value: Any) -> str:
+    text = _string(value)
+    if text and not Path(text).is_absolute():
+        raise ValueError(f"{text!r} is not an absolute path")
+    return text
+
+
 def _chain(value: Any) -> str:
     name = _string(value)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,27}", name):
@@ -228,6 +292,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "max_sessions": (_whole(1, 1_000_000), 256),
         "session_timeout": (parse_duration, "5s"),
         "runtime_dir": (_string, ""),
+        # Optional shared secret Asterisk sends in the AGI URL (agi://.../screen?key=...),
+        # or the file holding it; empty: none.
+        "key": (_key, ""),
+        "key_file": (_string, ""),
+        # where the embedded (memory://) store keeps its bans across restarts
+        "state_dir": (_absolute_or_empty, ""),
     },
     "screening": {
         "threshold": (_whole(1, 1_000_000), 5),
@@ -238,6 +308,19 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Never counted, banned or applied, on top of the built-in protected set (this
+        # host, gateways, resolvers, Redis nodes, allowed_clients, ignore, special ranges):
+        # addresses, networks and host names (trunks, dynamic-DNS offices).
+        "protect": (_protect, []),
+        "protect_refresh": (parse_duration, "5m"),
+        # Callers are counted and banned per prefix: an IPv6 scanner owns a whole /64.
+        # (no wider than WIDEST: one caller's calls would ban a provider's customers)
+        "ipv4_prefix": (_whole(WIDEST[4], 32), 32),
+        "ipv6_prefix": (_whole(WIDEST[6], 128), 64),
+        # Off by default: ban the wider IPv6 prefix (e.g. 48) once escalate_after
+        # prefixes inside it are banned at the same time (escalate.py).
+        "escalate_prefix": (_escalate_prefix, 0),
+        "escalate_after": (_whole(2, 1_000_000), 4),
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -255,7 +338,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "firewall": {
         "backend": (_backend, "dry-run"),
         "chain": (_chain, "FASTAGI"),
-        "ports": (_ports, "all"),
+        # SIP signalling only, as fail2ban's asterisk jail: a spoofed ban then costs the
+        # spoofed address its SIP, not its trunk, Redis, DNS or SSH traffic.
+        "ports": (_ports, list(SIP_PORTS)),
         "forward": (_bool, False),
         "sync_interval": (parse_duration, "30s"),
     },
@@ -288,6 +373,9 @@ class ServerConfig:
     max_sessions: int
     session_timeout: float
     runtime_dir: str
+    key: str = field(default="", repr=False)  # from `key` or `key_file`; never shown
+    key_file: str = ""
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -300,6 +388,15 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    protect: tuple[str, ...] = ()
+    protect_refresh: float = 300.0
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    escalate_prefix: int = 0
+    escalate_after: int = 4
+
+    def prefixes(self) -> Prefixes:
+        return Prefixes(self.ipv4_prefix, self.ipv6_prefix)
 
 
 @dataclass(frozen=True)
@@ -368,6 +465,23 @@ class Config:
             return Path(xdg) / "fastagi"
         return Path(f"/tmp/fastagi-{os.getuid()}")
 
+    def state_dir(self) -> Path:
+        """Where the embedded store saves its bans: `server.state_dir`, else systemd's
+        `StateDirectory=` ($STATE_DIRECTORY), else /var/lib/fastagi for root (a system
+        service), else $XDG_STATE_HOME/fastagi or ~/.local/state/fastagi."""
+        if self.server.state_dir:
+            return Path(self.server.state_dir)
+        if systemd := os.environ.get("STATE_DIRECTORY", "").split(":")[0]:
+            return Path(systemd)
+        if os.geteuid() == 0:
+            return Path("/var/lib/fastagi")
+        if xdg := os.environ.get("XDG_STATE_HOME"):
+            return Path(xdg) / "fastagi"
+        try:
+            return Path.home() / ".local" / "state" / "fastagi"
+        except RuntimeError:
+            raise ConfigError("server.state_dir: this user has no home directory; set it") from None
+
 
 _SECTIONS = {
     "server": ServerConfig,
@@ -427,7 +541,9 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
             env_name = f"FASTAGI_{section.upper()}_{key.upper()}"
             origin = f"{section}.{key}"
             if env_name in environ:
-                value, origin = _env_value(environ[env_name]), env_name
+                text = environ[env_name]
+                value = text if parse is _key else _env_value(text)  # a key is text as given
+                origin = env_name
             try:
                 values[key] = parse(value)
             except (ValueError, TypeError) as error:
@@ -435,6 +551,16 @@ def load(path: str | None = None, environ: Mapping[str, str] | None = None) -> C
         sections[section] = _SECTIONS[section](**values)
     config = Config(**sections, source=str(file) if file else "built-in defaults")
     _check_together(config)
+    if config.server.key_file:
+        origin = "FASTAGI_SERVER_KEY_FILE" if "FASTAGI_SERVER_KEY_FILE" in environ else ""
+        origin = origin or "server.key_file"
+        if config.server.key:
+            raise ConfigError(f"{origin}: set either server.key or server.key_file, not both")
+        try:
+            key = read_key_file(config.server.key_file)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: {error}") from None
+        config = replace(config, server=replace(config.server, key=key))
     return config
 
 
@@ -442,6 +568,11 @@ def _check_together(config: Config) -> None:
     screening = config.screening
     if screening.ban_time_max < screening.ban_time:
         raise ConfigError("screening.ban_time_max: must not be shorter than screening.ban_time")
+    if screening.escalate_prefix and screening.escalate_prefix >= screening.ipv6_prefix:
+        raise ConfigError(
+            "screening.escalate_prefix: must be shorter than screening.ipv6_prefix "
+            f"({screening.escalate_prefix} >= {screening.ipv6_prefix})"
+        )
     if config.redis.timeout >= config.server.session_timeout:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:

@@ -2,7 +2,8 @@
 
 Used by `fastagi-ctl simulate`, the tests and the bench, and importable by users'
 own tests. It writes the environment block byte for byte as captured from a real
-Asterisk 20.20.1 (shared/asterisk/agi-env-chan_sip.txt), decodes the dialed number
+Asterisk 20.20.1 (shared/asterisk/agi-env-chan_sip.txt; PJSIP calls as Asterisk
+22.10.1 wrote them, asterisk22/agi-env-pjsip.raw.txt), decodes the dialed number
 the way chan_sip does (so `%0A` becomes a raw LF in `agi_dnid`), splits AGI()
 arguments as Asterisk's app parser does, and answers commands like res_agi: GET
 (FULL) VARIABLE with channel functions, SET VARIABLE, EXEC Log and MSet, 510/511/520,
@@ -33,8 +34,10 @@ class Call:
     exten: str = "7001"  # the dialed user part, already URL-decoded (use `Call.from_uri`)
     channel_type: str = "SIP"  # SIP | PJSIP | Local
     agi_args: str = ""  # the AGI() arguments after the URL, before expansion
-    callerid: str = "anonymous-scanner"
+    callerid: str = "anonymous-scanner"  # the From user, URL-decoded by chan_sip
     calleridname: str = "lab caller"
+    callingpres: int = 0  # 67 on a bare originated Local channel
+    rdnis: str = "unknown"  # the redirecting number (Diversion header)
     context: str = "from-sip-external"
     priority: int = 6
     uniqueid: str = ""
@@ -51,6 +54,8 @@ class Call:
     def channel_name(self, serial: int) -> str:
         if self.channel_type == "Local":
             return f"Local/{self.exten}@agi-local-{serial:08x};2"
+        if self.channel_type == "PJSIP":  # named after the endpoint, not the address
+            return f"PJSIP/anonymous-{serial:08x}"
         return f"{self.channel_type}/{self.source}-{serial:08x}"
 
     def remote_addr(self) -> str:
@@ -121,15 +126,15 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
         ("agi_language", "en"),
         ("agi_type", call.channel_type),
         ("agi_uniqueid", uniqueid),
-        ("agi_version", "20.20.1"),
+        ("agi_version", "22.10.1" if call.channel_type == "PJSIP" else "20.20.1"),
         ("agi_callerid", call.callerid),
         ("agi_calleridname", call.calleridname),
-        ("agi_callingpres", "0"),
+        ("agi_callingpres", str(call.callingpres)),
         ("agi_callingani2", "0"),
         ("agi_callington", "0"),
         ("agi_callingtns", "0"),
         ("agi_dnid", call.exten if call.dnid is None else call.dnid),
-        ("agi_rdnis", "unknown"),
+        ("agi_rdnis", call.rdnis),
         ("agi_context", call.context),
     ]
     first = "".join(f"{k}: {v}\n" for k, v in lines)

@@ -22,16 +22,29 @@ class Keys:
         return f"{self.base}count:{ip}"
 
     def record(self, ip: str) -> str:
-        """Hash: until, since, reason, pbx_id, bans (previous bans), count, first/last seen."""
+        """Hash: until and reason (of the longest hold), since and pbx_id (of the last ban),
+        bans (previous bans), count, first/last seen."""
         return f"{self.base}record:{ip}"
 
-    def per_address_prefixes(self) -> tuple[bytes, bytes]:
-        """count() and record() up to the address, encoded once for the per-call step."""
-        return self.count("").encode(), self.record("").encode()
+    def holds(self, target: str) -> str:
+        """Hash: source -> "<end ms> <reason>", one hold per source of this target's ban
+        (threshold, a fail2ban jail, an admin); expires with the longest."""
+        return f"{self.base}holds:{target}"
+
+    def per_address_prefixes(self) -> tuple[bytes, bytes, bytes]:
+        """count(), record() and holds() up to the address, encoded once for the per-call
+        step."""
+        return self.count("").encode(), self.record("").encode(), self.holds("").encode()
+
+    def inside(self, prefix: str) -> str:
+        """Sorted set: the banned prefixes inside this wider one -> their ban ends (ms),
+        for escalation (escalate.py)."""
+        return f"{self.base}inside:{prefix}"
 
     @property
     def banned(self) -> str:
-        """Sorted set: ip -> ban end (ms). The ban list every agent reconciles to."""
+        """Sorted set: ip -> ban end (ms), the end of its longest hold. The ban list every
+        agent reconciles to."""
         return f"{self.base}banned"
 
     @property
@@ -53,6 +66,31 @@ class Keys:
     def agents(self) -> str:
         """Hash: pbx_id -> JSON heartbeat of that PBX's agent."""
         return f"{self.base}agents"
+
+    @property
+    def epoch(self) -> str:
+        """String: a token made once per life of the ban list. A Redis that lost its data
+        (restarted without persistence, FLUSHALL) loses it too, while an unban keeps it,
+        so agents tell "Redis was wiped" from "everything was unbanned"."""
+        return f"{self.base}epoch"
+
+    @property
+    def embedded_state(self) -> str:
+        """Hash, embedded store only: the state file (path), its last save (saved_at, ms)
+        and the last save's error, for `check`. Not saved itself."""
+        return f"{self.base}embedded-state"
+
+    def persisted(self) -> tuple[tuple[str, str], ...]:
+        """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
+        every key so named. The ban list, each ban's holds (so a fail2ban jail's unban
+        still lifts only its own after a restart), the records (history, escalation) and
+        the totals; counting windows, events and heartbeats are short-lived, start afresh."""
+        return (
+            (self.banned, "zset"),
+            (self.holds("*"), "hash"),
+            (self.record("*"), "hash"),
+            (self.stats, "hash"),
+        )
 
     def auth_count(self, ip: str) -> str:
         """Sorted set of this address's authentication failures in the `[auth]` window."""

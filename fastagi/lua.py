@@ -4,45 +4,134 @@ Time comes from Redis (`TIME`), so every PBX of a cluster agrees on windows and 
 ends whatever its own clock says. Times are integer milliseconds. Numbers handed to
 redis.call go through `int()` so Lua 5.1 (Redis) and Lua 5.4 (fakeredis) write the
 same text.
+
+A ban is a set of holds, one per source (the threshold, each fail2ban jail, an admin,
+a restore): a hash target -> {source: '<end ms> <reason>'}. The ban list (`banned`)
+keeps target -> the longest hold's end, so agents read one sorted set and the events
+change only when that end does. The hash expires with its longest hold; a shorter hold
+that ended is skipped by every reader and dropped at the next write. Targets are opaque
+text (an address or a network).
 """
 
-_COMMON = """
+_CLOCK = """
 local function int(x) return string.format('%d', math.floor(x)) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
 
--- Write a ban record, add the address to the ban list and append the ban event.
--- duration 0 means "escalate": ban_time * factor ^ previous bans, capped at ban_max.
-local function write_ban(record, banned, events, stats, ip, duration, ban_time, factor,
-                         ban_max, pbx, reason, count, maxlen, history)
-  local previous = tonumber(redis.call('HGET', record, 'bans') or '0')
-  if duration <= 0 then
-    duration = math.min(ban_time * (factor ^ previous), ban_max)
+# The holds' functions. The screening step defines them only on the call that bans:
+# Lua makes each function anew on every run, ~1.5 us of Redis CPU per step otherwise.
+_HOLDS = """
+
+-- The longest hold: its end (0: none) and reason.
+local function longest(holds)
+  local top, why = 0, ''
+  for _, hold in pairs(holds) do
+    if hold[1] > top then top, why = hold[1], hold[2] end
   end
-  local ban_until = now + math.floor(duration)
-  redis.call('HSET', record, 'until', int(ban_until), 'since', int(now), 'reason', reason,
-             'pbx_id', pbx, 'bans', int(previous + 1), 'count', int(count),
-             'last_seen', int(now))
-  redis.call('HSETNX', record, 'first_seen', int(now))
-  redis.call('HDEL', record, 'unbanned_at')
-  redis.call('PEXPIRE', record, int(duration + history))
-  redis.call('ZADD', banned, int(ban_until), ip)
-  redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', ip,
-             'until', int(ban_until), 'pbx_id', pbx, 'reason', reason)
-  redis.call('HINCRBY', stats, 'bans', 1)
-  return ban_until
+  return top, why
+end
+
+-- The target's running holds: source -> {end, reason}. Ended ones leave the hash. A ban
+-- list end beyond every hold was written without one (before holds existed, or by an
+-- older version during an upgrade): it counts as the hold 'legacy', so nothing here
+-- ever shortens it.
+local function read_holds(k, target)
+  local flat = redis.call('HGETALL', k.holds)
+  local holds = {}
+  for i = 1, #flat, 2 do
+    local e, reason = string.match(flat[i + 1], '^(%d+) (.*)$')
+    e = tonumber(e)
+    if e and e > now then
+      holds[flat[i]] = {e, reason}
+    else
+      redis.call('HDEL', k.holds, flat[i])
+    end
+  end
+  local listed = tonumber(redis.call('ZSCORE', k.banned, target))
+  if listed and listed > now and listed > longest(holds) then
+    holds['legacy'] = {listed, redis.call('HGET', k.record, 'reason') or ''}
+    redis.call('HSET', k.holds, 'legacy', int(listed) .. ' ' .. holds['legacy'][2])
+    redis.call('PEXPIREAT', k.holds, int(listed))
+  end
+  return holds
+end
+
+-- The record lives as long as the ban plus the history that escalation looks back on.
+local function keep_record(k, top, history)
+  if redis.call('PTTL', k.record) < top - now + history then
+    redis.call('PEXPIRE', k.record, int(top - now + history))
+  end
+end
+
+-- The ban list, the hash's expiry and the event follow the longest hold, when it changed.
+local function publish(k, target, old_top, top, why, pbx, maxlen)
+  if top == old_top then return end
+  if top == 0 then
+    redis.call('ZREM', k.banned, target)
+    redis.call('DEL', k.holds)
+    redis.call('XADD', k.events, 'MAXLEN', '~', maxlen, '*', 'op', 'unban', 'ip', target,
+               'pbx_id', pbx)
+    redis.call('HINCRBY', k.stats, 'unbans', 1)
+    return
+  end
+  redis.call('ZADD', k.banned, int(top), target)
+  redis.call('PEXPIREAT', k.holds, int(top))
+  redis.call('XADD', k.events, 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', target,
+             'until', int(top), 'pbx_id', pbx, 'reason', why)
+end
+
+-- duration 0 means "escalate": ban_time * factor ^ previous bans, capped at ban_max.
+local function ban_end(k, duration, ban_time, factor, ban_max)
+  if duration > 0 then return now + math.floor(duration) end
+  local previous = tonumber(redis.call('HGET', k.record, 'bans') or '0')
+  return now + math.floor(math.min(ban_time * (factor ^ previous), ban_max))
+end
+
+-- Place (or lengthen: never shorten) `source`'s hold on `target` until `hold_end`.
+-- `counts`: a new ban, recorded as such (previous bans + 1, stats); a restore is not.
+-- Returns {the target's ban end, this source's hold end, 1 if the hold was placed}.
+local function place_hold(k, target, source, hold_end, reason, pbx, counts, count, maxlen,
+                          history)
+  local holds = read_holds(k, target)
+  local old_top = longest(holds)
+  local mine = holds[source]
+  if hold_end <= now or (mine and mine[1] >= hold_end) then
+    return {old_top, mine and mine[1] or 0, 0}
+  end
+  holds[source] = {hold_end, reason}
+  redis.call('HSET', k.holds, source, int(hold_end) .. ' ' .. reason)
+  local top, why = longest(holds)
+  publish(k, target, old_top, top, why, pbx, maxlen)
+  if counts then
+    local previous = tonumber(redis.call('HGET', k.record, 'bans') or '0')
+    redis.call('HSET', k.record, 'since', int(now), 'pbx_id', pbx, 'bans', int(previous + 1),
+               'count', int(count), 'last_seen', int(now))
+    redis.call('HINCRBY', k.stats, 'bans', 1)
+  else
+    redis.call('HSETNX', k.record, 'pbx_id', pbx)
+  end
+  redis.call('HSET', k.record, 'until', int(top), 'reason', why)
+  redis.call('HSETNX', k.record, 'first_seen', int(now))
+  redis.call('HDEL', k.record, 'unbanned_at')
+  keep_record(k, top, history)
+  return {top, hold_end, 1}
 end
 """
 
-# KEYS: count, record, banned, counted, events, stats
-# ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
-#       member (unique per call), events_maxlen, history_ms, injected (1: the session
-#       had stray lines, counted in stats for `status`), prune (1: drop expired entries
-#       from the ban and counted lists; every reader skips them, so this is housekeeping
-#       the caller asks for on some steps only, keeping the common step short)
+# The clock and the holds' functions: what every script but the screening step begins with.
+_COMMON = _CLOCK + _HOLDS
+
+# KEYS: count, record, banned, counted, events, stats, holds
+# ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source (the
+#       threshold's hold, also its reason), member (unique per call), events_maxlen,
+#       history_ms, injected (1: the session had stray lines, counted in stats for
+#       `status`), prune (1: drop expired entries from the ban and counted lists; every
+#       reader skips them, so this is housekeeping the caller asks for on some steps only,
+#       keeping the common step short)
 # Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
-    _COMMON
+    _CLOCK
     + """
 local ip = ARGV[1]
 local threshold = tonumber(ARGV[2])
@@ -66,9 +155,14 @@ redis.call('ZADD', KEYS[1], int(now), ARGV[9])
 redis.call('PEXPIRE', KEYS[1], int(window))
 local count = redis.call('ZCARD', KEYS[1])
 if count >= threshold then
-  ban_until = write_ban(KEYS[2], KEYS[3], KEYS[5], KEYS[6], ip, 0, tonumber(ARGV[4]),
-                        tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], count,
-                        ARGV[10], tonumber(ARGV[11]))
+"""
+    + _HOLDS
+    + """
+  local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
+             holds = KEYS[7]}
+  local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+  ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, count, ARGV[10],
+                         tonumber(ARGV[11]))[1]
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[4], ip)
   return {'BANNED', count, ban_until, 1}
@@ -78,56 +172,116 @@ return {'COUNTED', count, 0, 0}
 """
 )
 
-# KEYS: count, record, banned, counted, events, stats
-# ARGV: ip, duration_ms (0 = escalate), ban_time_ms, factor, ban_max_ms, pbx_id, reason,
-#       events_maxlen, history_ms
-# Returns ban_until_ms
+# KEYS: count, record, banned, counted, events, stats, holds
+# ARGV: ip, source, duration_ms (0 = escalate), until_ms (0: now + duration), ban_time_ms,
+#       factor, ban_max_ms, pbx_id, reason, events_maxlen, history_ms, counts (1: a new
+#       ban; 0: a restored one, leaving the previous-ban count and stats alone)
+# Returns {ban_until_ms, hold_until_ms, placed (0: this source already held it as long)}
 BAN = (
     _COMMON
     + """
+local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
+           holds = KEYS[7]}
 local ip = ARGV[1]
+local hold_end = tonumber(ARGV[4])
+if hold_end <= 0 then
+  hold_end = ban_end(k, tonumber(ARGV[3]), tonumber(ARGV[5]), tonumber(ARGV[6]),
+                     tonumber(ARGV[7]))
+end
 local count = redis.call('ZCARD', KEYS[1])
-local ban_until = write_ban(KEYS[2], KEYS[3], KEYS[5], KEYS[6], ip, tonumber(ARGV[2]),
-                            tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6],
-                            ARGV[7], count, ARGV[8], tonumber(ARGV[9]))
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[4], ip)
-return ban_until
+local placed = place_hold(k, ip, ARGV[2], hold_end, ARGV[9], ARGV[8], ARGV[12] == '1', count,
+                          ARGV[10], tonumber(ARGV[11]))
+if placed[1] > now then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[4], ip)
+end
+return placed
 """
 )
 
-# KEYS: banned, counted, events, stats, then count_1, record_1, count_2, record_2, ...
-# ARGV: pbx_id, events_maxlen, ip_1, ip_2, ...
-# Returns the addresses that were on the ban list. Also resets each address's count.
+# KEYS: banned, counted, events, stats, then count_1, record_1, holds_1, count_2, ...
+# ARGV: pbx_id, events_maxlen, source ('': every hold, and the count is reset), ip_1, ...
+# Returns per address {state, ban_until_ms}: state 0 this source held no ban there, 1 the
+# ban ended, 2 the hold was lifted and others keep the address banned until ban_until_ms.
 UNBAN = (
     _COMMON
     + """
-local lifted = {}
-for i = 3, #ARGV do
+local source = ARGV[3]
+local out = {}
+for i = 4, #ARGV do
   local ip = ARGV[i]
-  local count_key = KEYS[5 + (i - 3) * 2]
-  local record_key = KEYS[6 + (i - 3) * 2]
-  redis.call('DEL', count_key)
-  redis.call('ZREM', KEYS[2], ip)
-  if redis.call('ZREM', KEYS[1], ip) == 1 then
-    lifted[#lifted + 1] = ip
-    if redis.call('EXISTS', record_key) == 1 then
-      redis.call('HSET', record_key, 'until', '0', 'unbanned_at', int(now), 'count', '0')
+  local base = 5 + (i - 4) * 3
+  local k = {banned = KEYS[1], events = KEYS[3], stats = KEYS[4], record = KEYS[base + 1],
+             holds = KEYS[base + 2]}
+  local old_top, top, why = 0, 0, ''
+  if source == '' then
+    old_top = tonumber(redis.call('ZSCORE', k.banned, ip)) or 0
+    redis.call('DEL', KEYS[base], k.holds)
+    redis.call('ZREM', KEYS[2], ip)
+  else
+    local holds = read_holds(k, ip)
+    if holds[source] then
+      old_top = longest(holds)
+      holds[source] = nil
+      redis.call('HDEL', k.holds, source)
+      top, why = longest(holds)
     end
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'op', 'unban', 'ip', ip,
-               'pbx_id', ARGV[1])
-    redis.call('HINCRBY', KEYS[4], 'unbans', 1)
+  end
+  publish(k, ip, old_top, top, why, ARGV[1], ARGV[2])
+  if old_top == 0 then
+    out[#out + 1] = {0, 0}
+  elseif top == 0 then
+    if redis.call('EXISTS', k.record) == 1 then
+      redis.call('HSET', k.record, 'until', '0', 'unbanned_at', int(now))
+      if source == '' then redis.call('HSET', k.record, 'count', '0') end
+    end
+    out[#out + 1] = {1, 0}
+  else
+    if redis.call('EXISTS', k.record) == 1 then
+      redis.call('HSET', k.record, 'until', int(top), 'reason', why)
+    end
+    out[#out + 1] = {2, int(top)}
   end
 end
-return lifted
+return out
+"""
+)
+
+# KEYS: banned, events, epoch, stats, then record_1, holds_1, record_2, holds_2, ...
+# ARGV: pbx_id, events_maxlen, history_ms, epoch token (set if none), reason, source
+#       (the hold's: "restored"), then ip_1, until_ms_1, ip_2, until_ms_2, ...
+# An agent writes back the bans it applied after Redis lost its data, each as a hold of
+# its own that never shortens another (so agents healing at once agree, in any order); a
+# ban that ended is skipped; an event goes out for each ban whose end moved, so agents
+# that lost it apply it again. The epoch token is set only if there is none: the first
+# healer's stays, and the others adopt it.
+# Returns {epoch token in place, bans written}
+RESTORE = (
+    _COMMON
+    + """
+local written, n = 0, 4
+for i = 7, #ARGV, 2 do
+  local k = {record = KEYS[n + 1], holds = KEYS[n + 2], banned = KEYS[1], events = KEYS[2],
+             stats = KEYS[4]}
+  n = n + 2
+  local placed = place_hold(k, ARGV[i], ARGV[6], tonumber(ARGV[i + 1]), ARGV[5], ARGV[1],
+                            false, 0, ARGV[2], tonumber(ARGV[3]))
+  if placed[3] == 1 then
+    redis.call('HSETNX', k.record, 'bans', '1')
+    written = written + 1
+  end
+end
+redis.call('SET', KEYS[3], ARGV[4], 'NX')
+return {redis.call('GET', KEYS[3]), written}
 """
 )
 
 # One authentication failure (a security event from Asterisk's AMI, auth.py): counted
-# under the [auth] rules in counts of its own, banned through the same write_ban (same
-# ban list, history, escalation and events) with reason 'auth'.
-# KEYS: auth_count, record, banned, auth_counted, events, stats
-# ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, reason,
+# under the [auth] rules in counts of its own; at the threshold the hold `auth` (source
+# and reason) is placed through the same place_hold as the screening step's (same ban
+# list, history, escalation and events).
+# KEYS: auth_count, record, banned, auth_counted, events, stats, holds
+# ARGV: target, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source,
 #       member (unique per failure), events_maxlen, history_ms
 # Returns {result, count, ban_until_ms, new_ban}, as SCREEN
 AUTH_FAILURE = (
@@ -147,9 +301,11 @@ if failures < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[4], int(now + window), ip)
   return {'COUNTED', failures, 0, 0}
 end
-ban_until = write_ban(KEYS[2], KEYS[3], KEYS[5], KEYS[6], ip, 0, tonumber(ARGV[4]),
-                      tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8], failures,
-                      ARGV[10], tonumber(ARGV[11]))
+local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
+           holds = KEYS[7]}
+local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, failures, ARGV[10],
+                       tonumber(ARGV[11]))[1]
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ip)
 return {'BANNED', failures, ban_until, 1}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,6 +36,7 @@ from prometheus_client.registry import Collector
 from fastagi import logs
 from fastagi.screening import Outcome, StepObserver
 from fastagi.server import Observer
+from fastagi.store import STALE_BEATS, heartbeat_age
 
 if TYPE_CHECKING:
     from fastagi.store import Store
@@ -111,14 +111,16 @@ class Metrics(Observer, StepObserver):
         self.refused_total = Counter(
             "fastagi_sessions_refused",
             "Connections not served: busy (max_sessions), client (not in allowed_clients), "
-            "reset (by the peer before the session started)",
+            "reset (by the peer before the session started), key (wrong or missing "
+            "server.key in the AGI URL), idle (closed at max_sessions before sending its "
+            "environment, to make room)",
             ["reason"],
             registry=r,
         )
         self.injections = Counter(
             "fastagi_injection_attempts",
-            "Sessions with stray lines before the resync "
-            "answer (forged environment or answers in the dialed number)",
+            "Sessions with a forged environment line (not res_agi's layout) or stray "
+            "lines before the resync answer (line feeds in caller ID or dialed number)",
             registry=r,
         )
         self.store_seconds = Histogram(
@@ -151,10 +153,29 @@ class Metrics(Observer, StepObserver):
             ["pbx_id", "backend"],
             registry=r,
         )
+        self.protected_calls = Counter(
+            "fastagi_calls_protected",
+            "Calls not counted because the caller's address is protected (a spoofed "
+            "source, or our own infrastructure): SCREEN_RESULT=IGNORED, SCREEN_REASON=protected",
+            registry=r,
+        )
         self.fw_size = Gauge(
             "fastagi_firewall_set_size",
             "Addresses currently in the firewall set/chain",
             ["pbx_id", "backend"],
+            registry=r,
+        )
+        self.skipped = Counter(
+            "fastagi_agent_entries_skipped",
+            "Events and ban-list entries the agent left out, each counted once, by reason "
+            "(malformed, ignored, ...)",
+            ["pbx_id", "reason"],
+            registry=r,
+        )
+        self.agent_restarts = Counter(
+            "fastagi_agent_restarts",
+            "Times the agent task ended with an error and was started again",
+            ["pbx_id"],
             registry=r,
         )
         # Label children looked up once, not per session.
@@ -164,7 +185,7 @@ class Metrics(Observer, StepObserver):
             for result in (*RESULTS, "none")
         }
         self._durations = {route: self.duration.labels(route) for route in (*ROUTES, "unknown")}
-        for reason in ("busy", "client", "reset"):
+        for reason in ("busy", "client", "reset", "key", "idle"):
             self.refused_total.labels(reason)
         for reason in ("timeout", "protocol", "connection"):
             self.aborted.labels(reason)
@@ -190,6 +211,8 @@ class Metrics(Observer, StepObserver):
         ended: str = "",
     ) -> None:
         self.active.dec()
+        if ended == "refused":
+            return  # counted by `refused`: not a session
         route = self._routes.get(route, "unknown")
         result = outcome.result if outcome is not None else "none"
         counter = self._sessions.get((route, result))
@@ -201,6 +224,8 @@ class Metrics(Observer, StepObserver):
             self.aborted.labels(ended).inc()
         if outcome is not None and outcome.new_ban:
             self.bans_issued.inc()
+        if outcome is not None and outcome.reason == "protected":
+            self.protected_calls.inc()
 
     def refused(self, why: str) -> None:
         self.refused_total.labels(why).inc()
@@ -223,6 +248,12 @@ class Metrics(Observer, StepObserver):
 
     def firewall_size(self, pbx_id: str, backend: str, size: int) -> None:
         self.fw_size.labels(pbx_id, backend).set(size)
+
+    def entry_skipped(self, pbx_id: str, reason: str) -> None:
+        self.skipped.labels(pbx_id, reason).inc()
+
+    def agent_restarted(self, pbx_id: str) -> None:
+        self.agent_restarts.labels(pbx_id).inc()
 
     # -- the endpoint ----------------------------------------------------------------
 
@@ -328,23 +359,25 @@ class ClusterCollector(Collector):
         self.store = store
         self.loop = loop
 
-    async def _read(self) -> tuple[dict[str, int], int, int]:
+    async def _read(self) -> tuple[dict[str, int], int, int, dict[str, dict]]:
         store = self.store
-        now_ms = int(time.time() * 1000)
         # Bounded here, in the loop: the service's client has no per-command timeout.
         async with asyncio.timeout(SCRAPE_BUDGET):
-            totals, banned, counted = await asyncio.gather(
+            await store.sync_clock()  # Redis's time: this host's clock may be off
+            now_ms = store.now_ms()
+            totals, banned, counted, agents = await asyncio.gather(
                 store.totals(),
                 store.redis.zcount(store.keys.banned, f"({now_ms}", "+inf"),
                 store.redis.zcount(store.keys.counted, f"({now_ms}", "+inf"),
+                store.agents(),
             )
-        return totals, int(banned), int(counted)
+        return totals, int(banned), int(counted), agents
 
     def collect(self) -> Iterator:
         up = GaugeMetricFamily("fastagi_store_up", "1 if the store answered this scrape")
         future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
         try:
-            totals, banned, counted = future.result(SCRAPE_BUDGET + 0.5)
+            totals, banned, counted, agents = future.result(SCRAPE_BUDGET + 0.5)
         except (FutureTimeout, Exception) as error:
             future.cancel()  # a loop too busy to start it: it must not run later
             log.info("metrics: cluster numbers unavailable: %s", error or type(error).__name__)
@@ -367,6 +400,28 @@ class ClusterCollector(Collector):
             "Addresses counted in their window now (status: Currently counted)",
             value=counted,
         )
+        yield from _agent_families(agents, self.store.now())
+
+
+def _agent_families(agents: dict[str, dict], now: float) -> Iterator:
+    """Each agent's heartbeat age and whether it is stale (status: Agents seen)."""
+    age = GaugeMetricFamily(
+        "fastagi_agent_heartbeat_age_seconds",
+        "Seconds since each agent's last heartbeat",
+        labels=["pbx_id"],
+    )
+    stale = GaugeMetricFamily(
+        "fastagi_agent_stale",
+        f"1 if an agent's heartbeat is older than {STALE_BEATS} of its intervals "
+        "(dead or stuck: its firewall no longer follows the ban list)",
+        labels=["pbx_id"],
+    )
+    for pbx, info in sorted(agents.items()):
+        seconds, late = heartbeat_age(info, now)
+        age.add_metric([pbx], seconds)
+        stale.add_metric([pbx], 1 if late else 0)
+    yield age
+    yield stale
 
 
 async def start(config_listen: str, store: Store | None) -> Metrics | None:
@@ -398,3 +453,13 @@ def ban_lifted(pbx_id: str, backend: str, count: int = 1) -> None:
 def firewall_size(pbx_id: str, backend: str, size: int) -> None:
     if _active is not None:
         _active.firewall_size(pbx_id, backend, size)
+
+
+def entry_skipped(pbx_id: str, reason: str) -> None:
+    if _active is not None:
+        _active.entry_skipped(pbx_id, reason)
+
+
+def agent_restarted(pbx_id: str) -> None:
+    if _active is not None:
+        _active.agent_restarted(pbx_id)

@@ -5,7 +5,8 @@ the master of one slot. redis-py sends keyed commands there by itself and follow
 MOVED/ASK; what it sends elsewhere is steered here, so a master down elsewhere in the
 cluster (no replica, `cluster-require-full-coverage no`) stops nothing of ours:
 
-- PING and SCRIPT LOAD go to that master, not to every master;
+- PING, TIME (the agent's clock offset) and SCRIPT LOAD go to that master, not to
+  every master;
 - XREAD too (redis-py would first ask some node for its key with COMMAND GETKEYS);
 - the command table redis-py reads at every (re)connect comes from that master, which
   is also the default node, not the master of slot 0.
@@ -21,7 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 # redis-py's cluster client cannot wait for a free connection, it fails at its cap;
 # this one (per node) is far above what one event loop keeps busy.
 MAX_CONNECTIONS = 1024
-_TO_OUR_SLOT = frozenset({"PING", "SCRIPT LOAD", "XREAD"})
+_TO_OUR_SLOT = frozenset({"PING", "TIME", "SCRIPT LOAD", "XREAD"})
 
 
 class ClusterClient(RedisCluster):

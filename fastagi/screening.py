@@ -4,8 +4,10 @@ The caller's address never comes from attacker text. For `SIP` and `PJSIP` chann
 (`agi_type` precedes the dialed number in the environment, so it cannot be forged)
 it comes from Asterisk's own answer to our nonce resync; the optional SOURCE argument
 is used only for channel types with no address of their own, and only when the
-environment arrived clean. Then: `ignore`, the seed's NOTICE line, one atomic store
-step, and the channel variables the dialplan acts on. Never touches a firewall.
+environment arrived clean. Then: `ignore`, the seed's NOTICE line (with the caller's
+own address), one atomic store step for the caller's prefix (`ipv6_prefix`: the /64 of
+an IPv6 caller, so a scanner's addresses add up), and the channel variables the
+dialplan acts on. Never touches a firewall.
 """
 
 from __future__ import annotations
@@ -15,8 +17,19 @@ import logging
 import time
 from dataclasses import dataclass
 
-from fastagi.addresses import AddressError, AddressSet, IPAddress, parse_address
+from fastagi.addresses import (
+    AddressError,
+    AddressSet,
+    IPAddress,
+    IPNetwork,
+    Prefixes,
+    parse_address,
+    parse_target,
+    target_text,
+)
 from fastagi.agi import AGISession, Environment
+from fastagi.escalate import Escalation
+from fastagi.protect import OnceLog, Protected
 from fastagi.store import Store, StoreError
 
 log = logging.getLogger("fastagi.screening")
@@ -43,6 +56,8 @@ class Outcome:
     error: str = ""
     address: IPAddress | None = None
     new_ban: bool = False  # this call hit the threshold: the ban was issued here
+    reason: str = ""  # why IGNORED: "ignore" or "protected" (SCREEN_REASON)
+    target: str = ""  # what was counted and banned: the caller's prefix ("2001:db8::/64")
 
 
 class StepObserver:
@@ -77,7 +92,10 @@ async def caller_address(session: AGISession, env: Environment) -> IPAddress:
         except AddressError:
             raise ScreeningError(f"no caller address from Asterisk for {channel_type}") from None
     # No network address of its own (Local, unknown drivers): SOURCE, if trustworthy.
-    if session.stray or env.duplicates or env.malformed:
+    if session.injected:
+        log.warning(
+            "injection attempt on a %r channel: %s", escape(channel_type), session.injection()
+        )
         raise ScreeningError("SOURCE argument untrusted: the environment was tampered with")
     args = env.args
     if not args or not args[0]:
@@ -98,12 +116,19 @@ class Screener:
         log_notice: bool,
         redis_budget: float,
         observer: StepObserver | None = None,
+        protected: Protected | None = None,
+        prefixes: Prefixes | None = None,
+        escalation: Escalation | None = None,
     ) -> None:
         self.store = store
         self.ignore = ignore
         self.log_notice = log_notice
         self.redis_budget = redis_budget
         self.observer = observer or StepObserver()
+        self.protected = protected
+        self._protected_logged = OnceLog()
+        self.prefixes = prefixes or Prefixes()
+        self.escalation = escalation or Escalation()
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -111,19 +136,27 @@ class Screener:
         except ScreeningError as error:
             return Outcome("ERROR", error=str(error))
         exten = escape(dialed(env))
-        if session.stray:
+        if session.injected:
             log.warning(
-                "injection attempt from %s: %d stray lines before the resync answer, "
-                "dialed %r, first stray %r",
+                "injection attempt from %s: %s, dialed %r, first stray %r",
                 address,
-                len(session.stray),
+                session.injection(),
                 exten,
-                escape(session.stray[0]),
+                escape(session.stray[0] if session.stray else ""),
             )
         ip = str(address)
         if address in self.ignore:
             log.info("Ext. %s: call from %s ignored (in screening.ignore)", exten, ip)
-            return Outcome("IGNORED", address=address)
+            return Outcome("IGNORED", address=address, reason="ignore")
+        # A spoofed source must not turn screening against our own infrastructure.
+        if self.protected is not None and (why := self.protected.reason(address)):
+            if self._protected_logged.first(address):
+                log.warning(
+                    "calls from %s are not counted: protected (%s); logged once per address",
+                    ip,
+                    why,
+                )
+            return Outcome("IGNORED", address=address, reason="protected")
         notice = NOTICE.format(ip=ip)
         log.info("Ext. %s: %s", exten, notice)
         # The NOTICE goes out first; the store step runs while Asterisk executes it, and
@@ -135,13 +168,29 @@ class Screener:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
                 lost = error
-        outcome = await self._count(ip, bool(session.stray))
+        # counted and banned as its prefix; the address alone when the prefix would
+        # also cover an ignored network or a protected one (our own /64)
+        target = self.prefixes.key(address, self.ignore)
+        if target != ip and self.protected is not None and self.protected.reason(target):
+            target = ip
+        outcome = await self._count(target, session.injected)
+        if outcome.new_ban and self.escalation.prefix:
+            await self._escalate(parse_target(target), outcome.ban_until or 0.0)
         if lost is not None:
             raise lost
         if self.log_notice:
             await session.answer()
         outcome.address = address
+        outcome.target = target
         return outcome
+
+    async def _escalate(self, network: IPNetwork, until: float) -> None:
+        """A new ban may complete a wider prefix (escalate.py); within the store budget."""
+        try:
+            async with asyncio.timeout(self.redis_budget):
+                await self.escalation.after_ban(self.store, network, until, self.ignore)
+        except (StoreError, TimeoutError) as error:
+            log.error("escalation after the ban of %s failed: %s", target_text(network), error)
 
     async def _count(self, ip: str, injected: bool) -> Outcome:
         started = time.perf_counter()

@@ -15,8 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from fastagi.access import key_matches
 from fastagi.addresses import AddressError, AddressSet, parse_address
-from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment, read_environment
+from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment
 from fastagi.screening import Outcome, Screener
 
 log = logging.getLogger("fastagi.server")
@@ -36,6 +37,8 @@ class ServerStats:
     active: int = 0
     refused_busy: int = 0
     refused_client: int = 0
+    refused_key: int = 0
+    evicted: int = 0  # connections closed before their environment, to make room
     reset_early: int = 0  # connections reset by the peer before their session started
     timeouts: int = 0
     protocol_errors: int = 0
@@ -54,6 +57,8 @@ class RefusalLog:
         "busy": "busy (max_sessions)",
         "client": "not in allowed_clients",
         "reset": "reset before the session",
+        "key": "wrong or missing key",
+        "idle": "closed at max_sessions before their environment",
     }
 
     def __init__(self) -> None:
@@ -104,7 +109,8 @@ class Observer:
     """Receives one call per finished session; metrics.py plugs in here.
 
     `ended` says how a session without an outcome ended: "timeout", "protocol" (the
-    peer broke the protocol or closed early) or "connection"; "" when it has one."""
+    peer broke the protocol or closed early), "connection", or "refused" (a wrong or
+    missing key: told to `refused` as well, it is not a session); "" when it has one."""
 
     def session_done(
         self,
@@ -131,9 +137,11 @@ class FastAGIServer:
         max_sessions: int,
         session_timeout: float,
         observer: Observer | None = None,
+        key: str = "",
     ) -> None:
         self.routes: dict[str, Route] = {"screen": screener.screen}
         self.allowed_clients = allowed_clients
+        self.key = key  # the shared secret of the AGI URL; "" for none
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
         self.observer = observer or Observer()
@@ -142,6 +150,8 @@ class FastAGIServer:
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
         self.refusals = RefusalLog()
+        # Sessions still waiting for their environment block, oldest first: peer text.
+        self._waiting: dict[asyncio.StreamWriter, str] = {}
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         self._server = await asyncio.start_server(
@@ -201,7 +211,7 @@ class FastAGIServer:
             self._refused("client", f"{where}: not in allowed_clients")
             writer.transport.abort()
             return
-        if self.stats.active >= self.max_sessions:
+        if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
             self.stats.refused_busy += 1
             self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
@@ -216,9 +226,16 @@ class FastAGIServer:
         started = time.monotonic()
         session = AGISession(reader, writer)
         route, outcome, ended = "", None, ""
+        self._waiting[writer] = where
         try:
             async with asyncio.timeout(self.session_timeout):
                 route, outcome = await self._run(session)
+        except _KeyRefused:
+            # Like a client outside allowed_clients: nothing executed, closed at once.
+            stats.refused_key += 1
+            ended = "refused"
+            self._refused("key", f"{where}: wrong or missing key")
+            writer.transport.abort()
         except TimeoutError:
             stats.timeouts += 1
             ended = "timeout"
@@ -231,8 +248,9 @@ class FastAGIServer:
             ended = "connection"
             log.info("session from %s ended: %s", where, error)
         finally:
+            self._waiting.pop(writer, None)
             stats.active -= 1
-            injected = bool(session.stray)
+            injected = session.injected and ended != "refused"
             if injected:
                 stats.injections += 1
             if outcome is not None:
@@ -241,8 +259,25 @@ class FastAGIServer:
             with contextlib.suppress(Exception):
                 await session.close()
 
+    def _evict_waiting(self) -> bool:
+        """Make room by closing the connection that has waited longest without sending
+        its environment (and so its key). Asterisk sends it at once, so one that waits
+        is idle, e.g. a local user's: held open, such connections filled max_sessions
+        and real calls failed open."""
+        if not self._waiting:
+            return False
+        writer = next(iter(self._waiting))
+        where = self._waiting.pop(writer)
+        self.stats.evicted += 1
+        self._refused("idle", f"{where}: no environment yet at max_sessions, closed")
+        writer.transport.abort()
+        return True
+
     async def _run(self, session: AGISession) -> tuple[str, Outcome]:
-        env = await read_environment(session.reader)
+        env = await session.environment()
+        if not key_matches(self.key, env.script):
+            raise _KeyRefused
+        self._waiting.pop(session.writer, None)
         route = env.route
         handler = self.routes.get(route)
         if handler is None:
@@ -262,15 +297,21 @@ class FastAGIServer:
             variables["SCREEN_BAN_UNTIL"] = int(outcome.ban_until)
         if outcome.error:
             variables["SCREEN_ERROR"] = outcome.error
+        if outcome.reason:
+            variables["SCREEN_REASON"] = outcome.reason
         await session.set_variables(variables)
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(
                 "%s banned until %d (count %s)",
-                outcome.address,
+                outcome.target or outcome.address,
                 int(outcome.ban_until or 0),
                 outcome.count,
             )
+
+
+class _KeyRefused(Exception):
+    """The AGI URL did not carry `server.key`."""
 
 
 def _quickack(writer: asyncio.StreamWriter) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -18,15 +19,26 @@ from redis.asyncio import BlockingConnectionPool
 
 from fastagi import config as configuration
 from fastagi import logs
+from fastagi import metrics as service_metrics
 from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_link import SharedLink
-from fastagi.store import Policy, Store, StoreError, redis_client
+from fastagi.store import (
+    MIN_REDIS,
+    Policy,
+    RedisFacts,
+    Store,
+    StoreError,
+    redis_client,
+    version_tuple,
+)
 
 if TYPE_CHECKING:
     from fastagi.auth import AuthWatcher
+    from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
@@ -38,10 +50,81 @@ class ServiceUsageError(Exception):
     """A long-running command asked for something this config cannot give: exit 2."""
 
 
+class RedisTooOld(StoreError):
+    """The shared Redis lacks what the scripts need: exit 1, one line."""
+
+
+# -- the shared Redis: version and persistence -----------------------------------------
+
+MIN_REDIS_TEXT = ".".join(map(str, MIN_REDIS))
+
+
+def persistence_problem(facts: RedisFacts) -> str | None:
+    """What a restart of this Redis would cost, in one line; None when it keeps its data."""
+    if facts.appendonly:
+        return None
+    refused = "; ".join(facts.refused)
+    if facts.appendonly is None:
+        return (
+            f"cannot tell whether Redis keeps its data over a restart ({refused or 'no answer'})"
+            ": make sure it runs with appendonly yes"
+        )
+    fix = "set appendonly yes, appendfsync everysec (README: Install on a PBX)"
+    if facts.save:
+        return (
+            f"Redis keeps snapshots only (appendonly no, save {facts.save!r}): a crash loses "
+            f"the bans since the last one; {fix}"
+        )
+    settings = f"appendonly no; {refused}" if refused else "appendonly no, save ''"
+    return (
+        f"Redis has no persistence ({settings}): a restart loses every ban record, history "
+        f"and count (agents write back the bans they applied); {fix}"
+    )
+
+
+def too_old(error: StoreError, where: str) -> RedisTooOld | None:
+    """A Redis before 6.0 refuses the client's first command, HELLO (RESP3): then say
+    that, not "ping failed"."""
+    text = str(error).lower()
+    if "unknown command" in text and "hello" in text:
+        return RedisTooOld(
+            f"Redis at {where} does not know HELLO, so it is older than 6.0: fastagi-screen "
+            f"needs Redis {MIN_REDIS_TEXT} or later"
+        )
+    return None
+
+
+async def check_shared_redis(store: Store, config: Config) -> None:
+    """At start: refuse a Redis older than MIN_REDIS, warn when it keeps no data."""
+    where = redacted(config.redis.url)
+    try:
+        facts = await store.redis_facts()
+    except StoreError as error:
+        raise too_old(error, where) or error from None
+    if facts.version is None:
+        log.warning(
+            "cannot read the Redis version at %s (%s); fastagi-screen needs %s or later",
+            where,
+            "; ".join(facts.refused),
+            MIN_REDIS_TEXT,
+        )
+    elif version_tuple(facts.version) < MIN_REDIS:
+        raise RedisTooOld(
+            f"Redis {facts.version} at {where} is too old: fastagi-screen needs Redis "
+            f"{MIN_REDIS_TEXT} or later (RESP3, streams, scripts replicated by their effects)"
+        )
+    if problem := persistence_problem(facts):
+        log.warning("%s: %s", where, problem)
+
+
 # -- the store, as the service or as a client of a running service ---------------
 
 
-def make_store(config: Config, client: Any, link: SharedLink | None = None) -> Store:
+def make_store(
+    config: Config, client: Any, link: SharedLink | None = None, protected: Protected | None = None
+) -> Store:
+    """The store with its guard: `protected` (default: this host's set, names not yet
+    resolved) is never written to the ban list."""
     return Store(
         client,
         Keys(config.redis.key_prefix),
@@ -49,6 +132,7 @@ def make_store(config: Config, client: Any, link: SharedLink | None = None) -> S
         configuration.pbx_id(config),
         wait=(config.redis.wait_replicas, config.redis.wait_timeout),
         link=link,
+        protected=protected or Protected.from_config(config),
     )
 
 
@@ -86,19 +170,30 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
 
     The Redis step gets at most half of a session and three `redis.timeout`s, so a
     slow Redis still leaves time to answer Asterisk."""
+    from fastagi.escalate import Escalation
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
     server = config.server
     redis_budget = min(server.session_timeout / 2, 3 * config.redis.timeout)
     screening = config.screening
-    screener = Screener(store, screening.ignore, screening.log_notice, redis_budget, metrics)
+    screener = Screener(
+        store,
+        screening.ignore,
+        screening.log_notice,
+        redis_budget,
+        metrics,
+        protected=store.protected,
+        prefixes=screening.prefixes(),
+        escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
+    )
     return FastAGIServer(
         screener,
         server.allowed_clients,
         server.max_sessions,
         server.session_timeout,
         observer=metrics,
+        key=server.key,
     )
 
 
@@ -129,24 +224,32 @@ def run_service(main: Coroutine[Any, Any, int]) -> int:
 
 async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | None]:
     if config.redis.url.startswith("memory://"):
-        embedded = EmbeddedRedis(config.runtime_dir())
+        embedded = EmbeddedRedis(
+            config.runtime_dir(), config.state_dir(), Keys(config.redis.key_prefix)
+        )
         embedded.start()
         return make_embedded_store(config, embedded.server), embedded
     store = make_service_store(config)
     try:
         async with asyncio.timeout(max(1.0, 4 * config.redis.timeout)):
             await store.ping()
+            await check_shared_redis(store, config)
+    except RedisTooOld:
+        await store.close()
+        raise
+    except StoreError as error:
+        if old := too_old(error, redacted(config.redis.url)):
+            await store.close()
+            raise old from None
+        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     except TimeoutError:
         log.warning("Redis did not answer; serving anyway, calls get SCREEN_RESULT=ERROR")
-    except StoreError as error:
-        log.warning("%s; serving anyway, calls get SCREEN_RESULT=ERROR until it answers", error)
     return store, None
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
-    from fastagi import metrics as service_metrics
-
     _setup_logging()
+    firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
         metrics = await service_metrics.start(config.metrics.listen, store)
@@ -157,11 +260,15 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
     server_cfg = config.server
     server = make_server(config, store, metrics)
+    protected = store.protected
+    assert protected is not None
+    protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
     agent = watcher = None
     try:
+        await protected.start()
         bound = await server.start(*server_cfg.listen)
-        if not args.no_agent:
-            agent = await _start_agent(config, store)
+        if firewall is not None:
+            agent = await _start_agent(config, store, firewall, protected)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
@@ -178,6 +285,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await server.stop()
         await stop_watcher(watcher)
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
         await store.close()
@@ -230,29 +338,95 @@ async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
 # The agent waits on the event stream this long per read; its own client's timeout is
 # longer than that (the per-call budget of `redis.timeout` is for Asterisk's sessions).
 AGENT_BLOCK_MS = 500
+RESTART_FIRST = 1.0  # seconds before the first restart of an agent that died
+RESTART_MAX = 60.0  # the backoff's cap
+RESTART_HEALTHY = 300.0  # an agent that ran this long starts its backoff afresh
+
+
+async def supervised(agent: Agent, first: float = RESTART_FIRST) -> None:
+    """Run the agent until it is stopped. When it dies of an error nobody expected (a
+    bug, an input no check foresaw), say so in one ERROR line with the cause, count it
+    and start it again after a backoff, instead of leaving a service that answers
+    Asterisk while bans silently stop reaching the firewall."""
+    delay = first
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await agent.run()
+            return  # stopped
+        except Exception as error:
+            if agent.stopping:
+                return
+            if time.monotonic() - started > RESTART_HEALTHY:
+                delay = first
+            restarts += 1
+            log.error(
+                "agent died: %s: %s; restart #%d in %gs",
+                type(error).__name__,
+                str(error)[:200] or "(no message)",
+                restarts,
+                delay,
+            )
+            service_metrics.agent_restarted(agent.store.pbx_id)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RESTART_MAX)
+
+
+async def _claimed_firewall(config: Config) -> Firewall:
+    """The configured backend, once it is clear that no chain/table/set of our name is
+    someone else's: that stops the start (one line, exit 2) before the service listens
+    or anything is touched. Other firewall trouble the agent retries and logs."""
+    from fastagi.firewall import FirewallConflict, FirewallError, create
+
+    firewall = create(config.firewall.settings())
+    try:
+        await asyncio.to_thread(firewall.claim)
+    except FirewallConflict as error:
+        raise ServiceUsageError(str(error)) from None
+    except FirewallError as error:
+        log.warning("firewall: %s; the agent keeps trying", error)
+    return firewall
 
 
 async def _start_agent(
-    config: Config, store: Store | None
+    config: Config,
+    store: Store | None,
+    firewall: Firewall,
+    protected: Protected,
+    check: bool = False,
 ) -> tuple[Agent, asyncio.Task, Store | None]:
-    """The agent, on the service's store (embedded) or on a Redis client of its own."""
-    from fastagi.firewall import create
-
+    """The agent, on the service's store (embedded) or on a Redis client of its own;
+    `check`: the Redis version first (`agent`; `serve` checked its own store)."""
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
         timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-        own_store = store = make_store(config, redis_client(replace(config.redis, timeout=timeout)))
+        client = redis_client(replace(config.redis, timeout=timeout))
+        own_store = store = make_store(config, client, protected=protected)
         block_ms = AGENT_BLOCK_MS
+        if check:
+            try:
+                async with asyncio.timeout(timeout):
+                    await check_shared_redis(own_store, config)
+            except RedisTooOld:
+                await own_store.close()
+                raise
+            except (StoreError, TimeoutError) as error:  # the agent retries by itself
+                log.warning("cannot check the Redis version now: %s", error or "no answer")
     assert store is not None
+    if protected.discover is None:  # the agent's own store: ask it before applying anything
+        protected.discover = store.nodes
+        await protected.refresh()
     agent = Agent(
         store,
-        create(config.firewall.settings()),
+        firewall,
         config.firewall.sync_interval,
         config.screening.ignore,
         block_ms=block_ms,
+        protected=protected,
     )
-    return agent, asyncio.create_task(agent.run(), name="agent"), own_store
+    return agent, asyncio.create_task(supervised(agent), name="agent"), own_store
 
 
 async def _stop_agent(running: tuple[Agent, asyncio.Task, Store | None] | None) -> None:
@@ -269,18 +443,25 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         raise ServiceUsageError(
             "agent needs a shared Redis ([redis] url); with memory:// use serve"
         )
-    from fastagi import metrics as service_metrics
-
     _setup_logging()
+    firewall = await _claimed_firewall(config)
     try:
         metrics = await service_metrics.start(config.metrics.listen, None)
     except OSError as error:
         raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
-    agent = await _start_agent(config, None)
+    protected = Protected.from_config(config)
+    await protected.start()
+    try:
+        agent = await _start_agent(config, None, firewall, protected, check=True)
+    except RedisTooOld:
+        if metrics is not None:
+            metrics.close()
+        raise
     try:
         await _until_signalled()
     finally:
         await _stop_agent(agent)
+        await protected.stop()
         if metrics is not None:
             metrics.close()
     return 0

@@ -5,17 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import sys
-import time
 from typing import Any
 
-from fastagi.addresses import parse_address
-from fastagi.admin import cli_address, client_store, when
+from fastagi.addresses import parse_target, target_text
+from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
-from fastagi.store import Store
+from fastagi.protect import Protected
+from fastagi.store import Store, heartbeat_age
 
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
+    await store.sync_clock()  # heartbeats carry Redis's time; so must "now"
     banned, counted, auth_counted, (totals, bad_totals), agents = await asyncio.gather(
         store.banned(),
         store.counted(),
@@ -23,6 +25,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         store.read_totals(),
         store.agents(),
     )
+    protected = store.protected
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
     unreadable = [f"stats field {key}: {text!r}" for key, text in sorted(bad_totals.items())]
     unreadable += [
@@ -60,23 +63,32 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                     "pbx_id": record.get("pbx_id", ""),
                     "reason": record.get("reason", ""),
                     "bans": _whole(record.get("bans", "1")),
+                    "protected": _protected(protected, ip),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
         },
         "unbanned_total": totals.get("unbans", None if "unbans" in bad_totals else 0),
         "agents": [
-            {
-                "pbx_id": pbx,
-                "last_heartbeat": info.get("time"),
-                "bans_applied": info.get("applied", 0),
-                "backend": info.get("backend", ""),
-            }
+            _agent(pbx, info, store.now())
             for pbx, info in sorted(agents.items())
             if "unreadable" not in info
         ],
         # What another writer left in Redis that status could not read (skipped above).
         "unreadable": unreadable,
+        "protected": protected.summary() if protected is not None else None,
+    }
+
+
+def _agent(pbx: str, info: dict[str, Any], now: float) -> dict[str, Any]:
+    age, stale = heartbeat_age(info, now)
+    return {
+        "pbx_id": pbx,
+        "last_heartbeat": info.get("time"),
+        "heartbeat_age": round(age, 1) if math.isfinite(age) else None,
+        "stale": stale,
+        "bans_applied": info.get("applied", 0),
+        "backend": info.get("backend", ""),
     }
 
 
@@ -89,9 +101,18 @@ def _shown(value: int | None) -> str:
     return "? (unreadable, see below)" if value is None else str(value)
 
 
+def _protected(protected: Protected | None, ip: str) -> str | None:
+    """Why this host never applies a ban-list entry (written by another PBX or by hand)."""
+    if protected is None:
+        return None
+    try:
+        return protected.reason(ip)
+    except ValueError:  # a malformed entry: agents skip it anyway
+        return None
+
+
 def render_status(status: dict[str, Any]) -> str:
     """The `fail2ban-client status JAIL` look."""
-    now = time.time()
     lines = [
         f"Status for fastagi-screen (pbx {status['pbx_id']})",
         f"|- Store:    {status['store']['url']}",
@@ -117,62 +138,101 @@ def render_status(status: dict[str, Any]) -> str:
         "|  `- Banned IP list:",
     ]
     for ban in status["banned"]["list"]:
+        aside = f" [protected here, not applied: {ban['protected']}]" if ban["protected"] else ""
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'})"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}){aside}"
         )
+    if status.get("protected"):
+        summary = status["protected"]
+        lines.append(f"|- Protected (never banned here): {summary['size']}")
+        parts = summary["parts"]
+        for n, part in enumerate(parts):
+            mark = "`-" if n == len(parts) - 1 else "|-"
+            entries = " ".join(part["entries"][:8]) + (" ..." if part["size"] > 8 else "")
+            lines.append(f"|  {mark} {part['source']}: {part['size']} {entries}".rstrip())
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
-        age = now - (agent["last_heartbeat"] or 0)
+        age = agent["heartbeat_age"]
         mark = "`-" if n == len(agents) - 1 else "|-"
         lines.append(
-            f"   {mark} {agent['pbx_id']}: last heartbeat {age:.0f}s ago, "
-            f"{agent['bans_applied']} bans applied ({agent['backend']})"
+            f"   {mark} {agent['pbx_id']}: last heartbeat "
+            + ("never" if age is None else f"{age:.0f}s ago")
+            + f", {agent['bans_applied']} bans applied ({agent['backend']})"
+            + (" STALE: agent dead or stuck, its firewall lags" if agent["stale"] else "")
         )
     if not agents:
         lines.append("   `- (none)")
     if status["unreadable"]:
         lines.append("Unreadable in Redis (written by something else; skipped):")
         lines += [f"   {entry}" for entry in status["unreadable"]]
-    return "\n".join(lines)
+    return _for_terminal(lines)
+
+
+def render_address(report: dict[str, Any]) -> str:
+    """`status IP`: its count, its ban with the holds that make it, its history."""
+    record = report["history"]
+    shown, counted = report["given"], report["ip"]
+    counted_as = "" if shown == counted else f" (counted as {counted})"
+    lines = [f"Status for {shown}{counted_as}", f"|- Count in window: {report['count']}"]
+    lines.append(f"|- Auth failures:   {report['auth_failures']} (in the [auth] window)")
+    if report["banned"]:
+        also = "" if report["banned_as"] == counted else f" (as {report['banned_as']})"
+        lines += [
+            f"|- Banned until:    {when(report['until'])}{also}",
+            "|- Holds (the longest wins)",
+        ]
+        holds = report["holds"]
+        for n, hold in enumerate(holds):
+            mark = "`-" if n == len(holds) - 1 else "|-"
+            until = when(hold["until"])
+            lines.append(f"|  {mark} {hold['source']} until {until} ({hold['reason']})")
+    else:
+        lines.append("|- Banned:          no")
+    lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
+    lines.append(f"|- Protected:       {report['protected'] or 'no'}")
+    last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
+    lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
+    return _for_terminal(lines)
+
+
+def _for_terminal(lines: list[str]) -> str:
+    """Lines for a terminal: any text in them came from Redis, where any host (or an
+    older version) may have written control characters; they show as escapes."""
+    return "\n".join(printable(line) for line in lines)
 
 
 async def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    address = str(cli_address(args.ip, config, refuse_ignored=False)) if args.ip else ""
+    target = cli_target(args.ip, config, refuse_ignored=False) if args.ip else None
     async with client_store(config) as store:
-        if address:
+        protected = await protected_set(config, store)
+        if target is not None:
+            address = target_text(target)
             banned = await store.banned()
-            record, count = await store.record(address), await store.count(address)
+            # banned as its prefix, or by another ban that holds it
+            given = parse_target(args.ip)
+            held = address if address in banned else next(iter(holding(banned, given)), "")
+            record = await store.record(held or address)
+            count = await store.count(address)
+            holds = await store.holds(held) if held else []
             auth_count = await store.auth_count(address, config.auth.window)
             report: dict[str, Any] = {
                 "ip": address,
+                "given": target_text(given),
                 "count": count,
                 "auth_failures": auth_count,
-                "banned": address in banned,
-                "until": banned.get(address),
-                "ignored": parse_address(address) in config.screening.ignore,
+                "banned": bool(held),
+                "banned_as": held or None,
+                "until": banned.get(held),
+                "holds": [
+                    {"source": h.source, "until": h.until, "reason": h.reason} for h in holds
+                ],
+                "ignored": given in config.screening.ignore,
+                "protected": protected.reason(given),
                 "history": record,
             }
-            if args.json:
-                print(json.dumps(report, indent=2))
-            else:
-                print(f"Status for {address}")
-                print(f"|- Count in window: {count}")
-                print(f"|- Auth failures:   {auth_count} (in the [auth] window)")
-                if report["banned"]:
-                    print(f"|- Banned until:    {when(report['until'])}")
-                else:
-                    print("|- Banned:          no")
-                print(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
-                print(
-                    f"`- Previous bans:   {record.get('bans', '0')}"
-                    + (
-                        f" (last by {record['pbx_id']}, {record.get('reason')})"
-                        if record.get("pbx_id")
-                        else ""
-                    )
-                )
+            print(json.dumps(report, indent=2) if args.json else render_address(report))
             return 0
         status = await gather_status(store, config)
     print(json.dumps(status, indent=2) if args.json else render_status(status))

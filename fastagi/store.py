@@ -24,11 +24,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never retries a coroutine
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from fastagi import lua
 from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
+from fastagi.protect import Protected
 from fastagi.redis_cluster import ClusterClient, cluster_client
 from fastagi.redis_link import SharedLink
 
@@ -40,6 +41,19 @@ BAN_LIST_PAGE = 5000  # ban list entries per Redis read
 MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
+# Streams (XADD, XREAD BLOCK) and scripts replicated by their effects by default (the
+# scripts read TIME before they write) came with Redis 5.0; redis-py 8 speaks RESP3,
+# whose HELLO came with 6.0. Tested with 7.0.
+MIN_REDIS = (6, 0)
+
+# Sources of a ban (holds). The threshold's is the screening step's; `ban` without
+# `--hold` places the admin's; a ban written back after Redis lost it is "restored".
+THRESHOLD_HOLD = "threshold"
+ADMIN_HOLD = "admin"
+RESTORED_HOLD = "restored"
+AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
+HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
+STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
 
 class StoreError(Exception):
@@ -70,6 +84,35 @@ class Policy:
     def history_ms(self) -> int:
         """How long a ban record outlives its ban, so repeat offenders escalate."""
         return int(self.ban_time_max * 1000)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One source's hold on a target: the target stays banned until its last hold ends."""
+
+    source: str
+    until: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Placed:
+    """What a ban did: the target's ban end (its longest hold's), this source's hold end,
+    and whether the hold was placed or lengthened (False: it already lasted as long)."""
+
+    until: float
+    hold_until: float
+    placed: bool
+
+
+@dataclass(frozen=True)
+class Lifted:
+    """What lifting one target's hold(s) did: `ended` the ban, or `until` is the end of
+    the holds still keeping it banned; `held` False when the source held no ban there."""
+
+    held: bool
+    ended: bool
+    until: float
 
 
 @dataclass(frozen=True)
@@ -122,6 +165,27 @@ def redis_client(
     return sentinel.master_for(config.sentinel_service, **options)
 
 
+@dataclass(frozen=True)
+class RedisFacts:
+    """What `check` and the startup check learn of the shared Redis. None: refused
+    (a renamed command or an ACL), with Redis's own words in `refused`."""
+
+    version: str | None
+    appendonly: bool | None
+    appendfsync: str | None
+    save: str | None  # the RDB snapshot schedule ("" = none)
+    refused: tuple[str, ...] = ()
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    """ "7.0.15" -> (7, 0, 15), comparable with MIN_REDIS; a part without digits is 0."""
+    parts = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 def _verdict(reply: list) -> Verdict:
     result, count, until, new_ban = reply
     return Verdict(_text(result), int(count), int(until) / 1000.0, bool(new_ban))
@@ -137,7 +201,7 @@ class _ScreenParts:
 
     def __init__(self, encode: Callable[[Any], bytes], keys: Keys, policy: Policy, pbx_id: str):
         p = policy
-        self.count_prefix, self.record_prefix = keys.per_address_prefixes()
+        self.count_prefix, self.record_prefix, self.holds_prefix = keys.per_address_prefixes()
         self.shared_keys = tuple(
             encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
@@ -150,7 +214,7 @@ class _ScreenParts:
                 p.ban_time_factor,
                 int(p.ban_time_max * 1000),
                 pbx_id,
-                "threshold",
+                THRESHOLD_HOLD,
             )
         )
         self.tail = (encode(EVENTS_MAXLEN), encode(p.history_ms))
@@ -165,10 +229,11 @@ class _ScreenParts:
         return (
             "EVALSHA",
             sha,
-            6,
+            7,
             self.count_prefix + address,
             self.record_prefix + address,
             *self.shared_keys,
+            self.holds_prefix + address,
             address,
             *self.rules,
             b"%s%x" % (self.member_prefix, step),
@@ -178,8 +243,23 @@ class _ScreenParts:
         )
 
 
+def heartbeat_age(info: dict[str, Any], now: float) -> tuple[float, bool]:
+    """(seconds since an agent's last heartbeat, whether that is stale), `now` being
+    Redis's time like the heartbeat's; a heartbeat without a usable time is stale."""
+    try:
+        age = now - float(info["time"])
+        interval = float(info.get("interval", HEARTBEAT_INTERVAL))
+    except (KeyError, TypeError, ValueError):
+        return math.inf, True
+    if not (math.isfinite(age) and math.isfinite(interval)):
+        return math.inf, True
+    return age, age > STALE_BEATS * interval
+
+
 def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    """Redis bytes as text; bytes that are not UTF-8 (another host's garbage) show as
+    escapes instead of raising, so a reader can reject the entry and go on."""
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _escaped(text: str, limit: int = 80) -> str:
@@ -215,8 +295,16 @@ class Store:
         pbx_id: str,
         wait: tuple[int, float] | None = None,
         link: SharedLink | None = None,
+        clock: Callable[[], float] = time.time,
+        protected: Protected | None = None,
     ) -> None:
         self.redis = client
+        # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
+        # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
+        self.clock = clock
+        self.clock_offset = 0.0
+        # Never written to the ban list, whoever asks (protect.py).
+        self.protected = protected
         # The screening step's own connection (redis_link.py), when the service has one.
         self.link = link
         self.keys = keys
@@ -234,6 +322,7 @@ class Store:
         self._screen_parts = _ScreenParts(client.get_encoder().encode, keys, policy, pbx_id)
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
+        self._restore = client.register_script(lua.RESTORE)
         self._auth_failure = client.register_script(lua.AUTH_FAILURE)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
@@ -244,7 +333,7 @@ class Store:
 
     def _step_keys(self, ip: str) -> list[str]:
         k = self.keys
-        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats]
+        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats, k.holds(ip)]
 
     async def screen(self, ip: str, injected: bool = False) -> Verdict:
         """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
@@ -298,12 +387,35 @@ class Store:
                 self.wait_timeout_ms,
             )
 
-    async def ban(self, ip: str, duration: float | None, reason: str) -> float:
-        """Ban `ip` now for `duration` seconds (None: the escalating ban_time); its end."""
+    async def ban(
+        self, ip: str, duration: float | None, reason: str, hold: str = ADMIN_HOLD
+    ) -> float:
+        """Ban `ip` now for `duration` seconds (None: the escalating ban_time) under the
+        source `hold`; the end of its ban, which a longer hold may keep beyond this one."""
+        return (await self.hold(ip, hold, reason, duration=duration)).until
+
+    async def hold(
+        self,
+        target: str,
+        source: str,
+        reason: str,
+        duration: float | None = None,
+        until: float | None = None,
+        counts: bool = True,
+    ) -> Placed:
+        """Place `source`'s hold on `target` for `duration` seconds (None: the escalating
+        ban_time) or `until` a unix time. A hold never shortens a ban, not even the same
+        source's own earlier hold. `counts` False (a restored ban) leaves the previous-ban
+        count and the totals alone. A protected target raises ProtectedError and nothing
+        is written."""
+        if self.protected is not None:
+            self.protected.check_ban(target)
         p = self.policy
         args = [
-            ip,
+            target,
+            source,
             int((duration or 0) * 1000),
+            round((until or 0) * 1000),
             int(p.ban_time * 1000),
             p.ban_time_factor,
             int(p.ban_time_max * 1000),
@@ -311,35 +423,106 @@ class Store:
             reason,
             EVENTS_MAXLEN,
             p.history_ms,
+            1 if counts else 0,
         ]
+        keys = self._step_keys(target)
         if not self.wait_replicas:
-            until = await self._call("ban", self._ban(keys=self._step_keys(ip), args=args))
-            return int(until) / 1000.0
-        async with self._one_connection("ban") as conn:
-            until = await self._call(
-                "ban", self._ban(keys=self._step_keys(ip), args=args, client=conn)
-            )
-            await self._replicated(conn, ip)
-        return int(until) / 1000.0
+            reply = await self._call("ban", self._ban(keys=keys, args=args))
+        else:
+            async with self._one_connection("ban") as conn:
+                reply = await self._call("ban", self._ban(keys=keys, args=args, client=conn))
+                await self._replicated(conn, target)
+        ban_until, hold_until, placed = (int(x) for x in reply)
+        return Placed(ban_until / 1000.0, hold_until / 1000.0, bool(placed))
 
-    async def unban(self, ips: Iterable[str]) -> list[str]:
-        """Lift these bans everywhere and reset their counts; the addresses that were banned."""
-        lifted: list[str] = []
-        batch = list(ips)
+    async def note_inside(self, wider: str, target: str, until: float) -> tuple[int, bool]:
+        """Record that `target`, inside `wider`, is banned until `until`: (how many bans
+        inside `wider` are running, whether `wider` itself is banned now). One pipeline:
+        a call racing it may see one ban fewer, which delays the escalation by one ban."""
+        now_ms = self.now_ms()
+        key = self.keys.inside(wider)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {target: int(until * 1000)})
+            pipe.zremrangebyscore(key, "-inf", now_ms)
+            pipe.zcard(key)
+            pipe.pexpire(key, self.policy.history_ms)  # no ban outlives ban_time_max
+            pipe.zscore(self.keys.banned, wider)
+            _, _, running, _, wider_until = await self._call("escalation", pipe.execute())
+        return int(running), wider_until is not None and wider_until > now_ms
+
+    async def unban(self, ips: Iterable[str], hold: str | None = None) -> list[str]:
+        """Lift these bans (`hold` None: every hold, and reset their counts; else only that
+        source's hold) everywhere; the addresses whose ban ended."""
+        return [ip for ip, lifted in (await self.lift(ips, hold)).items() if lifted.ended]
+
+    async def lift(self, targets: Iterable[str], hold: str | None = None) -> dict[str, Lifted]:
+        """Lift `hold`'s hold on each target (None: every hold, and reset the counts);
+        what that did to each."""
+        out: dict[str, Lifted] = {}
+        batch = list(targets)
         for start in range(0, len(batch), UNBAN_BATCH):
             chunk = batch[start : start + UNBAN_BATCH]
             k = self.keys
             keys = [k.banned, k.counted, k.events, k.stats]
-            for ip in chunk:
-                keys += [k.count(ip), k.record(ip)]
+            for target in chunk:
+                keys += [k.count(target), k.record(target), k.holds(target)]
             result = await self._call(
-                "unban", self._unban(keys=keys, args=[self.pbx_id, EVENTS_MAXLEN, *chunk])
+                "unban",
+                self._unban(keys=keys, args=[self.pbx_id, EVENTS_MAXLEN, hold or "", *chunk]),
             )
-            lifted += [_text(ip) for ip in result]
-        return lifted
+            for target, (state, until) in zip(chunk, result, strict=True):
+                state = int(state)
+                out[target] = Lifted(state != 0, state == 1, int(until) / 1000.0)
+        return out
 
-    async def unban_all(self) -> list[str]:
-        return await self.unban(list(await self.banned()))
+    async def epoch(self) -> str | None:
+        """The ban list's epoch token (keys.py): gone or changed when Redis lost its data."""
+        value = await self._call("epoch read", self.redis.get(self.keys.epoch))
+        return None if value is None else _text(value)
+
+    async def restore_bans(
+        self, bans: dict[str, float], token: str, reason: str = "restored"
+    ) -> tuple[str, int]:
+        """Write back bans (address -> end, unix s) an agent applied before Redis lost
+        its data, the longer end winning, and set the epoch token unless one is there.
+        The token in place and how many bans were written (new or longer)."""
+        items = list(bans.items())
+        epoch, written = token, 0
+        k = self.keys
+        # batches as for unban; at least one call, so an empty write-back sets the token
+        for start in range(0, max(len(items), 1), UNBAN_BATCH):
+            chunk = items[start : start + UNBAN_BATCH]
+            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, token]
+            args += [reason, RESTORED_HOLD]
+            keys = [k.banned, k.events, k.epoch, k.stats]
+            for ip, until in chunk:
+                args += [ip, int(until * 1000)]
+                keys += [k.record(ip), k.holds(ip)]
+            reply = await self._call("ban write-back", self._restore(keys=keys, args=args))
+            epoch, written = _text(reply[0]), written + int(reply[1])
+        return epoch, written
+
+    async def unban_all(self, hold: str | None = None) -> list[str]:
+        return await self.unban(list(await self.banned()), hold)
+
+    async def holds(self, target: str) -> list[Hold]:
+        """The running holds on `target`, longest first. A ban list end beyond every
+        hold (written before holds existed) shows as the hold "legacy", as the scripts
+        treat it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.holds(target))
+            pipe.zscore(self.keys.banned, target)
+            pipe.hget(self.keys.record(target), "reason")
+            raw, listed, record_reason = await self._call("holds read", pipe.execute())
+        now = self.now()
+        out = []
+        for source, value in raw.items():
+            end, _, reason = _text(value).partition(" ")
+            if end.isdigit() and int(end) / 1000.0 > now:
+                out.append(Hold(_text(source), int(end) / 1000.0, reason))
+        if listed and listed / 1000.0 > max([now, *(hold.until for hold in out)]):
+            out.append(Hold("legacy", listed / 1000.0, _text(record_reason or "")))
+        return sorted(out, key=lambda hold: (-hold.until, hold.source))
 
     async def banned(self) -> dict[str, float]:
         """The ban list: address -> ban end (unix s), expired entries left out.
@@ -348,7 +531,7 @@ class Store:
         read and parse. Pages follow the score (the ban end) with an offset among
         equal scores, so entries added or removed meanwhile shift nothing already read.
         """
-        low, offset = f"({int(time.time() * 1000)}", 0
+        low, offset = f"({self.now_ms()}", 0
         out: dict[str, float] = {}
         for _ in range(MAX_PAGES):
             rows = await self._call(
@@ -376,7 +559,7 @@ class Store:
 
     async def banned_count(self) -> int:
         """How many bans are running, in one ZCOUNT."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         return int(
             await self._call(
                 "ban list count", self.redis.zcount(self.keys.banned, f"({now_ms}", "+inf")
@@ -385,7 +568,7 @@ class Store:
 
     async def counted(self) -> dict[str, int]:
         """Addresses counted in their current window, with their counts."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         ips = await self._call(
             "counted read", self.redis.zrangebyscore(self.keys.counted, f"({now_ms}", "+inf")
         )
@@ -412,6 +595,7 @@ class Store:
         escalation as screened calls, in counts of its own, atomically, cluster-wide."""
         k = self.keys
         keys = [k.auth_count(ip), k.record(ip), k.banned, k.auth_counted, k.events, k.stats]
+        keys.append(k.holds(ip))
         args = [
             ip,
             rules.threshold,
@@ -420,7 +604,7 @@ class Store:
             rules.ban_time_factor,
             int(rules.ban_time_max * 1000),
             self.pbx_id,
-            "auth",
+            AUTH_HOLD,
             secrets.token_hex(8),
             EVENTS_MAXLEN,
             rules.history_ms,
@@ -430,7 +614,7 @@ class Store:
     async def auth_counted(self, window: float) -> dict[str, int]:
         """Addresses with authentication failures in the last `window` seconds (the
         [auth] one), with how many, for `status`."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         listed = await self._call(
             "auth read", self.redis.zrangebyscore(self.keys.auth_counted, f"({now_ms}", "+inf")
         )
@@ -444,7 +628,7 @@ class Store:
 
     async def auth_count(self, ip: str, window: float) -> int:
         """This address's authentication failures in the last `window` seconds."""
-        since = int(time.time() * 1000) - int(window * 1000)
+        since = self.now_ms() - int(window * 1000)
         return int(
             await self._call(
                 "auth read", self.redis.zcount(self.keys.auth_count(ip), since, "+inf")
@@ -457,7 +641,7 @@ class Store:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     async def count(self, ip: str) -> int:
-        now_ms = int(time.time() * 1000)
+        now_ms = self.now_ms()
         window_start = now_ms - int(self.policy.window * 1000)
         return int(
             await self._call(
@@ -508,7 +692,7 @@ class Store:
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
         """Record that this PBX's agent is alive, for `status` ("agents seen")."""
-        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": time.time()})
+        payload = json.dumps({**info, "pbx_id": self.pbx_id, "time": self.now()})
         await self._call("heartbeat", self.redis.hset(self.keys.agents, self.pbx_id, payload))
 
     async def agents(self) -> dict[str, dict[str, Any]]:
@@ -516,6 +700,83 @@ class Store:
         time or count that is not a number) is `{"unreadable": its text, escaped}`."""
         raw = await self._call("agents read", self.redis.hgetall(self.keys.agents))
         return {_text(k): _heartbeat(_text(v)) for k, v in raw.items()}
+
+    async def embedded_state(self) -> dict[str, str]:
+        """The embedded store's saving (persist.py): path, saved_at (ms), error."""
+        raw = await self._call("state read", self.redis.hgetall(self.keys.embedded_state))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def redis_facts(self) -> RedisFacts:
+        """The Redis version and its persistence settings, each read as far as allowed:
+        CONFIG GET first (the settings), else INFO persistence (whether the append-only
+        file is on). A refusal is recorded, not raised; an unreachable Redis raises."""
+        refused: list[str] = []
+
+        async def allowed(what: str, awaitable: Any) -> Any:
+            try:
+                return await awaitable
+            except ResponseError as error:
+                if "hello" in str(error).lower():  # the connection itself: RESP3 unknown
+                    raise StoreError(f"Redis {what} failed: {error}") from None
+                refused.append(f"{what} refused ({error})")
+                return None
+            except (RedisError, RedisClusterException, OSError) as error:
+                raise StoreError(f"Redis {what} failed: {error or type(error).__name__}") from None
+
+        server = await allowed("INFO", self.redis.info("server"))
+        version = str(server.get("redis_version")) if server else None
+        config: dict[str, str] = {}
+        for name in ("appendonly", "appendfsync", "save"):
+            reply = await allowed("CONFIG GET", self.redis.config_get(name))
+            if reply is None:
+                break
+            config.update({_text(k): _text(v) for k, v in reply.items()})
+        appendonly = config["appendonly"] == "yes" if "appendonly" in config else None
+        if appendonly is None:
+            persistence = await allowed("INFO", self.redis.info("persistence"))
+            if persistence and "aof_enabled" in persistence:
+                appendonly = int(persistence["aof_enabled"]) == 1
+        return RedisFacts(
+            version,
+            appendonly,
+            config.get("appendfsync"),
+            config.get("save"),
+            tuple(dict.fromkeys(refused)),
+        )
+
+    # -- Redis's clock -------------------------------------------------------------
+
+    async def sync_clock(self) -> float:
+        """Measure how far Redis's TIME is ahead of this host's clock (the midpoint of
+        the round trip); every reader of ban ends uses it, so a PBX whose clock is off
+        by an hour still holds a ban for its true remaining time. Call it at connect
+        and now and then (the agent: every heartbeat)."""
+        before = self.clock()
+        seconds, micros = await self._call("TIME", self.redis.time())
+        after = self.clock()
+        self.clock_offset = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+        return self.clock_offset
+
+    def now(self) -> float:
+        """Redis's time as of the last sync_clock(), in unix seconds."""
+        return self.clock() + self.clock_offset
+
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
+
+    async def nodes(self) -> list[str]:
+        """The hosts of the Redis nodes behind this client that the config does not name:
+        a Cluster's nodes, Sentinel's master and replicas (for the protected set)."""
+        if isinstance(self.redis, ClusterClient):
+            await self._call("cluster nodes", self.redis.initialize())
+            return [node.host for node in self.redis.get_nodes()]
+        pool = self.redis.connection_pool
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is None:
+            return []
+        master = await self._call("sentinel read", manager.discover_master(pool.service_name))
+        replicas = await self._call("sentinel read", manager.discover_slaves(pool.service_name))
+        return [host for host, _port in [master, *replicas]]
 
     async def ping(self) -> None:
         await self._call("ping", self.redis.ping())

@@ -17,7 +17,9 @@ Oracle (checked by `Fuzzer.check`):
   ScreeningError -> SCREEN_RESULT=ERROR, timeouts, connection errors); no task error;
 - the store is asked to count (and so ban) no address but the caller's. The one
   exception the design allows: a channel type with no address of its own (`Local`)
-  whose environment arrived clean may be counted under its SOURCE argument.
+  whose environment arrived clean may be counted under its SOURCE argument. Clean is
+  judged here, not by the server: the block's keys are exactly those of the emulator's
+  res_agi block, then `agi_arg_1..N`, and no stray line came before the true answer.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from dataclasses import dataclass, field
 
 from asterisk.agi import AGI
 
-from fastagi.addresses import AddressError, AddressSet, parse_address
+from fastagi.addresses import AddressError, AddressSet, Prefixes, parse_address, target_text
 from fastagi.agi import MAX_LINE, AGISession
+from fastagi.emulator import Call, environment_block
 from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
 from fastagi.store import Policy, Verdict
@@ -222,11 +225,35 @@ class Case:
         )
 
 
+IGNORE = AddressSet.parse(["127.0.0.0/8", "::1/128"])
+
+
 def _address(text: str) -> str | None:
+    """The store key of a caller at this address: its prefix (an IPv6 caller's /64),
+    narrowed to the address where the prefix would cover an ignored one (screening.py)."""
     try:
-        return str(parse_address(text))
+        return target_text(Prefixes().target(parse_address(text), IGNORE))
     except (AddressError, ValueError):
         return None
+
+
+# The keys res_agi writes, in order, as the emulator writes them (fastagi/emulator.py,
+# byte for byte the captured block): the oracle's reference, independent of agi.py.
+ASTERISK_LAYOUT = [
+    line.partition(b": ")[0]
+    for line in b"".join(environment_block(Call(), "agi://127.0.0.1:4573/screen", 0)).split(b"\n")
+    if line
+]
+
+
+def _asterisk_layout(env: bytes) -> bool:
+    """The block up to its empty line has exactly res_agi's keys, then agi_arg_1..N."""
+    block, blank, _ = env.partition(b"\n\n")
+    if not blank:
+        return False
+    keys = [line.partition(b": ")[0] for line in block.split(b"\n")]
+    arguments = [f"agi_arg_{n}".encode() for n in range(1, len(keys) - len(ASTERISK_LAYOUT) + 1)]
+    return keys == ASTERISK_LAYOUT + arguments
 
 
 def _first_env_values(env: bytes) -> dict[str, str]:
@@ -249,8 +276,7 @@ class Fuzzer:
         if quiet:  # thousands of injection warnings per second otherwise
             logging.getLogger("fastagi").setLevel(logging.CRITICAL)
         self.store = FakeStore()
-        ignore = AddressSet.parse(["127.0.0.0/8", "::1/128"])
-        self.screener = Screener(self.store, ignore, log_notice=True, redis_budget=0.5)
+        self.screener = Screener(self.store, IGNORE, log_notice=True, redis_budget=0.5)
         self.server = FastAGIServer(
             self.screener, AddressSet.parse(["127.0.0.1/32"]), 10**9, session_timeout
         )
@@ -307,7 +333,8 @@ class Fuzzer:
     def check(self, case: Case, injected: bool) -> None:
         allowed = {_address(case.caller)}
         env = _first_env_values(case.env)
-        if env.get("agi_type") not in ("SIP", "PJSIP") and not injected:
+        clean = _asterisk_layout(case.env) and not injected
+        if env.get("agi_type") not in ("SIP", "PJSIP") and clean:
             allowed.add(_address(env.get("agi_arg_1", "")))
         for ip in self.store.screened:
             if ip not in allowed:
@@ -427,7 +454,10 @@ def random_case(rng: random.Random) -> Case:
     channel_type = rng.choice([b"SIP", b"PJSIP", b"SIP", b"PJSIP", b"Local", b"IAX2", b""])
     if mode < 0.75:
         exten = _junk(rng, 10) if rng.random() < 0.8 else rng.choice([b"7001", b"8011441295298642"])
-        env = REAL_HEAD.replace(b"{type}", channel_type) + exten + REAL_MIDDLE + exten[:79]
+        callerid = _junk(rng, 6) if rng.random() < 0.2 else b"scanner"  # the From user
+        head = REAL_HEAD.replace(b"{type}", channel_type)
+        head = head.replace(b"agi_callerid: scanner\n", b"agi_callerid: " + callerid + b"\n")
+        env = head + exten + REAL_MIDDLE + exten[:79]
         env += REAL_TAIL
         if rng.random() < 0.5:
             args = rng.choice([b"", caller.encode(), b"203.0.113.9", _junk(rng, 3)])

@@ -39,6 +39,7 @@ def _decode_until(value: Any) -> float | None:
 
 
 def serve() -> None:
+    from fastagi.addresses import parse_target, target_text
     from fastagi.firewall import FirewallSettings, create
 
     raw = json.loads(sys.argv[1])
@@ -52,25 +53,25 @@ def serve() -> None:
         try:
             if op in ("add", "set"):
                 result = getattr(fw, op)(
-                    {ipaddress.ip_address(a): _decode_until(u) for a, u in arg.items()}
+                    {parse_target(a): _decode_until(u) for a, u in arg.items()}
                 )
             elif op == "intact":
-                result = fw.intact(
-                    {ipaddress.ip_address(a): _decode_until(u) for a, u in arg.items()}
-                )
+                result = fw.intact({parse_target(a): _decode_until(u) for a, u in arg.items()})
             elif op == "bulk_intact":  # intact() against what bulk_set loaded
                 count, seconds = arg
                 base = int(ipaddress.IPv4Address("10.0.0.0"))
                 now = time.time()
-                bans = {ipaddress.IPv4Address(base + i): now + seconds for i in range(count)}
+                bans = {ipaddress.IPv4Network(base + i): now + seconds for i in range(count)}
                 started = time.perf_counter()
                 result = fw.intact(bans)
             elif op == "delete":
-                result = fw.delete([ipaddress.ip_address(a) for a in arg])
+                result = fw.delete([parse_target(a) for a in arg])
             elif op == "expire":
-                result = [str(a) for a in fw.expire(arg)]
+                result = [target_text(a) for a in fw.expire(arg)]
             elif op == "list":
-                result = {str(a): _encode_until(u) for a, u in fw.list().items()}
+                result = {target_text(a): _encode_until(u) for a, u in fw.list().items()}
+            elif op == "claim":
+                result = fw.claim()
             elif op == "check":
                 result = [asdict(c) for c in fw.check()]
             elif op == "stats":
@@ -79,7 +80,7 @@ def serve() -> None:
                 count, seconds = arg
                 base = int(ipaddress.IPv4Address("10.0.0.0"))
                 now = time.time()
-                bans = {ipaddress.IPv4Address(base + i): now + seconds for i in range(count)}
+                bans = {ipaddress.IPv4Network(base + i): now + seconds for i in range(count)}
                 started = time.perf_counter()
                 result = fw.set(bans)
             else:
@@ -104,6 +105,7 @@ class FirewallDriver:
         if isinstance(raw["ports"], tuple):
             raw["ports"] = list(raw["ports"])
         self.ns = ns
+        self.name = settings.backend  # as the backend names itself, for an agent driving it
         self.timeout = timeout
         self.last_elapsed = 0.0
         self.proc = subprocess.Popen(

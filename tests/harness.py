@@ -13,10 +13,13 @@ import fakeredis
 import fakeredis.aioredis
 
 from fastagi import config as configuration
+from fastagi.addresses import Prefixes, parse_address, target_text
+from fastagi.admin import protected_set
 from fastagi.emulator import Call, CallResult, FakeAsterisk
+from fastagi.protect import Protected
 from fastagi.server import FastAGIServer
-from fastagi.service import make_embedded_store, make_server, make_service_store
-from fastagi.store import Store
+from fastagi.service import make_embedded_store, make_server, make_service_store, make_store
+from fastagi.store import Store, redis_client
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
@@ -30,8 +33,25 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> boo
 
 
 def firewall_ips(firewall) -> set[str]:
-    """The addresses a firewall backend holds, as text."""
-    return {str(ip) for ip in firewall.list()}
+    """The targets a firewall backend holds, as their canonical text ("192.0.2.9",
+    "2001:db8:1:2::/64")."""
+    return {target_text(network) for network in firewall.list()}
+
+
+def counted_as(ip: str, prefixes: Prefixes | None = None) -> str:
+    """The store key a caller is counted under (its /64 for IPv6, by default)."""
+    return target_text((prefixes or Prefixes()).target(parse_address(ip)))
+
+
+async def redis_nodes_protected(config: configuration.Config) -> tuple[list[str], dict]:
+    """The Redis nodes a store learns behind a Sentinel or Cluster, and the protected
+    set's parts (source -> entries) once it has asked, as `check` builds it."""
+    store = make_store(config, redis_client(config.redis))
+    try:
+        summary = (await protected_set(config, store)).summary()
+        return await store.nodes(), {part["source"]: part["entries"] for part in summary["parts"]}
+    finally:
+        await store.close()
 
 
 def free_port() -> int:
@@ -62,13 +82,18 @@ def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Co
 
 
 @contextlib.asynccontextmanager
-async def running_server(redis_url: str = "memory://", **overrides: str) -> AsyncIterator[Running]:
-    """A server on a free port; memory:// gives a private in-process fakeredis."""
+async def running_server(
+    redis_url: str = "memory://", protected: Protected | None = None, **overrides: str
+) -> AsyncIterator[Running]:
+    """A server on a free port; memory:// gives a private in-process fakeredis.
+    `protected`: a protected set of the test's own (default: this host's, from config)."""
     config = settings(redis_url, **overrides)
     if not redis_url.startswith("memory://"):
         store = make_service_store(config)  # as `serve` has it
     else:
         store = make_embedded_store(config, fakeredis.FakeServer())
+    if protected is not None:
+        store.protected = protected
     server = make_server(config, store)  # as `serve` builds it
     host, port = (await server.start("127.0.0.1", 0))[0]
     try:

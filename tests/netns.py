@@ -2,8 +2,12 @@
 
     core (bridge br0: 192.0.2.1, 2001:db8::1) -- the place for redis-server
       |-- attacker  192.0.2.10 (+ .11, .12)   2001:db8::10 (+ ::11, ::12)
+      |                                       2001:db8:0:100::10 - ::17 (one more /64)
       |-- pbx1      192.0.2.21                2001:db8::21
       `-- pbx2      192.0.2.22                2001:db8::22
+
+The second IPv6 /64 (ROTATING6, on-link for every namespace) is an attacker that
+rotates its address inside its own /64, away from the /64 the PBXs and Redis live in.
 
 Everything lives in namespaces named `fa<random>-<role>`; the host's own firewall and
 interfaces are never touched (veth pairs are created inside `core`). Use:
@@ -13,6 +17,8 @@ interfaces are never touched (veth pairs are created inside `core`). Use:
     topo.pbx1.run(["nft", "list", "ruleset"])   # one command, CompletedProcess
     echo = topo.pbx1.udp_echo(5060)             # UDP echo on v4 and v6, in this process
     topo.can_reach("attacker", "pbx1", 5060, family=6)   # a real datagram and its echo
+    topo.pbx1.tcp_listen(5060)                  # TCP accept on v4 and v6
+    topo.can_connect("attacker", "pbx1", 5060, family=4) # a real TCP handshake
     topo.close()
 
 Fixtures (import them into tests/conftest.py with
@@ -43,6 +49,8 @@ import pytest
 CLONE_NEWNET = 0x40000000
 SUBNET4, SUBNET6 = "192.0.2.0/24", "2001:db8::/64"
 CORE4, CORE6 = "192.0.2.1", "2001:db8::1"
+ROTATING6 = "2001:db8:0:100::/64"  # its /56 does not hold the PBXs' 2001:db8::/64
+ROTATING6_HOSTS = [f"2001:db8:0:100::{n:x}" for n in range(0x10, 0x18)]  # the attacker's
 
 # role -> (last octet / hextet of the main address, extra host numbers)
 DEFAULT_HOSTS: dict[str, tuple[int, tuple[int, ...]]] = {
@@ -159,6 +167,18 @@ def _echo_loop(sock: socket.socket, stop: threading.Event) -> None:
             sock.sendto(data, peer)
 
 
+def _accept_loop(sock: socket.socket, stop: threading.Event) -> None:
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        conn.close()
+
+
 @dataclass
 class Namespace:
     name: str
@@ -250,9 +270,25 @@ class Namespace:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             socks.append(sock)
+        return self._serve(port, socks, _echo_loop)
+
+    def tcp_listen(self, port: int) -> UdpEcho:
+        """Accept (and close) TCP connections on 0.0.0.0:port and [::]:port."""
+        socks = []
+        for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            sock = self.socket(family, socket.SOCK_STREAM)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+            socks.append(sock)
+        return self._serve(port, socks, _accept_loop)
+
+    def _serve(self, port: int, socks: list[socket.socket], loop) -> UdpEcho:
         echo = UdpEcho(port, socks)
         for sock in socks:
-            thread = threading.Thread(target=_echo_loop, args=(sock, echo.stop), daemon=True)
+            thread = threading.Thread(target=loop, args=(sock, echo.stop), daemon=True)
             thread.start()
             echo.threads.append(thread)
         self.echoes.append(echo)
@@ -281,16 +317,19 @@ class NamespaceRedis:
     namespace's addresses and on a Unix socket, which this process (in the root
     namespace) can use directly: sockets in the filesystem know no network namespace."""
 
-    def __init__(self, ns: Namespace, workdir: str, port: int = 6379) -> None:
+    def __init__(self, ns: Namespace, workdir: str, port: int = 6379, password: str = "") -> None:
         self.ns = ns
         self.workdir = workdir
         self.port = port
+        self.password = password  # requirepass, when set
         self.socket_path = os.path.join(workdir, "redis.sock")
         self.proc: subprocess.Popen | None = None
 
-    def url(self, family: int = 4) -> str:
-        host = self.ns.ipv4 if family == 4 else f"[{self.ns.ipv6}]"
-        return f"redis://{host}:{self.port}/0"
+    def url(self, family: int = 4, host: str = "") -> str:
+        """redis:// to this server over IPv4/IPv6, or by `host` (a name)."""
+        host = host or (self.ns.ipv4 if family == 4 else f"[{self.ns.ipv6}]")
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/0"
 
     @property
     def unix_url(self) -> str:
@@ -320,7 +359,10 @@ class NamespaceRedis:
             "--dir",
             self.workdir,
         ]
+        if self.password:
+            argv += ["--requirepass", self.password]
         self.proc = self.ns.spawn(argv)
+        hello = f"AUTH {self.password}\r\nPING\r\n" if self.password else "PING\r\n"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -329,8 +371,8 @@ class NamespaceRedis:
                 with socket.socket(socket.AF_UNIX) as probe:
                     probe.settimeout(0.5)
                     probe.connect(self.socket_path)
-                    probe.sendall(b"PING\r\n")
-                    if probe.recv(16).startswith(b"+PONG"):
+                    probe.sendall(hello.encode())
+                    if b"+PONG" in probe.recv(32):
                         return
             except OSError:
                 pass
@@ -348,7 +390,9 @@ class NamespaceRedis:
     def client(self):
         import redis
 
-        return redis.Redis(unix_socket_path=self.socket_path, socket_timeout=10)
+        return redis.Redis(
+            unix_socket_path=self.socket_path, socket_timeout=10, password=self.password or None
+        )
 
 
 class Topology:
@@ -417,6 +461,23 @@ class Topology:
                     _sh(["ip", "-n", ns.name, "addr", "add", f"{addr}/24", "dev", "eth0"])
                 for addr in [ns.ipv6, *ns.extra6]:
                     _sh(["ip", "-n", ns.name, "addr", "add", f"{addr}/64", "dev", "eth0", "nodad"])
+                # the second /64 is on the same link for everyone
+                _sh(["ip", "-n", ns.name, "-6", "route", "add", ROTATING6, "dev", "eth0"])
+                if ns.role == "attacker":
+                    for addr in ROTATING6_HOSTS:
+                        _sh(
+                            [
+                                "ip",
+                                "-n",
+                                ns.name,
+                                "addr",
+                                "add",
+                                f"{addr}/128",
+                                "dev",
+                                "eth0",
+                                "nodad",
+                            ]
+                        )
         except Exception:
             self.close()
             raise
@@ -458,6 +519,30 @@ class Topology:
                     continue
                 if data == nonce:
                     return True
+            return False
+        finally:
+            sock.close()
+
+    def can_connect(
+        self,
+        src: str,
+        dst: str,
+        port: int,
+        family: int = 4,
+        source: str | None = None,
+        timeout: float = 0.6,
+    ) -> bool:
+        """Does a TCP handshake from `src` to `dst`:port complete (needs dst.tcp_listen)?"""
+        src_ns, dst_ns = self[src], self[dst]
+        source = source or src_ns.address(family)
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        sock = src_ns.socket(af, socket.SOCK_STREAM)
+        try:
+            sock.bind((source, 0))
+            sock.settimeout(timeout)
+            sock.connect((dst_ns.address(family), port))
+            return True
+        except OSError:
             return False
         finally:
             sock.close()

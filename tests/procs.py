@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from collections.abc import Mapping
@@ -35,7 +37,9 @@ def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 
 class Service:
-    """`fastagi-ctl serve` in the background on a free port."""
+    """`fastagi-ctl serve` in the background on a free port. Unless `env` names one, the
+    embedded store saves its state in a directory of this Service's own, removed at
+    stop (never the user's real state directory)."""
 
     def __init__(
         self,
@@ -48,6 +52,10 @@ class Service:
         shrunk to one page so that a few dozen lines fill it."""
         self.port = free_port()
         self.env = {**env, "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{self.port}"}
+        self._own_state = None
+        if "FASTAGI_SERVER_STATE_DIR" not in env:
+            self._own_state = tempfile.mkdtemp(prefix="fastagi-state-")
+            self.env["FASTAGI_SERVER_STATE_DIR"] = self._own_state
         self.log = log
         out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -95,6 +103,8 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self._own_state is not None:
+            shutil.rmtree(self._own_state, ignore_errors=True)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
         return self.proc.returncode

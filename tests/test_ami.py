@@ -47,7 +47,7 @@ EXPECTED = {
     "127.0.0.62": 7,  # forged RemoteAddress in the From user: the clean ChallengeResponseFailed
     "127.0.0.63": 7,
     "127.0.0.64": 7,
-    "::1": 8,  # 1 wrong password + 7 bare-CR From users
+    "::/64": 8,  # ::1: 1 wrong password + 7 bare-CR From users (counted as its /64)
 }
 
 

@@ -50,6 +50,7 @@ async def watching(
     config: Config, registry: CollectorRegistry | None = None
 ) -> AsyncIterator[AuthWatcher]:
     store = make_service_store(config)
+    store.protected = None  # the captures' attackers are on loopback: this host's addresses
     watcher = make_watcher(config, store, registry)
     task = asyncio.create_task(watcher.run())
     try:

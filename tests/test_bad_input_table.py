@@ -25,7 +25,7 @@ import uvloop
 
 from fastagi import cli
 from fastagi.config import SCHEMA
-from fastagi.emulator import Call
+from fastagi.emulator import Call, environment_block
 from tests.harness import free_port, running_server
 
 # key -> wrong values (TOML literals). Each parser gets a wrong type and, where it has
@@ -41,6 +41,9 @@ BAD_VALUES: dict[str, list[str]] = {
     "server.max_sessions": ['"many"', "0", "-1", "true", "1.5", "[1]", *BAD_COUNT],
     "server.session_timeout": BAD_DURATION,
     "server.runtime_dir": ["5", "true", '["/tmp"]'],
+    "server.key": ['"short"', "5", '"a key with blanks in it"', '"0123456789abcdef,x"'],
+    "server.key_file": ['"/nonexistent/key"', "5", '"/etc/passwd"'],
+    "server.state_dir": ["5", "true", '"relative/dir"', '["/var/lib/fastagi"]'],
     "screening.threshold": ['"five"', "0", "false", "2.5", *BAD_COUNT],
     "screening.window": BAD_DURATION,
     "screening.ban_time": BAD_DURATION,
@@ -49,6 +52,12 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ignore": BAD_NETS,
     "screening.pbx_id": ["5", "true", '["a"]'],
     "screening.log_notice": ['"maybe"', "5", "[true]"],
+    "screening.protect": ["5", '["bad name!"]', '["10.0.0.0/33"]', '["-x.example"]', '[""]'],
+    "screening.protect_refresh": BAD_DURATION,
+    "screening.ipv4_prefix": ['"wide"', "8", "33", "true", "24.5", '"/24"'],
+    "screening.ipv6_prefix": ["16", "129", "false", "64.0", '"/64"', "[64]"],
+    "screening.escalate_prefix": ["16", "128", "64", "-1", "true", '"/48"'],
+    "screening.escalate_after": ["1", "0", '"four"', "true"],
     "redis.url": [
         '"http://10.0.0.5"',
         "5",
@@ -249,7 +258,9 @@ CLI_ROWS = [
     (["ban", "::1"], "ignore"),
     (["ban", "203.0.113.9", "--for", "forever"], "--for"),
     (["ban", "203.0.113.9", "--for", "-5s"], "--for"),
-    (["ban", "203.0.113.0/24"], "203.0.113.0/24"),
+    (["ban", "203.0.113.9/24"], "203.0.113.9/24"),  # host bits set: a typo, not a /24
+    (["ban", "0.0.0.0/0"], "0.0.0.0/0"),
+    (["ban", "2001:db8::/16"], "2001:db8::/16"),
     (["unban"], "--all"),
     (["unban", "203.0.113.9", "--all"], "--all"),
     (["unban", "203.0.113.9", "bad-ip"], "bad-ip"),
@@ -360,7 +371,8 @@ ZONED_CALLERS = [
 ]
 
 
-def test_link_local_callers_with_a_zone_are_counted_without_it(caplog):
+def test_link_local_callers_with_a_zone_are_read_without_it(caplog):
+    # link-local (fe80::/10) is protected: never counted, one line for the address
     caplog.set_level(logging.INFO, logger="fastagi")
 
     async def main():
@@ -372,11 +384,10 @@ def test_link_local_callers_with_a_zone_are_counted_without_it(caplog):
             return results, await srv.store.count("fe80::1")
 
     results, count = asyncio.run(main())
-    assert [r.variables["SCREEN_RESULT"] for r in results] == ["COUNTED"] * 4
-    assert [r.variables["SCREEN_COUNT"] for r in results] == ["1", "2", "3", "4"]
-    assert count == 4
-    notices = [r.getMessage() for r in caplog.records if "failed for" in r.getMessage()]
-    assert len(notices) == 4 and all("failed for fe80::1 - " in n for n in notices)
+    assert [r.variables.get("SCREEN_REASON") for r in results] == ["protected"] * 4
+    assert count == 0
+    lines = [r.getMessage() for r in caplog.records if "not counted: protected" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("calls from fe80::1 are")
 
 
 def test_an_ignore_entry_in_mapped_form_matches_ipv4_callers():
@@ -442,7 +453,9 @@ def test_refusals_are_logged_as_a_few_summary_lines_and_counted(caplog):
         async with running_server(SERVER_MAX_SESSIONS="1") as srv:
             srv.server.refusals.SUMMARY_EVERY = 0.3
             port = int(srv.target.split(":")[2].split("/")[0])
-            _, holder = await asyncio.open_connection("127.0.0.1", port)  # the one session
+            # the one session, past its environment (an idle one would be closed for room)
+            _, holder = await asyncio.open_connection("127.0.0.1", port)
+            holder.write(b"".join(environment_block(Call(), srv.target, 0)))
             await asyncio.sleep(0.05)
             refused = [await srv.call(Call(source="192.0.2.81")) for _ in range(30)]
             await asyncio.sleep(0.5)  # one summary due

@@ -39,6 +39,9 @@ def embedded(tmp_path):
         (["ban", "::1"], "screening.ignore"),
         (["unban"], "--all"),
         (["unban", "203.0.113.5", "garbage"], "not an IP address"),
+        (["ban", "203.0.113.5", "--hold", "two words"], "--hold"),
+        (["unban", "203.0.113.5", "--hold", ""], "--hold"),
+        (["unban", "203.0.113.5", "--hold", "f2b\x1b[2J"], "--hold"),
         (["status", "999.1.1.1"], "not an IP address"),
         (["simulate", "--ip", "nope"], "--ip"),
         (["serve", "--firewall", "pf"], "--firewall: unknown backend 'pf'"),
@@ -132,17 +135,59 @@ def test_unban_lifts_the_ban_and_resets_the_count(embedded):
 
 def test_unban_all_and_ipv6(embedded):
     env = embedded.env
-    for ip in ("2001:db8::41", "[2001:db8::42]:5060", "203.0.113.44"):
+    for ip in ("2001:db8::41", "[2001:db8::42]:5060", "2001:db8:0:1::7", "203.0.113.44"):
         assert ctl("ban", ip, env=env).returncode == 0
     report = json.loads(ctl("status", "--json", env=env).stdout)
-    assert sorted(b["ip"] for b in report["banned"]["list"]) == [
-        "2001:db8::41",
-        "2001:db8::42",
+    assert sorted(b["ip"] for b in report["banned"]["list"]) == [  # one ban per IPv6 /64
+        "2001:db8:0:1::/64",
+        "2001:db8::/64",
         "203.0.113.44",
     ]
     result = ctl("unban", "--all", env=env)
     assert result.returncode == 0 and "3 bans lifted" in result.stdout
     assert json.loads(ctl("status", "--json", env=env).stdout)["banned"]["current"] == 0
+
+
+def test_a_short_ban_from_another_source_keeps_the_long_one(embedded):
+    """The observed bug: `ban --for 1w` then fail2ban's 60 s ban left a 60 s ban."""
+    env = embedded.env
+    assert ctl("ban", "203.0.113.45", "--for", "1w", env=env).returncode == 0
+    jail = ["--hold", "f2b-asterisk"]
+    short = ctl("ban", "203.0.113.45", "--for", "60s", "--reason", "f2b-asterisk", *jail, env=env)
+    assert short.returncode == 0 and "a longer hold keeps the ban" in short.stdout
+    report = json.loads(ctl("status", "203.0.113.45", "--json", env=env).stdout)
+    assert report["until"] - time.time() > 6.9 * 86400
+    assert [(h["source"], h["reason"]) for h in report["holds"]] == [
+        ("admin", "manual"),
+        ("f2b-asterisk", "f2b-asterisk"),
+    ]
+    plain = ctl("status", "203.0.113.45", env=env).stdout
+    assert re.search(
+        r"\|- admin until .* \(manual\)\n\|  `- f2b-asterisk until .* \(f2b-asterisk\)", plain
+    )
+    lifted = ctl("unban", "203.0.113.45", *jail, env=env).stdout
+    assert "hold f2b-asterisk lifted; other holds keep it banned until" in lifted
+    assert "had no hold f2b-asterisk" in ctl("unban", "203.0.113.45", *jail, env=env).stdout
+    assert "203.0.113.45 unbanned" in ctl("unban", "203.0.113.45", env=env).stdout
+    assert json.loads(ctl("status", "203.0.113.45", "--json", env=env).stdout)["holds"] == []
+
+
+def test_control_characters_in_reasons_never_reach_the_terminal(redis_server, redis_url):
+    """`ban --reason` stores them escaped; text another host wrote raw into Redis is
+    escaped when `status` prints it."""
+    env = {"FASTAGI_REDIS_URL": redis_url}
+    reason = "x\n198.51.100.66 until never\x1b[2J\u2028é"
+    assert ctl("ban", "198.51.100.65", "--reason", reason, env=env).returncode == 0
+    assert ctl("ban", "198.51.100.66", env=env).returncode == 0
+    redis_server.client().hset("fastagi:{screen}:record:198.51.100.66", "reason", "y\r\nz\x07")
+    plain = ctl("status", env=env).stdout + ctl("status", "198.51.100.65", env=env).stdout
+    plain += ctl("status", "198.51.100.66", env=env).stdout
+    assert not any(c in plain for c in "\r\x1b\x07\u2028")
+    assert r"x\n198.51.100.66 until never\x1b[2J\u2028é" in plain
+    assert r"y\r\nz\x07" in plain
+    assert "\n198.51.100.66 until never" not in plain  # no forged line
+    stored = json.loads(ctl("status", "198.51.100.65", "--json", env=env).stdout)
+    assert stored["holds"][0]["reason"] == r"x\n198.51.100.66 until never\x1b[2J\u2028é"[:64]
 
 
 def test_status_on_a_real_redis(redis_url):

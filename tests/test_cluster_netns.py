@@ -16,6 +16,7 @@ hosts' own rules come out of every test exactly as they went in.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -107,7 +108,11 @@ def kernel_bans(ns, backend: str) -> list[str]:
     if backend == "iptables":
         for tool in ("iptables-legacy", "ip6tables-legacy"):
             proc = ns.run([tool, "-w", "-S", "FASTAGI"], check=False, timeout=60)
-            found += re.findall(r"^-A FASTAGI -s (\S+?)/\d+ -j DROP", proc.stdout, re.M)
+            found += re.findall(
+                r"^-A FASTAGI -s (\S+?)/\d+ (?:-m comment --comment \S+ )?-j DROP",
+                proc.stdout,
+                re.M,
+            )
     elif backend == "nftables":
         for name in ("ban4", "ban6"):
             proc = ns.run(
@@ -141,6 +146,9 @@ class Cluster:
                 "FASTAGI_FIREWALL_SYNC_INTERVAL": f"{SYNC}s",
                 "FASTAGI_SCREENING_PBX_ID": role,
                 "FASTAGI_SCREENING_THRESHOLD": "3",
+                # one ban per address: the attacker's addresses share a /64 with the PBXs
+                # and Redis here (prefixes: tests/test_prefix_netns.py)
+                "FASTAGI_SCREENING_IPV6_PREFIX": "128",
                 "FASTAGI_SERVER_LISTEN": f"127.0.0.1:{AGI_PORT}",
             }
         )
@@ -173,6 +181,25 @@ class Cluster:
             return all(r in beats and beats[r]["time"] >= since for r in roles)
 
         assert wait_for(ready, timeout, 0.1), f"agents not up: {self.agent_logs()}"
+
+    @contextlib.contextmanager
+    def agents_running(self, backend: str) -> Iterator[Cluster]:
+        """Both agents running `backend` on a clean Redis; afterwards they are stopped
+        and our firewall is removed."""
+        self.backend = backend
+        self.redis.client().flushall()
+        started = time.time()
+        try:
+            for role in PBXS:
+                self.start_agent(role)
+            self.wait_agents(started)
+            yield self
+        finally:
+            for role in list(self.agents):
+                self.kill_agent(role, signal.SIGTERM)
+            for role in PBXS:
+                with FirewallDriver(self.topo[role], FirewallSettings(backend=backend)) as fw:
+                    fw.teardown()
 
     def kill_agent(self, role: str, sig: int = signal.SIGKILL) -> None:
         proc = self.agents.pop(role)
@@ -238,24 +265,12 @@ def agents(request, cluster: Cluster) -> Iterator[Cluster]:
     """Both agents running `backend` on a clean Redis; afterwards our firewall is removed
     and the hosts' own rules must be exactly as before."""
     backend = request.param
-    cluster.backend = backend
     if cluster.redis.proc is None or cluster.redis.proc.poll() is not None:
         cluster.redis.start()
-    cluster.redis.client().flushall()
     before = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
-    started = time.time()
-    try:
-        for role in PBXS:
-            cluster.start_agent(role)
-        cluster.wait_agents(started)
+    with cluster.agents_running(backend):
         yield cluster
-    finally:
-        for role in list(cluster.agents):
-            cluster.kill_agent(role, signal.SIGTERM)
-        after = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
-        for role in PBXS:
-            with FirewallDriver(cluster.topo[role], FirewallSettings(backend=backend)) as fw:
-                fw.teardown()
+    after = {role: without_ours(snapshot(cluster.topo[role])) for role in PBXS}
     for role in PBXS:
         assert after[role] == before[role], f"{backend} touched foreign rules on {role}"
 

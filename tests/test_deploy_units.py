@@ -121,6 +121,9 @@ def test_server_unit_settings():
     assert svc["NoNewPrivileges"] == "yes"
     assert svc["PrivateTmp"] == "yes"
     assert svc["RuntimeDirectory"] == "fastagi"
+    # the embedded store's bans survive a restart there ($STATE_DIRECTORY, mode 0700)
+    assert svc["StateDirectory"] == "fastagi"
+    assert svc["StateDirectoryMode"] == "0700"
     assert svc["CapabilityBoundingSet"] == ""
     assert svc["AmbientCapabilities"] == ""
     assert svc["Restart"] in ("on-failure", "always")

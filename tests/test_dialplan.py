@@ -258,7 +258,8 @@ def test_agi_calls_use_route_screen_without_shiftable_arguments(dialplan):
         assert url.scheme == "agi", step
         assert url.hostname == "127.0.0.1" and url.port == 4573, step
         assert url.path == "/screen", step
-        assert not url.query, step
+        # the optional shared key, from a global the admin sets (empty: a server without one)
+        assert url.query == "key=${FASTAGI_KEY}", step
         # no SOURCE for SIP/PJSIP (the server asks Asterisk); ${EXTEN}, if ever added, only last
         for i, arg in enumerate(args[1:], 1):
             if "EXTEN" in arg:
@@ -274,30 +275,36 @@ def test_no_sipchaninfo(dialplan):
     assert "SIPCHANINFO" not in code
 
 
-_GUARD = re.compile(
-    r"^\$\[\$\{LEN\(\$\{FILTER\((?P<allowed>[^,]+),\$\{EXTEN\}\)\}\)\}"
-    r" != \$\{LEN\(\$\{EXTEN\}\)\}\]"
-    r"\?(?P<target>[\w-]+),(?P<exten>[\w]+),(?P<prio>\d+)$"
-)
+def _guard(variable: str) -> re.Pattern[str]:
+    """`GotoIf` on two lengths: the text of `variable` with and without FILTER()."""
+    v = re.escape(variable)
+    return re.compile(
+        rf"^\$\[\$\{{LEN\(\$\{{FILTER\((?P<allowed>[^,]+),\$\{{{v}\}}\)\}}\)\}}"
+        rf" != \$\{{LEN\(\$\{{{v}\}}\)\}}\]"
+        r"\?(?P<target>[\w-]+),(?P<exten>[\w]+),(?P<prio>\d+)$"
+    )
 
 
-def test_guard_runs_before_any_log_or_agi(dialplan):
+@pytest.mark.parametrize("variable", ["EXTEN", "CALLERID(num)"])
+def test_guards_run_before_any_log_or_agi(dialplan, variable):
+    """The dialed number and the caller ID (From user: chan_sip URL-decodes both, so both may
+    carry line feeds into Asterisk's log lines and the AGI environment) are checked first."""
     _, dp = dialplan
     steps = dp.contexts["from-sip-external"]["_."]
-    guard = steps[0]
-    assert guard.app == "GotoIf", "priority 1 of _. must be the EXTEN guard"
-    m = _GUARD.match(guard.args)
-    assert m, guard.args
+    assert steps[0].app == "GotoIf", "priority 1 of _. must be the EXTEN guard"
+    guards = [(s, _guard(variable).match(s.args)) for s in steps if s.app == "GotoIf"]
+    guard, m = next((s, m) for s, m in guards if m)
     assert m["allowed"] == "0-9a-zA-Z+*#"
     target = dp.contexts[m["target"]][m["exten"]]
     assert 1 <= int(m["prio"]) <= len(target)
-    # the guarded-off context never uses the raw dialed text again
+    # the guarded-off context never uses the raw dialed text or caller ID again
     for steps_ in dp.contexts[m["target"]].values():
         for s in steps_:
-            assert "EXTEN" not in s.args, s
-    # the guard comes before the first step that logs or hands the dialed text on
+            assert "EXTEN" not in s.args and "CALLERID" not in s.args, s
+    # the guard comes before the first step that logs or hands the text on
     first_use = min(i for i, s in enumerate(steps) if s.app in ("Log", "AGI", "Verbose", "NoOp"))
     assert steps.index(guard) < first_use
+    assert all(variable not in s.args for s in steps[: steps.index(guard)])
 
 
 def test_guard_character_class_blocks_log_splitting():
@@ -319,6 +326,8 @@ def test_guard_character_class_blocks_log_splitting():
         "x-y",
         "a.b",
         "127.0.0.1:5060",
+        "x\nagi_arg_1: 203.0.113.77",  # a From user that forged agi_arg_1 (issue 12)
+        "anonymous\r\n",
     ):
         assert not passes(bad), bad
 

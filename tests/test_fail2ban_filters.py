@@ -370,8 +370,9 @@ for op, ip, bantime in ops:
             [["ban", "192.0.2.7", 600], ["unban", "192.0.2.7", 600]],
             0,
             [
-                "--config /etc/fastagi/fastagi.toml ban 192.0.2.7 --for 600s --reason f2b-asterisk",
-                "--config /etc/fastagi/fastagi.toml unban 192.0.2.7",
+                "--config /etc/fastagi/fastagi.toml ban 192.0.2.7 --for 600s --reason f2b-asterisk"
+                " --hold f2b-asterisk@HOST",
+                "--config /etc/fastagi/fastagi.toml unban 192.0.2.7 --hold f2b-asterisk@HOST",
             ],
             ["OK ban 192.0.2.7", "OK unban 192.0.2.7"],
         ),
@@ -379,35 +380,35 @@ for op, ip, bantime in ops:
             {},
             [["ban", "2001:db8::5", 3600]],
             0,
-            ["ban 2001:db8::5 --for 3600s --reason f2b-asterisk"],
+            ["ban 2001:db8::5 --for 3600s --reason f2b-asterisk --hold f2b-asterisk@HOST"],
             ["OK ban 2001:db8::5"],
         ),
         (  # permanent fail2ban ban: fastagi's own ban_time applies
             {},
             [["ban", "192.0.2.8", -1]],
             0,
-            ["ban 192.0.2.8 --reason f2b-asterisk"],
+            ["ban 192.0.2.8 --reason f2b-asterisk --hold f2b-asterisk@HOST"],
             ["OK ban 192.0.2.8"],
         ),
         (  # exit 2 (refused: ignored address): done, not an error that fail2ban retries
             {},
             [["ban", "127.0.0.1", 600]],
             2,
-            ["ban 127.0.0.1 --for 600s --reason f2b-asterisk"],
+            ["ban 127.0.0.1 --for 600s --reason f2b-asterisk --hold f2b-asterisk@HOST"],
             ["OK ban 127.0.0.1"],
         ),
         (  # exit 1 (Redis unreachable): reported to fail2ban as a failed ban (it may retry)
             {},
             [["ban", "192.0.2.9", 600]],
             1,
-            ["ban 192.0.2.9 --for 600s --reason f2b-asterisk"],
+            ["ban 192.0.2.9 --for 600s --reason f2b-asterisk --hold f2b-asterisk@HOST"],
             ["FAILED ban 192.0.2.9"],
         ),
         (
             {"fastagi_unban": "no"},
             [["ban", "192.0.2.10", 600], ["unban", "192.0.2.10", 600]],
             0,
-            ["ban 192.0.2.10 --for 600s --reason f2b-asterisk"],
+            ["ban 192.0.2.10 --for 600s --reason f2b-asterisk --hold f2b-asterisk@HOST"],
             ["OK ban 192.0.2.10", "OK unban 192.0.2.10"],
         ),
     ],
@@ -432,7 +433,11 @@ def test_action_calls_fastagi_ctl(tmp_path, opts, ops, rc, calls, results):
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:-1] == results, proc.stdout + proc.stderr
-    got = record.read_text().splitlines()
+    # the default hold is per jail and host (fail2ban's <sh-hostname>)
+    got = [
+        re.sub(r"--hold f2b-asterisk@\S+", "--hold f2b-asterisk@HOST", line)
+        for line in record.read_text().splitlines()
+    ]
     if rc == 1:  # fail2ban's CommandAction retries a failed command: same call, repeated
         got = list(dict.fromkeys(got))
     assert got == calls

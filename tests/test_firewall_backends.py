@@ -8,16 +8,24 @@ every test exactly as it went in.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from fastagi.addresses import AddressSet
+from fastagi.agent import Agent
 from fastagi.firewall import BACKENDS, FirewallError, FirewallSettings, create
 from fastagi.firewall.dryrun import DryRunFirewall
+from fastagi.keys import Keys
+from fastagi.store import Policy, Store, redis_client
 from tests.fw_driver import FirewallDriver
+from tests.harness import free_port, wait_until
+from tests.harness import settings as harness_settings
 from tests.netns import (  # noqa: F401
     Topology,
     netns_available,
@@ -184,7 +192,9 @@ def test_forward_hook_follows_config(backend: str, topo: Topology, clean: dict) 
         snap = snapshot(topo.pbx1)
         saved = "\n".join(snap[k] for k in ("legacy4", "legacy6", "nft4", "nft6"))
         ours = topo.pbx1.run("nft list table inet fastagi", check=False).stdout
-        return "-A FORWARD -j FASTAGI" in saved or "hook forward" in ours
+        return re.search(r"^-A FORWARD .*-j FASTAGI$", saved, re.M) is not None or (
+            "hook forward" in ours
+        )
 
     with FirewallDriver(topo.pbx1, FirewallSettings(backend=backend, forward=True)) as fw:
         fw.setup()
@@ -216,7 +226,7 @@ def test_dry_run_is_truthful(caplog: pytest.LogCaptureFixture) -> None:
     import ipaddress
 
     fw = DryRunFirewall(FirewallSettings())
-    a, b = ipaddress.ip_address(ATTACKER4), ipaddress.ip_address(ATTACKER6)
+    a, b = ipaddress.ip_network(ATTACKER4), ipaddress.ip_network(ATTACKER6)
     with caplog.at_level(logging.INFO, logger="fastagi.firewall"):
         fw.setup()
         fw.add({a: time.time() + 0.2, b: math.inf})
@@ -230,3 +240,38 @@ def test_dry_run_is_truthful(caplog: pytest.LogCaptureFixture) -> None:
     fw.delete([a])
     assert fw.list() == {} and fw.stats().size == 0
     assert all(r.ok for r in fw.check())
+
+
+def test_iptables_agent_restarted_while_redis_is_down_still_lifts_bans(
+    topo: Topology, clean: dict
+) -> None:
+    """iptables has no kernel timeouts: an agent that starts while Redis is unreachable
+    reads each ban's end back from its rule and lifts it on time."""
+    settings = FirewallSettings(backend="iptables")
+    with FirewallDriver(topo.pbx1, settings) as fw:  # the agent before its restart
+        fw.setup()
+        fw.add({ATTACKER4: time.time() + 3, ATTACKER4_B: time.time() + 600})
+    assert not reach(topo, 4) and not reach(topo, 4, source=ATTACKER4_B)
+
+    async def restarted_agent(fw: FirewallDriver) -> bool:
+        unreachable = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        config = harness_settings(unreachable)
+        store = Store(redis_client(config.redis), Keys(), Policy(3, 600, 3600, 2, 86400), "pbx")
+        agent = Agent(store, fw, 30, AddressSet.parse([]), block_ms=20)
+        task = asyncio.create_task(agent.run())
+        try:  # the driver is the agent's alone while it runs: watch the agent
+            held = lambda: {str(target) for target in agent.applied}  # noqa: E731
+            adopted = await wait_until(lambda: ATTACKER4_B in held(), timeout=10)
+            lifted = await wait_until(lambda: held() == {ATTACKER4_B}, timeout=10)
+            return adopted and lifted
+        finally:
+            agent.stop()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+
+    with FirewallDriver(topo.pbx1, settings) as fw:
+        assert asyncio.run(restarted_agent(fw)), "the agent did not take over and expire bans"
+        assert set(fw.list()) == {ATTACKER4_B}
+        assert reach(topo, 4), "a ban past its end was not lifted"
+        assert not reach(topo, 4, source=ATTACKER4_B), "a running ban was lifted"
+        fw.teardown()

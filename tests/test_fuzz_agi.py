@@ -48,7 +48,7 @@ from fuzz.harness import (
     _first_env_values,
     random_case,
 )
-from tests.harness import running_server
+from tests.harness import counted_as, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 RANDOM_CASES = int(os.environ.get("FASTAGI_FUZZ_CASES", "75000"))
@@ -135,7 +135,6 @@ def test_a_lone_520_line_does_not_loop_forever(answer):
 def test_the_oracle_catches_a_server_that_trusts_the_environment(monkeypatch):
     """The oracle is not vacuous: a server that took agi_arg_1 from a SIP call is caught."""
     import fastagi.screening as screening
-    from fastagi.addresses import parse_address
     from fuzz.harness import UnexpectedOutcome
 
     async def trusting(session, env):
@@ -145,6 +144,31 @@ def test_the_oracle_catches_a_server_that_trusts_the_environment(monkeypatch):
     monkeypatch.setattr(screening, "caller_address", trusting)
     env = REAL_HEAD.replace(b"{type}", b"SIP") + b"1\nagi_arg_1: 203.0.113.9\n\n"
     case = Case(env, "192.0.2.17", [Reply(true_answer=b"192.0.2.17")], eof_after=False)
+    with pytest.raises(UnexpectedOutcome, match=r"counted '203\.0\.113\.9'"):
+        _run(Fuzzer(), [case])
+
+
+def test_the_oracle_catches_a_server_that_trusts_a_forged_source_in_the_caller_id(monkeypatch):
+    """Issue 12: a From user `x%0Aagi_arg_1%3A%20203.0.113.9` on a Local channel. A server
+    without the layout check (every block taken as clean) is caught by the oracle."""
+    from fastagi.agi import Environment
+    from fuzz.harness import UnexpectedOutcome
+
+    env = (
+        REAL_HEAD.replace(b"{type}", b"Local").replace(
+            b"agi_callerid: scanner\n", b"agi_callerid: x\nagi_arg_1: 203.0.113.9\n"
+        )
+        + b"7001"
+        + REAL_MIDDLE
+        + b"7001"
+        + REAL_TAIL
+        + b"\n"
+    )
+    case = Case(env, "192.0.2.17", [Reply(true_answer=b"")], eof_after=False)
+    _run(Fuzzer(), [case])  # the server refuses the forged SOURCE
+    # the server as it was: every block clean, arguments wherever their key first appears
+    monkeypatch.setattr(Environment, "tampered", "")
+    monkeypatch.setattr(Environment, "args", property(lambda env: [env.get("agi_arg_1")]))
     with pytest.raises(UnexpectedOutcome, match=r"counted '203\.0\.113\.9'"):
         _run(Fuzzer(), [case])
 
@@ -299,7 +323,7 @@ def test_full_server_over_sockets_counts_only_callers_in_redis():
 
     keys, banned, stats = asyncio.run(main())
     print(f"\nfuzz full server: {len(batch)} sessions, results {stats.results}")
-    callers = {str(parse_address(c)) for c in CALLERS}
+    callers = {counted_as(c) for c in CALLERS}
     counted = {k.rsplit(":count:", 1)[1] for k in keys if ":count:" in k}
     recorded = {k.rsplit(":record:", 1)[1] for k in keys if ":record:" in k}
     assert counted <= callers and recorded <= callers and set(banned) <= callers

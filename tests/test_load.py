@@ -95,7 +95,7 @@ async def _load(service: Service, pid: int) -> dict:
 
     # Warm up: fill the Redis pool (up to 64 connections) before the fd baseline.
     await asyncio.gather(
-        *(emulator.call(service.target, Call(source=f"10.255.{i}.1")) for i in range(200))
+        *(emulator.call(service.target, Call(source=f"198.19.{i}.1")) for i in range(200))
     )
     await asyncio.sleep(0.5)
     fd_base, rss_base = _fds(pid), _rss_mb(pid)
@@ -105,7 +105,8 @@ async def _load(service: Service, pid: int) -> dict:
     async def caller(worker: int) -> None:
         n = 0
         while time.monotonic() < stop and n < 100_000:
-            ip = f"10.{worker // 250}.{worker % 250}.{n // 5 % 250 + 1}"
+            # public-looking sources: a private one may be this host's own (protected)
+            ip = f"198.{18 + worker // 250}.{worker % 250}.{n // 5 % 250 + 1}"
             n += 1
             started = time.monotonic()
             try:

@@ -27,7 +27,7 @@ import pytest
 from fastagi.emulator import Call, FakeAsterisk
 from fastagi.keys import Keys
 from tests.conftest import RedisProcess
-from tests.harness import free_port, running_server
+from tests.harness import free_port, redis_nodes_protected, running_server, settings
 from tests.procs import Service, ctl
 from tests.test_metrics import scrape, value
 
@@ -183,6 +183,7 @@ def test_service_on_a_cluster_counts_bans_and_the_agent_applies_and_lifts(clean,
                 (await emulator.call(service.target, Call(source=ip))).variables for _ in range(n)
             ]
 
+        _wait_for(log, "reconciled (full)")  # the agent is up: the ban arrives as an event
         verdicts = asyncio.run(calls(3))
         assert [v["SCREEN_RESULT"] for v in verdicts] == ["COUNTED", "COUNTED", "BANNED"]
         assert [v["SCREEN_COUNT"] for v in verdicts] == ["1", "2", "3"]
@@ -275,3 +276,12 @@ def test_a_master_down_elsewhere_does_not_stop_screening_or_check(clean, tmp_pat
     finally:
         down.start()
         clean.wait_agreed(lambda: True)
+
+
+def test_the_protected_set_learns_every_node_of_the_cluster(clean):
+    """The config names one seed; every node the client learns is protected too."""
+    config = settings(clean.others()[0].url, REDIS_CLUSTER="true")
+
+    nodes, parts = asyncio.run(redis_nodes_protected(config))
+    assert nodes == ["127.0.0.1"] * 3
+    assert parts["Redis nodes (by name)"] == ["127.0.0.1"]

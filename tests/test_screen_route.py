@@ -39,14 +39,17 @@ def test_emulator_writes_the_captured_environment_block_byte_for_byte():
 
 
 def test_captured_call_gets_the_seed_notice_and_is_counted():
+    # the capture came from 127.0.0.6; loopback is protected (never counted), so the
+    # same call from a public address
     async def main():
-        async with running_server(SCREENING_IGNORE="[]") as srv:
-            call = Call(source="127.0.0.6", agi_args=SEED_ARGS, uniqueid="1795557632.50")
+        async with running_server() as srv:
+            call = Call(source="198.51.100.6", agi_args=SEED_ARGS, uniqueid="1795557632.50")
             return await srv.call(call)
 
     result = asyncio.run(main())
     assert result.variables == {"SCREEN_RESULT": "COUNTED", "SCREEN_COUNT": "1"}
-    assert [_shape(line) for line in result.log] == [_shape(SEED_NOTICE)]
+    notice = SEED_NOTICE.replace("127.0.0.6", "198.51.100.6")
+    assert [_shape(line) for line in result.log] == [_shape(notice)]
     assert result.pipelined == 0 and result.crlf == 0
     assert result.agistatus == "SUCCESS"
 
@@ -107,8 +110,8 @@ def test_ignored_addresses_are_never_counted():
             return v4, v6, await srv.store.banned(), await srv.store.counted()
 
     v4, v6, banned, counted = asyncio.run(main())
-    assert v4.variables == {"SCREEN_RESULT": "IGNORED"}
-    assert v6.variables == {"SCREEN_RESULT": "IGNORED"}
+    assert v4.variables == {"SCREEN_RESULT": "IGNORED", "SCREEN_REASON": "ignore"}
+    assert v6.variables == {"SCREEN_RESULT": "IGNORED", "SCREEN_REASON": "ignore"}
     assert banned == {} and counted == {}
 
 
@@ -121,7 +124,7 @@ def test_pjsip_ipv6_address_comes_from_remote_addr_without_port_or_brackets():
 
     result, counted = asyncio.run(main())
     assert result.variables["SCREEN_RESULT"] == "COUNTED"
-    assert counted == {"2001:db8::9": 1}
+    assert counted == {"2001:db8::/64": 1}  # counted as its /64; the NOTICE names the caller
     assert result.log[0].endswith("failed for 2001:db8::9 - Unknown connection from peer")
 
 
@@ -193,10 +196,15 @@ def test_allowed_clients_refuses_others_with_nothing_executed():
 
 
 def test_sessions_over_max_sessions_are_answered_and_closed_at_once():
+    """Every slot holds a session past its environment (here: one that never answers
+    the resync, as a stalled Asterisk would): a new call is answered ERROR at once."""
+
     async def main():
         async with running_server(SERVER_MAX_SESSIONS="2", SERVER_SESSION_TIMEOUT="2s") as srv:
             host, port = srv.target[6:].split("/")[0].split(":")
             idle = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+            for n, (_, writer) in enumerate(idle):
+                writer.write(b"".join(environment_block(Call(), srv.target, n)))
             await asyncio.sleep(0.1)
             started = time.monotonic()
             result = await srv.call(Call(source="192.0.2.54"))

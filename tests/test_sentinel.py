@@ -29,7 +29,7 @@ import redis
 
 from fastagi.emulator import Call
 from tests.conftest import RedisProcess, wait_ping
-from tests.harness import free_port, running_server
+from tests.harness import free_port, redis_nodes_protected, running_server, settings
 
 SENTINEL = shutil.which("redis-sentinel")
 REDIS_SERVER = shutil.which("redis-server")
@@ -152,7 +152,7 @@ def test_failover_under_load_loses_no_ban_and_never_holds_a_call(cluster):
     async def caller(srv, worker: int, stop: asyncio.Event) -> None:
         n = 0
         while not stop.is_set() and n < 10_000:
-            ip = f"10.{worker}.{n // 250}.{n % 250 + 1}"
+            ip = f"198.{18 + worker}.{n // 250}.{n % 250 + 1}"  # never this host's (protected)
             n += 1
             for _ in range(5):  # threshold 5: the fifth call bans
                 started = time.monotonic()
@@ -226,3 +226,13 @@ def test_failover_under_load_loses_no_ban_and_never_holds_a_call(cluster):
     # replica was itself the failed node) may be lost, and is logged as such.
     assert confirmed_lost == [], f"{len(confirmed_lost)} replicated bans lost in a failover"
     assert results.get("BANNED", 0) > 40 and results.get("COUNTED", 0) > 160
+
+
+def test_the_protected_set_asks_sentinel_for_the_master_and_its_replica(cluster):
+    """The config names only the sentinels; the nodes behind them are protected too."""
+    sentinels = ",".join(f"127.0.0.1:{p}" for p in cluster.sentinel_ports)
+    config = settings("redis://127.0.0.1:1/0", REDIS_SENTINELS=sentinels)
+
+    nodes, parts = asyncio.run(redis_nodes_protected(config))
+    assert nodes == ["127.0.0.1", "127.0.0.1"]  # the master, then its replica
+    assert parts["Redis nodes (by name)"] == ["127.0.0.1"]

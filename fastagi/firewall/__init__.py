@@ -5,10 +5,11 @@ from __future__ import annotations
 from .base import (
     CheckResult,
     Firewall,
+    FirewallConflict,
     FirewallError,
     FirewallSettings,
     FirewallStats,
-    IPAddress,
+    IPNetwork,
 )
 
 BACKENDS: tuple[str, ...] = ("iptables", "nftables", "ipset", "dry-run")
@@ -46,9 +47,10 @@ __all__ = [
     "BACKENDS",
     "CheckResult",
     "Firewall",
+    "FirewallConflict",
     "FirewallError",
     "FirewallSettings",
     "FirewallStats",
-    "IPAddress",
+    "IPNetwork",
     "create",
 ]

@@ -11,7 +11,9 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from .base import CheckResult, FirewallError, FirewallStats, IPAddress
+from fastagi.addresses import AddressError, parse_target
+
+from .base import CheckResult, FirewallError, FirewallStats, IPNetwork
 
 PROTOCOLS = ("udp", "tcp")
 _PORT_RE = re.compile(r"^(\d{1,5})(?:[-:](\d{1,5}))?/(udp|tcp)$")
@@ -66,37 +68,64 @@ def ports_by_proto(specs: list[PortSpec]) -> dict[str, list[PortSpec]]:
     return out
 
 
-def as_address(value: object) -> IPAddress:
-    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        address = value
+def as_network(value: object) -> IPNetwork:
+    """A ban key as a network: networks pass, an address is its /32 or /128, text goes
+    through the one parser of targets (an IPv4-mapped one lands where IPv4 is matched)."""
+    if isinstance(value, ipaddress.IPv4Network):
+        return value
+    if isinstance(value, ipaddress.IPv6Network):
+        if value.prefixlen < 96 or value.network_address.ipv4_mapped is None:
+            return value  # the common case, without a round trip through text
+        text = value.compressed
     else:
-        try:
-            address = ipaddress.ip_address(str(value))
-        except ValueError as exc:
-            raise FirewallError(f"not an IP address: {value!r}") from exc
-    # An IPv4-mapped IPv6 address is the IPv4 peer; ban it where IPv4 traffic is matched.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-def normalise(bans: Mapping[IPAddress, float]) -> dict[IPAddress, float]:
-    return {as_address(a): float(u) for a, u in bans.items()}
+        text = str(value)
+    try:
+        return parse_target(text)
+    except AddressError as exc:
+        raise FirewallError(f"not an IP address or network: {value!r}") from exc
 
 
 def split_live(
-    bans: Mapping[IPAddress, float], now: float | None = None
-) -> tuple[dict[IPAddress, float], list[IPAddress]]:
-    """(bans still running, addresses whose time has already passed)."""
+    bans: Mapping[IPNetwork, float], now: float | None = None
+) -> tuple[dict[IPNetwork, float], list[IPNetwork]]:
+    """(bans still running, networks whose time has already passed)."""
     now = time.time() if now is None else now
-    live: dict[IPAddress, float] = {}
-    past: list[IPAddress] = []
-    for address, until in normalise(bans).items():
+    live: dict[IPNetwork, float] = {}
+    past: list[IPNetwork] = []
+    for key, until in bans.items():  # one pass: a network's hash costs ~2 us
+        network = as_network(key)
         if until > now:
-            live[address] = until
+            live[network] = float(until)
         else:
-            past.append(address)
+            past.append(network)
     return live, past
+
+
+def flatten(bans: Mapping[IPNetwork, float]) -> dict[IPNetwork, float]:
+    """The bans with no network inside another: each one inside a wider banned network
+    is folded into it, which then holds until the later of their ends.
+
+    For nftables, whose interval sets refuse overlapping elements (a /64 banned, then
+    its /48 after an escalation or a changed ipv6_prefix). Folding errs on the side of
+    the ban: the wider network may stay a little longer, nothing inside it gets out."""
+    out: dict[IPNetwork, float] = {}
+    lengths: dict[int, list[int]] = {4: [], 6: []}  # prefix lengths kept so far, widest first
+    for network, until in sorted(bans.items(), key=lambda b: (b[0].version, b[0].prefixlen)):
+        outer = None
+        for length in lengths[network.version]:  # few distinct lengths: /32, /64, /48 ...
+            if length >= network.prefixlen:
+                break
+            candidate = network.supernet(new_prefix=length)
+            if candidate in out:
+                outer = candidate
+                break
+        if outer is None:
+            out[network] = until
+            if network.prefixlen not in lengths[network.version]:
+                lengths[network.version].append(network.prefixlen)
+        else:
+            out[outer] = max(out[outer], until)
+    return out
 
 
 def remaining_ms(until: float, now: float, cap_ms: int | None = None) -> int | None:
@@ -152,13 +181,13 @@ INTACT_SLACK = 1.5  # seconds around a ban's end where it may or may not be ther
 
 
 def expected_bounds(
-    expected: Mapping[IPAddress, float], now: float | None = None
-) -> tuple[set[IPAddress], set[IPAddress]]:
-    """(addresses that must be in the firewall, addresses that may be), for intact():
+    expected: Mapping[IPNetwork, float], now: float | None = None
+) -> tuple[set[IPNetwork], set[IPNetwork]]:
+    """(networks that must be in the firewall, networks that may be), for intact():
     a ban ending within INTACT_SLACK of now may already be gone (kernel timeout)."""
     now = time.time() if now is None else now
-    may = {as_address(a) for a in expected}
-    must = {as_address(a) for a, until in expected.items() if until > now + INTACT_SLACK}
+    may = {as_network(a) for a in expected}
+    must = {as_network(a) for a, until in expected.items() if until > now + INTACT_SLACK}
     return must, may
 
 

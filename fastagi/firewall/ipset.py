@@ -1,9 +1,17 @@
-"""The ipset backend: two `hash:ip` sets with kernel timeouts, matched from our chain.
+"""The ipset backend: two `hash:net` sets with kernel timeouts, matched from our chain.
 
-    ipset:     fastagi-v4 (hash:ip family inet timeout 0), fastagi-v6 (family inet6)
-    iptables:  -N FASTAGI; -A FASTAGI -m set --match-set fastagi-v4 src -j DROP
+    ipset:     fastagi-v4 (hash:net family inet timeout 0 maxelem 1048576), fastagi-v6
+               (family inet6): addresses and prefixes (2001:db8:1:2::/64)
+    iptables:  -N FASTAGI; -A FASTAGI -p udp -m multiport --dports 5060,5061
+                   -m set --match-set fastagi-v4 src -m comment --comment fastagi-screen -j DROP
                -I INPUT -j FASTAGI            (and FORWARD with firewall.forward)
     ip6tables: the same with fastagi-v6
+
+Ownership: every rule of our chain carries the comment `fastagi-screen`; a chain of our
+name with any other rule (fail2ban's `f2b-asterisk`) is someone else's, and so is a set
+of our name that is not a timeout set of our size (ipset sets carry no comment).
+claim() refuses both before anything is changed. Our `hash:ip` sets of older versions
+are recreated as `hash:net` by setup().
 
 Updates go through `ipset restore -exist` batches (one fork per call, 100,000 entries in
 well under a second); set() fills a temporary set and swaps it in atomically. The chain
@@ -26,7 +34,7 @@ from collections.abc import Iterable, Mapping
 
 from ._common import (
     INTACT_SLACK,
-    as_address,
+    as_network,
     count_replaced,
     parse_ports,
     permission_hint,
@@ -36,7 +44,15 @@ from ._common import (
     split_live,
     tool_check,
 )
-from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+from .base import (
+    OWNER_MARK,
+    CheckResult,
+    FirewallConflict,
+    FirewallError,
+    FirewallSettings,
+    FirewallStats,
+    IPNetwork,
+)
 
 log = logging.getLogger("fastagi.firewall")
 
@@ -61,7 +77,7 @@ class IpsetFirewall:
         self.sets = {4: f"{base}-v4", 6: f"{base}-v6"}
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
-        self._known: dict[IPAddress, float] = {}
+        self._known: dict[IPNetwork, float] = {}
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
 
@@ -80,16 +96,16 @@ class IpsetFirewall:
 
     def _create_lines(self, version: int, name: str) -> list[str]:
         family = "inet" if version == 4 else "inet6"
-        return [f"create {name} hash:ip family {family} timeout 0 maxelem {MAXELEM}"]
+        return [f"create {name} hash:net family {family} timeout 0 maxelem {MAXELEM}"]
 
     def _add_lines(
-        self, name_of: dict[int, str], bans: Mapping[IPAddress, float], now: float
+        self, name_of: dict[int, str], bans: Mapping[IPNetwork, float], now: float
     ) -> list[str]:
         lines = []
-        for address, until in bans.items():
+        for network, until in bans.items():
             ms = remaining_ms(until, now, MAX_TIMEOUT_S * 1000)
             timeout = 0 if ms is None else math.ceil(ms / 1000)
-            lines.append(f"add {name_of[address.version]} {address} timeout {timeout}")
+            lines.append(f"add {name_of[network.version]} {network.compressed} timeout {timeout}")
         return lines
 
     @staticmethod
@@ -97,7 +113,9 @@ class IpsetFirewall:
         return "iptables" if version == 4 else "ip6tables"
 
     def _rules(self, version: int) -> list[str]:
-        match = f"-m set --match-set {self.sets[version]} src -j DROP"
+        match = (
+            f"-m set --match-set {self.sets[version]} src -m comment --comment {OWNER_MARK} -j DROP"
+        )
         if self._ports is None:
             return [f"-A {self.chain} {match}"]
         return [
@@ -120,9 +138,77 @@ class IpsetFirewall:
         except FirewallError:
             return False
 
+    # -- ownership -----------------------------------------------------------------------
+    def _inspect(self) -> bool:
+        """True when our sets are outdated (hash:ip, from an older version); raises
+        FirewallConflict when our chain or a set of our names is someone else's."""
+        outdated = False
+        for version in (4, 6):
+            tool = self._tool(version)
+            # the save format: iptables-nft 1.8.9 answers `-S CHAIN` of a missing chain
+            # with "incompatible", which would hide a real problem the same way
+            saved = run([f"{tool}-save", "-t", "filter"]).splitlines()
+            rules = [ln for ln in saved if ln.startswith(f"-A {self.chain} ")]
+            older = re.compile(
+                rf"^-A {re.escape(self.chain)}( -p (udp|tcp) -m multiport --dports \S+)? "
+                rf"-m set --match-set {re.escape(self.sets[version])} src -j DROP$"
+            )
+            for line in rules:
+                if not (f"--comment {OWNER_MARK} " in line or older.match(line)):
+                    raise FirewallConflict(
+                        f"ipset: {tool} chain {self.chain} exists and was not created by "
+                        "fastagi-screen: refusing to touch it; set firewall.chain to a name "
+                        "of our own (e.g. FASTAGI)"
+                    )
+            try:
+                header = run(["ipset", "list", "-t", self.sets[version]])
+            except FirewallError:
+                continue  # no such set: ours to create
+            kind = re.search(r"^Type:\s*(\S+)", header, re.MULTILINE)
+            family = "inet" if version == 4 else "inet6"
+            head = re.search(r"^Header:(.*)$", header, re.MULTILINE)
+            fields = head.group(1).split() if head else []
+            ours = (
+                kind is not None
+                and kind.group(1) in ("hash:net", "hash:ip")
+                and fields[:2] == ["family", family]
+                and "timeout" in fields
+                and f"maxelem {MAXELEM}" in " ".join(fields)
+            )
+            if not ours:
+                raise FirewallConflict(
+                    f"ipset: set {self.sets[version]} exists and was not created by "
+                    "fastagi-screen: refusing to touch it; set firewall.chain to a name "
+                    "of our own (e.g. FASTAGI)"
+                )
+            outdated = outdated or kind.group(1) == "hash:ip"  # type: ignore[union-attr]
+        return outdated
+
+    def claim(self) -> None:
+        self._inspect()
+
+    def _recreate_sets(self) -> None:
+        """Our hash:ip sets of an older version out of the way: the rules that match
+        them (our chain) emptied first, since the kernel keeps a referenced set."""
+        for version in (4, 6):
+            if self._chain_exists(self._tool(version)):
+                run([self._tool(version), "-w", "-F", self.chain])
+        existing = set(run(["ipset", "list", "-n"]).split())
+        for name in [*self.sets.values(), *(f"{n}-tmp" for n in self.sets.values())]:
+            if name in existing:
+                run(["ipset", "destroy", name])
+        log.warning(
+            "ipset: sets %s, %s came from an older version (hash:ip): recreated as hash:net, "
+            "the agent refills them",
+            *self.sets.values(),
+        )
+
     # -- the interface -------------------------------------------------------------------
     def setup(self) -> None:
         with self._lock:
+            if self._inspect():
+                self._recreate_sets()
+                self._known.clear()
             self._ipset(
                 "\n".join(self._create_lines(4, self.sets[4]) + self._create_lines(6, self.sets[6]))
                 + "\n"
@@ -155,12 +241,12 @@ class IpsetFirewall:
                 return
             run([tool, "-w", "-D", hook, "-j", self.chain])
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, past = split_live(bans, now)
         # -exist: re-adding refreshes the timeout; deleting what is absent is no error
         lines = self._add_lines(self.sets, live, now)
-        lines += [f"del {self.sets[a.version]} {a}" for a in past]
+        lines += [f"del {self.sets[a.version]} {a.compressed}" for a in past]
         if not lines:
             return
         with self._lock:
@@ -170,17 +256,19 @@ class IpsetFirewall:
                 self._known.pop(address, None)
             self._stats.adds += len(live)
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
-        gone = {as_address(a) for a in addresses}
+    def delete(self, networks: Iterable[IPNetwork]) -> None:
+        gone = {as_network(a) for a in networks}
         if not gone:
             return
         with self._lock:
-            self._ipset("\n".join(f"del {self.sets[a.version]} {a}" for a in gone) + "\n")
+            self._ipset(
+                "\n".join(f"del {self.sets[a.version]} {a.compressed}" for a in gone) + "\n"
+            )
             for address in gone:
                 self._known.pop(address, None)
             self._stats.deletes += len(gone)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, _ = split_live(bans, now)
         tmp = {v: f"{name}-tmp" for v, name in self.sets.items()}
@@ -202,12 +290,12 @@ class IpsetFirewall:
             count_replaced(self._stats, self._known, live)
             self._known = dict(live)
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         return []  # the kernel does it
 
-    def list(self) -> dict[IPAddress, float | None]:
+    def list(self) -> dict[IPNetwork, float | None]:
         now = time.time()
-        out: dict[IPAddress, float | None] = {}
+        out: dict[IPNetwork, float | None] = {}
         for name in self.sets.values():
             text = run(["ipset", "list", name, "-o", "save"])
             for line in text.splitlines():
@@ -215,22 +303,22 @@ class IpsetFirewall:
                 if len(parts) < 3 or parts[0] != "add":
                     continue
                 try:
-                    address = ipaddress.ip_address(parts[2])
+                    network = ipaddress.ip_network(parts[2])
                 except ValueError:
                     continue
                 until: float = math.inf
                 if "timeout" in parts[3:]:
                     seconds = int(parts[parts.index("timeout") + 1])
                     until = math.inf if seconds == 0 else now + seconds
-                out[address] = until
+                out[network] = until
         return out
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
         """Both sets exist and hold as many entries as we put there (headers only)."""
         now = time.time() + INTACT_SLACK
         low, high = {4: 0, 6: 0}, {4: 0, 6: 0}
-        for address, until in expected.items():  # addresses from the agent: parsed already
-            version = address.version
+        for network, until in expected.items():  # networks from the agent: parsed already
+            version = network.version
             high[version] += 1
             if until > now:
                 low[version] += 1
@@ -246,6 +334,7 @@ class IpsetFirewall:
 
     def teardown(self) -> None:
         with self._lock:
+            self._inspect()  # never remove what is not ours
             for version in (4, 6):
                 tool = self._tool(version)
                 for hook in HOOKS:
@@ -272,13 +361,20 @@ class IpsetFirewall:
             return results
         probe = f"fastagi-chk{int(time.time() * 1000) % 100000}"
         try:
-            run(["ipset", "create", probe, "hash:ip", "family", "inet6", "timeout", "1"])
+            run(["ipset", "create", probe, "hash:net", "family", "inet6", "timeout", "1"])
             run(["ipset", "destroy", probe])
             results.append(
-                CheckResult("ipset kernel support", True, "ip_set hash:ip with timeouts works here")
+                CheckResult(
+                    "ipset kernel support", True, "ip_set hash:net with timeouts works here"
+                )
             )
         except FirewallError as exc:
             results.append(CheckResult("ipset kernel support", False, permission_hint(str(exc))))
+            return results
+        try:
+            self.claim()
+        except FirewallError as exc:
+            results.append(CheckResult(f"ipset chain {self.chain}", False, str(exc)))
             return results
         try:
             sizes = {

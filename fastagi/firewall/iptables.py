@@ -1,7 +1,10 @@
 """The iptables backend, through python-iptables (libiptc).
 
     -N FASTAGI
-    -A FASTAGI -s 192.0.2.9/32 -j DROP                  one rule per banned address
+    -A FASTAGI -s 192.0.2.9/32 -m comment --comment fastagi-until=1800000000 -j DROP
+    -A FASTAGI -s 2001:db8:1:2::/64 -m comment --comment fastagi-until=1800000000 -j DROP
+                                                        one rule per banned address or prefix
+    -A FASTAGI -m comment --comment fastagi-screen -j RETURN   our mark, last
     -I INPUT -j FASTAGI                                 ports "all": one jump
     -I INPUT -p udp -m multiport --dports 5060 -j FASTAGI   else one jump per protocol
     (the same in ip6tables; FORWARD too with firewall.forward)
@@ -13,10 +16,16 @@ Things to know before choosing it:
   -n`. The nftables backend is the native choice there; check() and setup() say so.
 - One rule per address, and libiptc copies the whole table on every commit: fine up to a
   few thousand bans (5,000 load in about a second); for more use ipset or nftables.
-- iptables has no timeouts: expiry is kept here, in memory, and expire() lifts due bans
-  (the agent calls it every second); after a restart the agent's set() restores it.
+- iptables has no timeouts: each rule's comment carries its ban's end (unix seconds,
+  this host's clock), kept here in memory too; the agent lifts due bans. After a
+  restart, setup() reads the ends back from the comments, so bans still end on time
+  when Redis is unreachable then; a rule without the comment (written before) keeps
+  its ban until the agent reconciles with Redis.
 - python-iptables has no locking: our writes are serialised by a lock and by the
   /run/xtables.lock that `iptables-legacy -w` uses, and each call is one commit.
+- A chain of our name holding anything but our ban rules and our mark (fail2ban's
+  `f2b-asterisk`) is someone else's: claim() refuses it and nothing is touched. A chain
+  of an older version (ban rules of single addresses, no mark) is ours: setup() marks it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import contextlib
 import fcntl
 import ipaddress
 import logging
+import math
 import os
 import re
 import shutil
@@ -35,21 +45,34 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ._common import (
-    as_address,
+    as_network,
+    count_replaced,
     expected_bounds,
     parse_ports,
     permission_hint,
     ports_by_proto,
     split_live,
 )
-from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+from .base import (
+    OWNER_MARK,
+    CheckResult,
+    FirewallConflict,
+    FirewallError,
+    FirewallSettings,
+    FirewallStats,
+    IPNetwork,
+)
 
 log = logging.getLogger("fastagi.firewall")
 
 SCALE_LIMIT = 5000  # rules per family beyond which commits get slow (libiptc copies tables)
 XTABLES_LOCK = "/run/xtables.lock"
 HOOKS = ("INPUT", "FORWARD")
-_BAN_LINE = re.compile(r"^-A \S+ -s (\S+) -j DROP$", re.MULTILINE)
+COMMENT = "fastagi-until="  # + the ban's end in whole unix seconds; no comment: no end
+_BAN_LINE = re.compile(
+    r'^-A \S+ -s (\S+)(?: -m comment --comment "?' + COMMENT + r'(\d{1,12})"?)? -j DROP$'
+)
+_MARK_LINE = re.compile(rf"^-A \S+ -m comment --comment {OWNER_MARK} -j RETURN$", re.MULTILINE)
 
 
 def _iptc() -> Any:
@@ -91,8 +114,9 @@ class IptablesFirewall:
             )
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
-        self._bans: dict[IPAddress, float] = {}  # expiry, kept here: iptables has none
-        self._present: dict[int, set[IPAddress]] = {4: set(), 6: set()}  # rules in our chain
+        self._bans: dict[IPNetwork, float] = {}  # expiry, kept here: iptables has none
+        # the rules in our chain: network -> the end in its comment
+        self._present: dict[int, dict[IPNetwork, int | None]] = {4: {}, 6: {}}
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
         self._loaded = False  # _present read from the kernel yet?
@@ -118,10 +142,21 @@ class IptablesFirewall:
         iptc = _iptc()
         return iptc.Rule() if version == 4 else iptc.Rule6()
 
-    def _ban_rule(self, version: int, address: IPAddress) -> Any:
+    def _ban_rule(self, version: int, network: IPNetwork, end: int | None) -> Any:
+        """The DROP rule of one ban; `end` (whole unix seconds) goes into its comment."""
         rule = self._rule(version)
-        rule.src = f"{address}/{address.max_prefixlen}"
+        rule.src = network.compressed  # "192.0.2.9/32", "2001:db8:1:2::/64"
+        if end is not None:
+            rule.create_match("comment").comment = f"{COMMENT}{end}"
         rule.target = rule.create_target("DROP")
+        return rule
+
+    def _mark_rule(self, version: int) -> Any:
+        """Our mark, the last rule of our chain: a RETURN there changes nothing."""
+        rule = self._rule(version)
+        match = rule.create_match("comment")
+        match.comment = OWNER_MARK
+        rule.target = rule.create_target("RETURN")
         return rule
 
     def _jump_rules(self, version: int) -> list[Any]:
@@ -184,9 +219,21 @@ class IptablesFirewall:
                 with contextlib.suppress(Exception):
                     table.close()
 
-    def _read_sources(self, version: int) -> set[IPAddress]:
-        """The addresses banned in our chain. Through `iptables-legacy -S` when that
-        command exists (C: 5,000 rules in ~20 ms, where python-iptables takes 2 s to
+    def _delete_rules(self, chain: Any, version: int, network: IPNetwork) -> None:
+        """Delete this ban's rule(s): libiptc deletes by the whole rule, so the one with
+        the comment we wrote (or read back), then one without (older rules)."""
+        iptc = _iptc()
+        for end in dict.fromkeys([self._present[version].get(network), None]):
+            for _ in range(4):  # bounded: a duplicate rule goes too
+                try:
+                    chain.delete_rule(self._ban_rule(version, network, end))
+                except iptc.IPTCError:
+                    break  # not there
+
+    def _scan(self, version: int) -> tuple[dict[IPNetwork, int | None], bool, bool]:
+        """(the networks banned in our chain with the ends their comments carry, our mark
+        is there, a rule of someone else's is there). Through `iptables-legacy -S` when
+        that command exists (C: 5,000 rules in ~20 ms, where python-iptables takes 2 s to
         turn them into objects), else through libiptc."""
         tool = shutil.which("iptables-legacy" if version == 4 else "ip6tables-legacy")
         if tool is not None:
@@ -201,29 +248,64 @@ class IptablesFirewall:
             except (OSError, subprocess.TimeoutExpired):
                 proc = None
             if proc is not None and proc.returncode == 0:
-                found = set()
-                for match in _BAN_LINE.finditer(proc.stdout):
-                    with contextlib.suppress(ValueError):
-                        found.add(ipaddress.ip_interface(match.group(1)).ip)
-                return found
+                found: dict[IPNetwork, int | None] = {}
+                foreign = False
+                for line in proc.stdout.splitlines():
+                    if not line.startswith("-A ") or _MARK_LINE.match(line):
+                        continue
+                    ban = _BAN_LINE.match(line)
+                    try:
+                        network = ipaddress.ip_network(ban.group(1))  # type: ignore[union-attr]
+                    except (AttributeError, ValueError):
+                        foreign = True
+                        continue
+                    found[network] = int(ban.group(2)) if ban.group(2) else None
+                marked = _MARK_LINE.search(proc.stdout) is not None
+                return found, marked, foreign or _foreign_unmarked(found, marked)
             if proc is not None and "No chain" in (proc.stderr or ""):
-                return set()
-        return self._read_sources_libiptc(version)
+                return {}, False, False
+        return self._scan_libiptc(version)
 
-    def _read_sources_libiptc(self, version: int) -> set[IPAddress]:
+    def _scan_libiptc(self, version: int) -> tuple[dict[IPNetwork, int | None], bool, bool]:
         iptc = _iptc()
         table = self._table(version)
         try:
             if not table.is_chain(self.chain):
-                return set()
-            found = set()
+                return {}, False, False
+            found: dict[IPNetwork, int | None] = {}
+            marked = foreign = False
             for rule in iptc.Chain(table, self.chain).rules:
-                with contextlib.suppress(ValueError):
-                    found.add(ipaddress.ip_interface(_cidr(rule.src)).ip)
-            return found
+                target = rule.target.name if rule.target else ""
+                matches = [(m.name, getattr(m, "comment", None)) for m in rule.matches]
+                if target == "RETURN" and matches == [("comment", OWNER_MARK)]:
+                    marked = True
+                elif target == "DROP" and (not matches or _rule_end(rule) is not None):
+                    try:
+                        found[ipaddress.ip_network(_cidr(rule.src))] = _rule_end(rule)
+                    except ValueError:
+                        foreign = True
+                else:
+                    foreign = True
+            return found, marked, foreign or _foreign_unmarked(found, marked)
         finally:
             with contextlib.suppress(Exception):
                 table.close()
+
+    def _read_sources(self, version: int) -> dict[IPNetwork, int | None]:
+        return self._scan(version)[0]
+
+    def claim(self) -> None:
+        for version in (4, 6):
+            if self._scan(version)[2]:
+                raise self._conflict(version)
+
+    def _conflict(self, version: int) -> FirewallConflict:
+        family = "ip6tables" if version == 6 else "iptables"
+        return FirewallConflict(
+            f"iptables: {family} chain {self.chain} exists and was not created by "
+            "fastagi-screen: refusing to touch it; set firewall.chain to a name of our own "
+            "(e.g. FASTAGI)"
+        )
 
     # -- the interface ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -237,11 +319,18 @@ class IptablesFirewall:
                 self.chain,
             )
         hooks = HOOKS if self.settings.forward else HOOKS[:1]
+        # read outside the xtables lock: `iptables-legacy -S` waits for it
+        scans = {version: self._scan(version) for version in (4, 6)}
+        for version, (_, _, foreign) in scans.items():
+            if foreign:
+                raise self._conflict(version)
 
         def change(version: int) -> Any:
             def apply(table: Any) -> None:
                 if not table.is_chain(self.chain):
                     table.create_chain(self.chain)
+                if not scans[version][1]:  # new, flushed by hand, or an older version's
+                    iptc.Chain(table, self.chain).append_rule(self._mark_rule(version))
                 # rewrite our jumps: exactly the wanted ones, first in each hook
                 for hook in HOOKS:
                     chain = iptc.Chain(table, hook)
@@ -257,10 +346,12 @@ class IptablesFirewall:
         with self._writing():
             for version in (4, 6):
                 self._commit(version, change(version))
-        # read back outside the xtables lock: `iptables-legacy -S` waits for it
         with self._lock:
             for version in (4, 6):
-                self._present[version] = self._read_sources(version)
+                self._present[version] = scans[version][0]
+                for network, end in self._present[version].items():
+                    if end is not None:  # a restart: the ends come back from the comments
+                        self._bans.setdefault(network, float(end))
             self._loaded = True
         log.log(
             logging.DEBUG if self._announced else logging.INFO,
@@ -270,7 +361,7 @@ class IptablesFirewall:
         )
         self._announced = True
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         live, past = split_live(bans)
         if past:
             self.delete(past)
@@ -279,77 +370,82 @@ class IptablesFirewall:
         with self._writing():
             if not self._loaded:  # add() before setup(): learn what is there, no duplicates
                 for version in (4, 6):
-                    self._present[version] = self._read_sources_libiptc(version)
+                    present, _, foreign = self._scan_libiptc(version)
+                    if foreign:
+                        raise self._conflict(version)
+                    self._present[version] = present
                 self._loaded = True
             for version in (4, 6):
-                new = [a for a in live if a.version == version and a not in self._present[version]]
+                present = self._present[version]
+                new = {
+                    a: _end(until)
+                    for a, until in live.items()
+                    if a.version == version and (a not in present or present[a] != _end(until))
+                }
                 if new:
 
-                    def apply(table: Any, new: list[IPAddress] = new, v: int = version) -> None:
+                    def apply(table: Any, new: dict = new, v: int = version) -> None:
                         chain = _iptc().Chain(table, self.chain)
-                        for address in new:
-                            chain.append_rule(self._ban_rule(v, address))
+                        for network, end in new.items():
+                            if network in self._present[v]:  # a new end: a new comment
+                                self._delete_rules(chain, v, network)
+                            chain.insert_rule(self._ban_rule(v, network, end))  # mark stays last
 
                     self._commit(version, apply)
-                    self._present[version].update(new)
+                    present.update(new)
             self._bans.update(live)
             self._stats.adds += len(live)
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
-        gone = {as_address(a) for a in addresses}
+    def delete(self, networks: Iterable[IPNetwork]) -> None:
+        gone = {as_network(a) for a in networks}
         if not gone:
             return
-        iptc = _iptc()
         with self._writing():
             for version in (4, 6):
                 mine = [a for a in gone if a.version == version]
                 if not mine:
                     continue
 
-                def apply(table: Any, mine: list[IPAddress] = mine, v: int = version) -> None:
+                def apply(table: Any, mine: list[IPNetwork] = mine, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         return
-                    chain = iptc.Chain(table, self.chain)
+                    chain = _iptc().Chain(table, self.chain)
                     for address in mine:
-                        for _ in range(4):  # bounded: a duplicate rule goes too
-                            try:
-                                chain.delete_rule(self._ban_rule(v, address))
-                            except iptc.IPTCError:
-                                break  # not there
+                        self._delete_rules(chain, v, address)
 
                 self._commit(version, apply)
-                self._present[version].difference_update(mine)
+                for address in mine:
+                    self._present[version].pop(address, None)
             for address in gone:
                 self._bans.pop(address, None)
             self._stats.deletes += len(gone)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         live, _ = split_live(bans)
         iptc = _iptc()
         with self._writing():
             for version in (4, 6):
-                wanted = [a for a in live if a.version == version]
+                wanted = {a: _end(until) for a, until in live.items() if a.version == version}
 
-                def apply(table: Any, wanted: list[IPAddress] = wanted, v: int = version) -> None:
+                def apply(table: Any, wanted: dict = wanted, v: int = version) -> None:
                     if not table.is_chain(self.chain):
                         raise FirewallError(f"iptables: chain {self.chain} is missing: run setup")
                     chain = iptc.Chain(table, self.chain)
                     chain.flush()
-                    for address in wanted:
-                        chain.append_rule(self._ban_rule(v, address))
+                    for network, end in wanted.items():
+                        chain.append_rule(self._ban_rule(v, network, end))
+                    chain.append_rule(self._mark_rule(v))
 
                 self._commit(version, apply)
-                before = self._present[version]
-                self._present[version] = set(wanted)
-                self._stats.adds += len(set(wanted) - before)
-                self._stats.deletes += len(before - set(wanted))
+                count_replaced(self._stats, self._present[version], wanted)
+                self._present[version] = wanted
             self._bans = dict(live)
         if len(live) > SCALE_LIMIT:
             log.warning(
                 "iptables: %d bans as one rule each is slow; use ipset or nftables", len(live)
             )
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         now = time.time() if now is None else now
         with self._lock:
             due = [a for a, until in self._bans.items() if until <= now]
@@ -358,19 +454,19 @@ class IptablesFirewall:
             log.info("iptables: %d bans expired and lifted", len(due))
         return due
 
-    def list(self) -> dict[IPAddress, float | None]:
-        out: dict[IPAddress, float | None] = {}
+    def list(self) -> dict[IPNetwork, float | None]:
+        out: dict[IPNetwork, float | None] = {}
         with self._lock:
             for version in (4, 6):
-                for address in self._read_sources(version):
-                    out[address] = self._bans.get(address)
+                for address, end in self._read_sources(version).items():
+                    out[address] = self._bans.get(address, None if end is None else float(end))
         return out
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
         """Our chain exists in both families and holds exactly the expected addresses."""
         must, may = expected_bounds(expected)
         with self._lock:
-            present: set[IPAddress] = set()
+            present: set[IPNetwork] = set()
             for version in (4, 6):
                 table = self._table(version)
                 try:
@@ -379,11 +475,12 @@ class IptablesFirewall:
                 finally:
                     with contextlib.suppress(Exception):
                         table.close()
-                present |= self._read_sources(version)
+                present |= self._read_sources(version).keys()
         return must <= present <= may
 
     def teardown(self) -> None:
         iptc = _iptc()
+        self.claim()  # never remove what is not ours
 
         def apply(table: Any) -> None:
             for hook in HOOKS:
@@ -398,7 +495,7 @@ class IptablesFirewall:
         with self._writing():
             for version in (4, 6):
                 self._commit(version, apply)
-                self._present[version] = set()
+                self._present[version] = {}
             self._bans.clear()
         log.info("iptables: chain %s and its jumps removed", self.chain)
 
@@ -413,6 +510,12 @@ class IptablesFirewall:
             )
         except FirewallError as exc:
             return [CheckResult("python-iptables", False, str(exc))]
+        try:
+            self.claim()
+        except FirewallConflict as exc:
+            return [*results, CheckResult(f"iptables chain {self.chain}", False, str(exc))]
+        except FirewallError:
+            pass  # no legacy tables here: said below
         for version in (4, 6):
             what = f"ip{'6' if version == 6 else ''}tables (legacy, libiptc) filter table"
             try:
@@ -469,6 +572,24 @@ class IptablesFirewall:
                 self._stats.errors,
                 {"chain": self.chain, "variant": "legacy (libiptc)"},
             )
+
+
+def _end(until: float) -> int | None:
+    """A ban's end as its rule's comment carries it: whole seconds, rounded up."""
+    return None if math.isinf(until) else math.ceil(until)
+
+
+def _rule_end(rule: Any) -> int | None:
+    for match in rule.matches:
+        text = getattr(match, "comment", None) or ""
+        if match.name == "comment" and text.startswith(COMMENT) and text[len(COMMENT) :].isdigit():
+            return int(text[len(COMMENT) :])
+    return None
+
+
+def _foreign_unmarked(found: Mapping[IPNetwork, int | None], marked: bool) -> bool:
+    """Without our mark, only an older version's chain is ours: single-address bans."""
+    return not marked and any(n.prefixlen != n.max_prefixlen for n in found)
 
 
 def _cidr(src: str) -> str:

@@ -1,17 +1,33 @@
-"""The nftables backend: our own `inet` table, two sets with per-element timeouts.
+"""The nftables backend: our own `inet` table, sets with per-element timeouts.
 
     table inet fastagi {
-        set ban4 { type ipv4_addr; flags timeout; }
+        comment "fastagi-screen"       # our mark: a table of that name without it is refused
+        set ban4 { type ipv4_addr; flags timeout; }       # single addresses (hash)
         set ban6 { type ipv6_addr; flags timeout; }
+        set ban6_64 { type ipv6_addr; flags timeout; }    # /64 prefixes (hash, masked match)
+        set net4 { type ipv4_addr; flags interval, timeout; }   # any other prefix
+        set net6 { type ipv6_addr; flags interval, timeout; }
         chain input { type filter hook input priority filter - 10; policy accept;
-                      ip saddr @ban4 drop; ip6 saddr @ban6 drop }
+                      ip saddr @ban4 drop; ip saddr @net4 drop; ip6 saddr @ban6 drop;
+                      ip6 saddr & ffff:ffff:ffff:ffff:: @ban6_64 drop; ip6 saddr @net6 drop }
         chain forward { ... }          # only with firewall.forward
     }
 
 Bans expire in the kernel even when the agent is gone. Every call is ONE nft
 transaction (all or nothing), sent through libnftables (ctypes, no fork) or, when the
 library cannot be loaded, through `nft -f -`. 100,000 elements load in well under a
-second. We never touch anything outside our table.
+second. We never touch anything outside our table, and never a table of our configured
+name that we did not create (a distribution's `inet filter`): claim() refuses it. A
+table an older version made (no mark, nothing but our sets, chains and drop rules) is
+ours: setup() recreates it.
+
+Why hash sets for addresses and /64s: nft 1.0.6 checks an interval set's elements for
+overlaps in userspace, so adding one element to an interval set of 100,000 costs
+~2.4 s and deleting 1,000 from 10,000 ~12 s, where a hash set takes milliseconds. The
+interval sets hold the rarer prefixes (a /48, an IPv4 /24); they refuse overlapping
+elements, so those are kept flattened (_common.flatten: a prefix inside a wider
+banned one is folded into it). The backend keeps the bans it was given and writes
+the difference between what it wrote and what it wants now.
 """
 
 from __future__ import annotations
@@ -30,19 +46,38 @@ import time
 from collections.abc import Iterable, Mapping
 
 from ._common import (
-    as_address,
+    as_network,
     count_replaced,
+    flatten,
     parse_ports,
     permission_hint,
     ports_by_proto,
     remaining_ms,
     split_live,
 )
-from .base import CheckResult, FirewallError, FirewallSettings, FirewallStats, IPAddress
+from .base import (
+    OWNER_MARK,
+    CheckResult,
+    FirewallConflict,
+    FirewallError,
+    FirewallSettings,
+    FirewallStats,
+    IPNetwork,
+)
 
 log = logging.getLogger("fastagi.firewall")
 
-SET4, SET6 = "ban4", "ban6"
+SET4, SET6, SET6_64, NET4, NET6 = "ban4", "ban6", "ban6_64", "net4", "net6"
+# set -> (type, flags); ban4/ban6 are the sets of versions before prefixes, unchanged
+SETS = {
+    SET4: ("ipv4_addr", "timeout"),
+    SET6: ("ipv6_addr", "timeout"),
+    SET6_64: ("ipv6_addr", "timeout"),
+    NET4: ("ipv4_addr", "interval, timeout"),
+    NET6: ("ipv6_addr", "interval, timeout"),
+}
+INTERVAL_SETS = (NET4, NET6)
+REWRITE_AT = 64  # deletions or refreshes in one call beyond which the sets are rewritten
 PRIORITY = "filter - 10"
 MAX_TIMEOUT_MS = 36_500 * 86_400_000  # before the distribution's own filter chains
 
@@ -178,16 +213,21 @@ class NftablesFirewall:
         self._ports = parse_ports(self.settings.ports)
         self._lock = threading.Lock()
         self._nft: _Libnftables | _NftCommand | None = None
-        self._known: dict[IPAddress, float] = {}  # what we put there, for stats()
+        self._known: dict[IPNetwork, float] = {}  # the bans we were given
+        self._kernel: dict[IPNetwork, float] = {}  # what we wrote: _known, flattened
         self._stats = FirewallStats(backend=self.name)
         self._announced = False  # setup() runs every sync: say it at INFO once
 
     # -- transport ---------------------------------------------------------------------
-    def _run(self, script: str, json_output: bool = False, check_only: bool = False) -> str:
+    def _run(
+        self, script: str, json_output: bool = False, check_only: bool = False, terse: bool = False
+    ) -> str:
         if self._nft is None:
             self._nft = _transport()
         try:
-            return self._nft.run(script, json_output=json_output, check_only=check_only)
+            return self._nft.run(
+                script, json_output=json_output, check_only=check_only, terse=terse
+            )
         except FirewallError as exc:
             self._stats.errors += 1
             if "No such file or directory" in str(exc) and "add table" not in script:
@@ -201,9 +241,11 @@ class NftablesFirewall:
     def _base_script(self) -> list[str]:
         t = f"inet {self.table}"
         lines = [
-            f"add table {t}",
-            f"add set {t} {SET4} {{ type ipv4_addr; flags timeout; }}",
-            f"add set {t} {SET6} {{ type ipv6_addr; flags timeout; }}",
+            f'add table {t} {{ comment "{OWNER_MARK}"; }}',  # the mark: set on creation only
+            *(
+                f"add set {t} {name} {{ type {kind}; flags {flags}; }}"
+                for name, (kind, flags) in SETS.items()
+            ),
         ]
         hooks = ["input", "forward"] if self.settings.forward else ["input"]
         for hook in hooks:
@@ -223,7 +265,13 @@ class NftablesFirewall:
         return lines
 
     def _matches(self) -> list[str]:
-        sources = [f"ip saddr @{SET4}", f"ip6 saddr @{SET6}"]
+        sources = [
+            f"ip saddr @{SET4}",
+            f"ip saddr @{NET4}",
+            f"ip6 saddr @{SET6}",
+            f"ip6 saddr & ffff:ffff:ffff:ffff:: @{SET6_64}",
+            f"ip6 saddr @{NET6}",
+        ]
         if self._ports is None:
             return sources
         out = []
@@ -233,14 +281,13 @@ class NftablesFirewall:
                 out.append(f"{source} {proto} dport {{ {ports} }}")
         return out
 
-    def _elements(self, bans: Mapping[IPAddress, float], now: float, timeouts: bool) -> dict:
-        by_set: dict[str, list[str]] = {SET4: [], SET6: []}
-        for address, until in bans.items():
-            name = SET4 if address.version == 4 else SET6
+    def _elements(self, bans: Mapping[IPNetwork, float], now: float, timeouts: bool) -> dict:
+        by_set: dict[str, list[str]] = {name: [] for name in SETS}
+        for network, until in bans.items():
+            name = _set_of(network)
             ms = remaining_ms(until, now) if timeouts else None
-            by_set[name].append(
-                str(address) if ms is None else f"{address} timeout {_duration(ms)}"
-            )
+            text = network.compressed if name in INTERVAL_SETS else str(network.network_address)
+            by_set[name].append(text if ms is None else f"{text} timeout {_duration(ms)}")
         return {name: elems for name, elems in by_set.items() if elems}
 
     def _element_lines(self, verb: str, elements: dict[str, list[str]]) -> list[str]:
@@ -249,10 +296,49 @@ class NftablesFirewall:
             for name, elems in elements.items()
         ]
 
+    # -- ownership ---------------------------------------------------------------------
+    def _inspect(self) -> str:
+        """'absent', 'ours' or 'outdated' (ours, from a version without the mark or
+        with other sets); FirewallConflict when the table is someone else's."""
+        try:
+            text = self._run(f"list table inet {self.table}\n", terse=True)
+        except FirewallError as exc:
+            if "No such file or directory" in str(exc):
+                return "absent"
+            raise
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        marked = len(lines) > 1 and lines[1] == f'comment "{OWNER_MARK}"'
+        shape = json.loads(
+            self._run(f"list table inet {self.table}\n", json_output=True, terse=True) or "{}"
+        ).get("nftables", [])
+        if marked:
+            return "ours" if _sets_as_ours(shape) else "outdated"
+        if _older_version(shape):
+            return "outdated"
+        raise FirewallConflict(
+            f"nftables: table inet {self.table} exists and was not created by fastagi-screen: "
+            f"refusing to touch it; set firewall.chain to a name of our own (e.g. FASTAGI)"
+        )
+
+    def claim(self) -> None:
+        self._inspect()
+
     # -- the interface -----------------------------------------------------------------
     def setup(self) -> None:
         with self._lock:
-            self._run("\n".join(self._base_script()) + "\n")
+            state = self._inspect()
+            script = self._base_script()
+            if state == "outdated":  # ours, from an older version: made anew, refilled by set()
+                script.insert(0, f"delete table inet {self.table}")
+            self._run("\n".join(script) + "\n")
+            if state != "ours":
+                self._kernel = {}
+        if state == "outdated":
+            log.warning(
+                "nftables: table inet %s came from an older version: "
+                "recreated, the agent refills it",
+                self.table,
+            )
         log.log(
             logging.DEBUG if self._announced else logging.INFO,
             "nftables: table inet %s ready (hooks: %s, ports: %s)",
@@ -262,61 +348,106 @@ class NftablesFirewall:
         )
         self._announced = True
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def _write(self, now: float, touched: Iterable[IPNetwork]) -> None:
+        """Bring the kernel's elements for the `touched` networks in line with the live
+        _known bans, looking only at those (a hash set's elements are independent) and,
+        when an interval set is concerned, at that set's whole flattened layout. A
+        touched network we never wrote is deleted all the same (another process's),
+        unless that would cut into an interval we keep. Deletes go first, in their own
+        transaction: nft checks an interval set's overlaps against the elements before
+        the transaction, so a /56 cannot become its /48 within one."""
+        touched = set(touched)
+        plain = [n for n in touched if _set_of(n) not in INTERVAL_SETS]
+        wanted = {n: self._known[n] for n in plain if self._known.get(n, 0) > now}
+        current = {n: self._kernel[n] for n in plain if n in self._kernel}
+        gone = {n: math.inf for n in plain if n not in wanted}
+        if len(plain) < len(touched):
+            live = {n: u for n, u in self._known.items() if u > now}
+            intervals = flatten({n: u for n, u in live.items() if _set_of(n) in INTERVAL_SETS})
+            wanted.update(intervals)
+            current.update({n: u for n, u in self._kernel.items() if _set_of(n) in INTERVAL_SETS})
+            gone.update({n: math.inf for n in current if n not in intervals})
+            for network in touched - set(plain) - set(intervals) - set(current):
+                if not any(network.overlaps(k) for k in intervals if k.version == network.version):  # type: ignore[arg-type]
+                    gone[network] = math.inf
+        new = {n: u for n, u in wanted.items() if n not in current}
+        refresh = {n: u for n, u in wanted.items() if n in current and current[n] != u}
+        if len(gone) + len(refresh) > REWRITE_AT:  # nft deletes one by one: slow in bulk
+            self._rewrite(_layout({n: u for n, u in self._known.items() if u > now}), now)
+            return
+        if gone:
+            # add first (no error when present), then delete: no error when absent
+            elements = self._elements(gone, now, False)
+            self._run(
+                "\n".join(
+                    self._element_lines("add", elements) + self._element_lines("delete", elements)
+                )
+                + "\n"
+            )
+            for network in gone:
+                self._kernel.pop(network, None)
+        if new or refresh:
+            # Re-adding an element keeps its old timeout on older kernels, so a refresh is
+            # add (never fails), delete, add with the new timeout, in one transaction.
+            elements = self._elements(refresh, now, False)
+            script = (
+                self._element_lines("add", elements)
+                + self._element_lines("delete", elements)
+                + self._element_lines("add", self._elements({**new, **refresh}, now, True))
+            )
+            self._run("\n".join(script) + "\n")
+            self._kernel.update(new)
+            self._kernel.update(refresh)
+
+    def _rewrite(self, wanted: dict[IPNetwork, float], now: float) -> None:
+        """Every set emptied and refilled, in one transaction."""
+        script = [f"flush set inet {self.table} {name}" for name in SETS]
+        script += self._element_lines("add", self._elements(wanted, now, True))
+        self._run("\n".join(script) + "\n")
+        self._kernel = dict(wanted)
+
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, past = split_live(bans, now)
         if not live and not past:
             return
-        # Re-adding an element keeps its old timeout, so: add (never fails), delete,
-        # add with the new timeout, all in the same transaction.
-        plain = self._elements(dict.fromkeys(list(live) + past, math.inf), now, False)
-        timed = self._elements(live, now, True)
-        script = (
-            self._element_lines("add", plain)
-            + self._element_lines("delete", plain)
-            + self._element_lines("add", timed)
-        )
         with self._lock:
-            self._run("\n".join(script) + "\n")
             self._known.update(live)
-            for address in past:
-                self._known.pop(address, None)
+            for network in past:
+                self._known.pop(network, None)
+            self._write(now, [*live, *past])
             self._stats.adds += len(live)
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
-        gone = {as_address(a): math.inf for a in addresses}
+    def delete(self, networks: Iterable[IPNetwork]) -> None:
+        gone = {as_network(n) for n in networks}
         if not gone:
             return
-        plain = self._elements(gone, 0, False)
-        script = self._element_lines("add", plain) + self._element_lines("delete", plain)
         with self._lock:
-            self._run("\n".join(script) + "\n")
-            for address in gone:
-                self._known.pop(address, None)
+            for network in gone:
+                self._known.pop(network, None)
+            self._write(time.time(), gone)
             self._stats.deletes += len(gone)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         now = time.time()
         live, _ = split_live(bans, now)
-        script = [f"flush set inet {self.table} {SET4}", f"flush set inet {self.table} {SET6}"]
-        script += self._element_lines("add", self._elements(live, now, True))
         with self._lock:
-            self._run("\n".join(script) + "\n")
+            self._rewrite(_layout(live), now)
             count_replaced(self._stats, self._known, live)
             self._known = dict(live)
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         return []  # the kernel does it
 
-    def list(self) -> dict[IPAddress, float | None]:
+    def list(self) -> dict[IPNetwork, float | None]:
         now = time.time()
-        out: dict[IPAddress, float | None] = {}
+        out: dict[IPNetwork, float | None] = {}
         with self._lock:
             # one `list table` (nft 1.0.6 fails two `list set` in one buffer)
             text = self._run(f"list table inet {self.table}\n", json_output=True)
         for item in json.loads(text or "{}").get("nftables", []):
             found = item.get("set", {})
-            if found.get("name") not in (SET4, SET6):
+            if found.get("name") not in SETS:
                 continue
             for elem in found.get("elem", []):
                 if isinstance(elem, dict) and "elem" in elem:
@@ -324,18 +455,22 @@ class NftablesFirewall:
                     until = now + float(expires) if expires is not None else math.inf
                 else:
                     value, until = elem, math.inf
+                if isinstance(value, dict) and "prefix" in value:  # {"prefix": {addr, len}}
+                    value = f"{value['prefix'].get('addr')}/{value['prefix'].get('len')}"
+                elif found.get("name") == SET6_64:
+                    value = f"{value}/64"
                 try:
-                    out[ipaddress.ip_address(value)] = until
+                    out[ipaddress.ip_network(value)] = until
                 except (TypeError, ValueError):
                     continue
         return out
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
-        """Our table and both sets exist, read without their elements (a millisecond at
-        any size; listing or even `get element` makes nft load all 100,000 elements,
-        about a second). A deleted table is caught here; the input chain's rules are
-        rewritten by every setup(); a set flushed by hand is refilled by the agent's
-        periodic full rewrite."""
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
+        """Our table and its sets exist, with their types, read without their elements
+        (a millisecond at any size; listing or even `get element` makes nft load all
+        100,000 elements, about a second). A deleted table is caught here; the input
+        chain's rules are rewritten by every setup(); a set flushed by hand is refilled
+        by the agent's periodic full rewrite."""
         if self._nft is None:
             self._nft = _transport()
         try:
@@ -345,17 +480,16 @@ class NftablesFirewall:
                 )
         except FirewallError:
             return False
-        names = {
-            item["set"].get("name")
-            for item in json.loads(text or "{}").get("nftables", [])
-            if "set" in item
-        }
-        return {SET4, SET6} <= names
+        shape = json.loads(text or "{}").get("nftables", [])
+        names = {item["set"].get("name") for item in shape if "set" in item}
+        return names >= set(SETS) and _sets_as_ours(shape)
 
     def teardown(self) -> None:
         with self._lock:
-            self._run(f"add table inet {self.table}\ndelete table inet {self.table}\n")
+            if self._inspect() != "absent":
+                self._run(f"delete table inet {self.table}\n")
             self._known.clear()
+            self._kernel.clear()
         log.info("nftables: table inet %s removed", self.table)
 
     def check(self) -> list[CheckResult]:
@@ -366,6 +500,11 @@ class NftablesFirewall:
             results.append(CheckResult("nftables library", True, nft.where))
         except FirewallError as exc:
             return [CheckResult("nftables library", False, str(exc))]
+        try:
+            self.claim()
+        except FirewallError as exc:
+            results.append(CheckResult(f"nftables table inet {self.table}", False, str(exc)))
+            return results
         try:
             # sent to the kernel and aborted there: proves nf_tables, sets with timeouts and
             # the permission (CAP_NET_ADMIN) without changing anything
@@ -397,6 +536,7 @@ class NftablesFirewall:
         now = time.time()
         with self._lock:
             self._known = {a: u for a, u in self._known.items() if u > now}
+            self._kernel = {a: u for a, u in self._kernel.items() if u > now}
             size = len(self._known)
             return FirewallStats(
                 self.name,
@@ -406,3 +546,50 @@ class NftablesFirewall:
                 self._stats.errors,
                 {"table": f"inet {self.table}", "transport": getattr(self._nft, "where", "")},
             )
+
+
+def _set_of(network: IPNetwork) -> str:
+    if network.version == 4:
+        return SET4 if network.prefixlen == 32 else NET4
+    return {128: SET6, 64: SET6_64}.get(network.prefixlen, NET6)
+
+
+def _layout(bans: Mapping[IPNetwork, float]) -> dict[IPNetwork, float]:
+    """The elements the kernel holds for these bans: those of the interval sets
+    flattened (they refuse overlaps), the others as they are."""
+    intervals = {n: u for n, u in bans.items() if _set_of(n) in INTERVAL_SETS}
+    if not intervals:
+        return dict(bans)  # the common case: a copy keeps the keys' hashes
+    return {**{n: u for n, u in bans.items() if n not in intervals}, **flatten(intervals)}
+
+
+def _sets_as_ours(shape: list[dict]) -> bool:
+    """Every set of ours that exists has the type and flags this version gives it."""
+    for item in shape:
+        found = item.get("set")
+        if found and found.get("name") in SETS:
+            kind, flags = SETS[found["name"]]
+            if found.get("type") != kind or found.get("flags", []) != flags.split(", "):
+                return False
+    return True
+
+
+def _older_version(shape: list[dict]) -> bool:
+    """A table without our mark that an older fastagi-screen made: our sets, our hook
+    chains, drop rules on our sets, and nothing else (never empty: those versions
+    created the sets with the table)."""
+    kinds = {kind for item in shape for kind in item if kind not in ("metainfo", "table")}
+    sets = {i["set"]["name"] for i in shape if "set" in i}
+    chains = {i["chain"]["name"] for i in shape if "chain" in i}
+    rules = [i["rule"] for i in shape if "rule" in i]
+    return (
+        kinds <= {"set", "chain", "rule"}
+        and bool(sets)
+        and sets <= {SET4, SET6}
+        and chains <= {"input", "forward"}
+        and all(
+            rule.get("expr", [{}])[-1] == {"drop": None}
+            and any(f'"@{name}"' in json.dumps(rule.get("expr")) for name in (SET4, SET6))
+            for rule in rules
+        )
+    )

@@ -49,6 +49,7 @@ modules=(
     res_pjsip_endpoint_identifier_ip res_pjsip_endpoint_identifier_user
     res_pjsip_authenticator_digest res_pjsip_registrar res_pjsip_caller_id res_pjsip_nat
     res_pjsip_acl res_http_websocket func_pjsip_endpoint
+    app_dial res_clioriginate func_uri   # the Local-channel caller-ID check (lab.py)
 )
 case "$VERSION" in 2[01].*) modules+=(chan_sip) ;; esac   # removed in Asterisk 21
 for module in "${modules[@]}"; do sel --enable "$module" || echo "build.sh: no module $module"; done

@@ -45,6 +45,11 @@ ATTACKER6, NET6 = "2001:db8:1::10", "2001:db8:1::/64"
 THRESHOLD = 5
 USER, PASSWORD = "200", "correct-horse-200"  # the lab's one real account
 FORGED = "203.0.113.9"  # the address every injection payload tries to get counted
+# A From user that forged agi_arg_1 into the env block of a Local-channel AGI (issue 12).
+FORGED_SOURCE = "203.0.113.77"
+HOSTILE_FROM = f"x%0Aagi_arg_1%3A%20{FORGED_SOURCE}"
+KEY = secrets.token_hex(16)  # the AGI URL's shared key for this run (server.key_file)
+LOCAL_SOURCE = "198.51.100.30"  # the SOURCE argument of the lab's Local-channel AGI calls
 # Request-URI user parts of /shared captures (attacker-controlled-exten.txt): log-line
 # forging, env-block injection, a forged answer, CR and comma splitting.
 INJECTIONS = (
@@ -146,6 +151,23 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
             )
             dialplan.append((shipped / "extensions-pjsip.conf").read_text())
     dialplan.append("[from-internal]\nexten => _X.,1,Hangup()\n")
+    # The key as dialplan/README.md says: [globals] includes a file only Asterisk reads.
+    (etc / "fastagi-key.conf").write_text(f"FASTAGI_KEY={KEY}\n")
+    os.chmod(etc / "fastagi-key.conf", 0o640)
+    dialplan.insert(1, '[globals]\n#include "fastagi-key.conf"\n')
+    # Lab only: Local channels reaching AGI with a caller ID that carries a line feed and
+    # a forged agi_arg_1 (the From user above, URL-decoded as chan_sip does), with and
+    # without a SOURCE argument.
+    forged = f"${{URIDECODE({HOSTILE_FROM})}}"
+    url = "agi://127.0.0.1:4573/screen?key=${FASTAGI_KEY}"
+    dialplan.append(
+        "[fastagi-lab-local]\n"
+        f"exten => forged,1,Set(CALLERID(num)={forged})\n same => n,AGI({url})\n"
+        " same => n,Hangup()\n"
+        f"exten => forged-source,1,Set(CALLERID(num)={forged})\n"
+        f" same => n,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
+        f"exten => clean-source,1,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
+    )
     (etc / "extensions.conf").write_text("\n".join(dialplan))
     return etc / "asterisk.conf"
 
@@ -181,10 +203,13 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
     ports = ", ".join(f'"{s.port}/udp", "{s.port}/tcp"' for s in stacks)
     runtime = work / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
+    key_file = work / "fastagi.key"
+    key_file.write_text(KEY + "\n")
+    os.chmod(key_file, 0o600)
     path = work / "fastagi.toml"
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:4573"\nruntime_dir = "{runtime}"\n'
-        'session_timeout = "5s"\n\n'
+        f'session_timeout = "5s"\nkey_file = "{key_file}"\n\n'
         f'[screening]\nthreshold = {THRESHOLD}\nwindow = "10m"\nban_time = "1h"\n'
         'pbx_id = "lab"\n\n'
         '[redis]\nurl = "memory://"\n\n'
@@ -221,7 +246,17 @@ def _host(address: str) -> str:
 class Dialog:
     """One SIP client socket in the attacker's namespace: requests and their final answers."""
 
-    def __init__(self, ns: Namespace, src: str, dst: str, port: int, proto: str, timeout: float):
+    def __init__(
+        self,
+        ns: Namespace,
+        src: str,
+        dst: str,
+        port: int,
+        proto: str,
+        timeout: float,
+        from_user: str = "scanner",
+    ):
+        self.from_user = from_user
         family = socket.AF_INET6 if ":" in src else socket.AF_INET
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         self.sock = ns.socket(family, kind)
@@ -247,10 +282,11 @@ class Dialog:
     def request(self, method: str, user: str, cseq: int, extra: str = "") -> tuple[int, str] | None:
         """Send one request; its final response (code, text) once ACKed, or None."""
         ruri = f"sip:{user}@{_host(self.dst)}:{self.port}"
+        caller = user if method == "REGISTER" else self.from_user
         head = (
             f"Via: SIP/2.0/{self.proto.upper()} {_host(self.src)}:{self.lport};branch=z9hG4bK"
             f"{secrets.token_hex(6)};rport\r\nMax-Forwards: 70\r\n"
-            f'From: "lab" <sip:{user if method == "REGISTER" else "scanner"}@{_host(self.dst)}>'
+            f'From: "lab" <sip:{caller}@{_host(self.dst)}>'
             f";tag={self.tag}\r\nCall-ID: {self.call_id}\r\n"
         )
         self._send(
@@ -285,11 +321,18 @@ class Dialog:
 
 
 def invite(
-    ns: Namespace, src: str, dst: str, port: int, user: str, proto: str, timeout: float = 3
+    ns: Namespace,
+    src: str,
+    dst: str,
+    port: int,
+    user: str,
+    proto: str,
+    timeout: float = 3,
+    from_user: str = "scanner",
 ) -> int | None:
     """One guest INVITE (no SDP); the final response code, or None when nothing answered."""
     try:
-        dialog = Dialog(ns, src, dst, port, proto, timeout)
+        dialog = Dialog(ns, src, dst, port, proto, timeout, from_user)
     except OSError:
         return None
     try:
@@ -361,6 +404,12 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
             results += guest_calls(stack, pbx, attacker, config, sources)
         for stack, src in zip(stacks, attacker.extra4[5:7], strict=False):
             results.append(injections(stack, pbx, attacker, config, src))
+        for stack, src in zip(stacks, attacker.extra4[1:3], strict=False):
+            results.append(hostile_from_user(stack, pbx, attacker, config, src))
+        modules = inst / "lib" / "asterisk" / "modules"
+        if all((modules / m).exists() for m in ("res_clioriginate.so", "func_uri.so")):
+            results.append(local_channel_caller_id(asterisk, config))
+        results.append(wrong_key(asterisk, stacks[-1], pbx, attacker, config, work))
         results.append(ban_on_the_wire(stacks[0], pbx, attacker, config))
         guessers = {}
         for stack, src in zip(stacks, attacker.extra4[3:5], strict=False):
@@ -415,6 +464,64 @@ def injections(stack, pbx, attacker, config, src) -> Result:
         ok,
         f"answers {codes}; counted {counts.get(src, 0)} for {src}, "
         f"{counts.get(FORGED, 0)} for {FORGED}",
+    )
+
+
+def hostile_from_user(stack, pbx, attacker, config, src) -> Result:
+    """A From user that URL-decodes to a line feed and a forged `agi_arg_1`: the caller-ID
+    guard of the shipped dialplan takes it to [fastagi-bad-exten]; counted on the sender,
+    the forged address never."""
+    before = counted(config).get(src, 0)
+    code = invite(attacker, src, pbx.ipv4, stack.port, "7001", "udp", from_user=HOSTILE_FROM)
+    counts = counted(config)
+    ok = code == 403 and counts.get(src, 0) == before + 1 and FORGED_SOURCE not in counts
+    return Result(
+        f"{stack.name}: From user with a forged agi_arg_1 counts the sender only",
+        ok,
+        f"{src} -> {code}, count {before} -> {counts.get(src, 0)}, "
+        f"{counts.get(FORGED_SOURCE, 0)} for {FORGED_SOURCE}",
+    )
+
+
+def local_channel_caller_id(asterisk: Asterisk, config: Path) -> Result:
+    """Issue 12: on a Local channel (no address of its own) a caller ID with a line feed
+    forged `agi_arg_1` before Asterisk's own lines. The server trusts no SOURCE in such a
+    block; a clean block's SOURCE is counted. Needs res_clioriginate (channel originate),
+    app_dial (its Local channels) and func_uri (URIDECODE makes the line feed)."""
+    said = []
+    for exten in ("forged", "forged-source", "clean-source"):
+        out = asterisk.cli(f"channel originate Local/{exten}@fastagi-lab-local application Wait 1")
+        said.append((out.stdout + out.stderr).strip())
+    time.sleep(2)
+    counts = counted(config)
+    ok = FORGED_SOURCE not in counts and counts.get(LOCAL_SOURCE, 0) == 1
+    return Result(
+        "Local channel: a caller ID line feed never counts the forged agi_arg_1",
+        ok,
+        f"counted {counts.get(FORGED_SOURCE, 0)} for {FORGED_SOURCE}, "
+        f"{counts.get(LOCAL_SOURCE, 0)} for the clean SOURCE {LOCAL_SOURCE} (1 expected)"
+        f"{'' if ok else f'; CLI: {said}'}",
+    )
+
+
+def wrong_key(asterisk: Asterisk, stack, pbx, attacker, config, work: Path) -> Result:
+    """Asterisk with another key than the service: the session is closed with nothing
+    executed, the call fails open (still 403 here), nothing counted, the key not logged."""
+    src = attacker.extra4[0]
+    asterisk.cli(f"dialplan set global FASTAGI_KEY {secrets.token_hex(16)}")
+    try:
+        before = counted(config).get(src, 0)
+        code = invite(attacker, src, pbx.ipv4, stack.port, "7001", "udp")
+        after = counted(config).get(src, 0)
+    finally:
+        asterisk.cli(f"dialplan set global FASTAGI_KEY {KEY}")
+    log = (work / "fastagi-serve.log").read_text()
+    ok = code == 403 and after == before and "wrong or missing key" in log and KEY not in log
+    return Result(
+        f"{stack.name} udp: wrong key in the AGI URL: closed, fails open, not counted",
+        ok,
+        f"{src} -> {code}, count {before} -> {after}; service log names the refusal, "
+        f"{'never' if KEY not in log else 'SHOWS'} the key",
     )
 
 
