@@ -44,7 +44,7 @@ class Escalation:
         running, banned = await store.note_inside(text, target_text(target), until)
         if running < self.after or banned:
             return None
-        ends = await store.ban(text, None, "escalated")
+        ends = await store.ban(text, None, "escalated", hold="escalation")
         log.warning(
             "%s banned: %d prefixes inside it are banned (screening.escalate_after = %d)",
             text,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from fastagi.firewall._common import expected_bounds
-from fastagi.firewall.base import IPAddress
+from fastagi.firewall.base import IPNetwork
 
 
 class RecordingFirewall:
@@ -17,8 +17,8 @@ class RecordingFirewall:
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
-        self.bans: dict[IPAddress, float] = {}
-        self.remaining: dict[IPAddress, float] = {}  # seconds left when it was applied
+        self.bans: dict[IPNetwork, float] = {}
+        self.remaining: dict[IPNetwork, float] = {}  # seconds left when it was applied
         self.failures: list[Exception] = []  # raised, one per call, before doing anything
 
     def _maybe_fail(self) -> None:
@@ -28,7 +28,7 @@ class RecordingFirewall:
     def setup(self) -> None:
         self._maybe_fail()
 
-    def add(self, bans: Mapping[IPAddress, float]) -> None:
+    def add(self, bans: Mapping[IPNetwork, float]) -> None:
         self._maybe_fail()
         now = self.clock()
         for address, until in bans.items():
@@ -36,21 +36,21 @@ class RecordingFirewall:
                 self.bans[address] = until
                 self.remaining[address] = until - now
 
-    def delete(self, addresses: Iterable[IPAddress]) -> None:
+    def delete(self, addresses: Iterable[IPNetwork]) -> None:
         self._maybe_fail()
         for address in addresses:
             self.bans.pop(address, None)
 
-    def set(self, bans: Mapping[IPAddress, float]) -> None:
+    def set(self, bans: Mapping[IPNetwork, float]) -> None:
         self.bans = {}
         self.add(bans)
 
-    def list(self) -> dict[IPAddress, float | None]:
+    def list(self) -> dict[IPNetwork, float | None]:
         return dict(self.bans)
 
-    def intact(self, expected: Mapping[IPAddress, float]) -> bool:
+    def intact(self, expected: Mapping[IPNetwork, float]) -> bool:
         must, may = expected_bounds(expected, self.clock())
         return must <= set(self.bans) <= may
 
-    def expire(self, now: float | None = None) -> list[IPAddress]:
+    def expire(self, now: float | None = None) -> list[IPNetwork]:
         return []

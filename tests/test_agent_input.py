@@ -14,7 +14,7 @@ import redis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from fastagi.addresses import AddressError, AddressSet, parse_address
+from fastagi.addresses import AddressError, AddressSet, parse_target
 from fastagi.agent import Agent
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
@@ -69,7 +69,7 @@ BAD_ADDRESSES = [
 
 def _not_an_address(text: str) -> bool:
     try:
-        parse_address(text)
+        parse_target(text)
     except AddressError:
         return True
     return False

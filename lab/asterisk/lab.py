@@ -447,10 +447,10 @@ def guest_calls(stack, pbx, attacker, config, sources) -> list[Result]:
 
 
 def _counted_key(config: Path, src: str) -> str:
-    """The key `status` counts `src` under (a prefix when the service counts prefixes)."""
+    """The key `status` counts `src` under (its /64 for IPv6: `ipv6_prefix`)."""
     report = ctl(config, "status", src, "--json")
     with contextlib.suppress(ValueError, KeyError):
-        return json.loads(report.stdout).get("prefix") or src
+        return json.loads(report.stdout)["ip"]
     return src
 
 
