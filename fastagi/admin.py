@@ -24,7 +24,15 @@ from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
 from fastagi.protect import Protected
 from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
-from fastagi.store import ADMIN_HOLD, MIN_REDIS, Store, StoreError, redis_client, version_tuple
+from fastagi.store import (
+    ADMIN_HOLD,
+    AUTH_HOLD,
+    MIN_REDIS,
+    Store,
+    StoreError,
+    redis_client,
+    version_tuple,
+)
 
 HOLD_NAME_MAX = 128
 REASON_MAX = 64
@@ -181,6 +189,8 @@ async def cmd_unban(args: argparse.Namespace, config: Config) -> int:
             addresses = list(dict.fromkeys(addresses))
         targets = list(await store.banned()) if args.all else addresses
         lifted = await store.lift(targets, hold)
+        if hold in (None, AUTH_HOLD):  # a full unban resets every count, auth's too
+            await store.auth_reset(targets)
     for ip in addresses:
         result = lifted[ip]
         if hold is None:
@@ -237,6 +247,12 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
+    if config.auth.enabled:
+        from fastagi.auth import check_ami
+
+        for passed, line in await check_ami(config.auth):
+            ok = ok and passed
+            print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
 
 

@@ -19,7 +19,7 @@ from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unba
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
 from fastagi.protect import ProtectedError
-from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, run_service
+from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
 from fastagi.status import cmd_status
 from fastagi.store import StoreError
 
@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--redis", metavar="URL")
     agent.add_argument("--firewall", metavar="BACKEND")
     agent.set_defaults(func=cmd_agent)
+
+    watch = sub.add_parser(
+        "watch", help="count password guessing from the local AMI ([auth]) in the store"
+    )
+    watch.add_argument("--redis", metavar="URL")
+    watch.set_defaults(func=cmd_watch)
 
     ban = sub.add_parser("ban", help="ban an address on every PBX")
     ban.add_argument("ip")
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = _load_config(args)
-        if args.func in (cmd_serve, cmd_agent):
+        if args.func in (cmd_serve, cmd_agent, cmd_watch):
             return run_service(args.func(args, config))
         return asyncio.run(args.func(args, config))
     except (

@@ -255,6 +255,35 @@ def _chain(value: Any) -> str:
     return name
 
 
+def _host(value: Any) -> str:
+    text = _string(value).strip().strip("[]")
+    if not text or any(c.isspace() or c in "/@" for c in text):
+        raise ValueError(f"{value!r} is not a host name or address")
+    return text
+
+
+def _one_line(value: Any) -> str:
+    """Text that goes into an AMI action: a CR or LF would forge lines to Asterisk."""
+    text = _string(value)
+    if "\r" in text or "\n" in text or len(text) > 256:
+        raise ValueError("CR or LF in the value, or longer than 256 characters")
+    return text
+
+
+def _auth_events(value: Any) -> tuple[str, ...]:
+    from fastagi.ami import NEVER_COUNTED, SECURITY_EVENTS
+
+    events = _string_list(value)
+    for name in events:
+        if name in NEVER_COUNTED:
+            raise ValueError(f"{name} is not a failure (it never counts)")
+        if name not in SECURITY_EVENTS:
+            raise ValueError(f"{name!r} is not an Asterisk security event")
+    if not events:
+        raise ValueError("expected at least one event name")
+    return events
+
+
 # section -> key -> (parser, default)
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "server": {
@@ -317,6 +346,22 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+    },
+    # Password guessing: Asterisk's AMI security events, counted cluster-wide (auth.py).
+    "auth": {
+        "enabled": (_bool, False),
+        "host": (_host, "127.0.0.1"),
+        "port": (_whole(1, 65535), 5038),
+        "username": (_one_line, ""),
+        "secret": (_one_line, ""),
+        "secret_file": (_string, ""),
+        "events": (
+            _auth_events,
+            ["ChallengeResponseFailed", "InvalidPassword", "InvalidAccountID", "FailedACL"],
+        ),
+        "threshold": (_whole(1, 1_000_000), 5),
+        "window": (parse_duration, "10m"),
+        "ban_time": (parse_duration, "1h"),
     },
 }
 
@@ -384,12 +429,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = ""
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
+    events: tuple[str, ...] = ()
+    threshold: int = 5
+    window: float = 600.0
+    ban_time: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     screening: ScreeningConfig
     redis: RedisConfig
     firewall: FirewallConfig
     metrics: MetricsConfig
+    auth: AuthConfig = field(default_factory=AuthConfig)
     source: str = field(default="built-in defaults")
 
     def runtime_dir(self) -> Path:
@@ -429,6 +489,7 @@ _SECTIONS = {
     "redis": RedisConfig,
     "firewall": FirewallConfig,
     "metrics": MetricsConfig,
+    "auth": AuthConfig,
 }
 
 
@@ -516,6 +577,39 @@ def _check_together(config: Config) -> None:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:
         _check_cluster(config.redis)
+    if config.auth.ban_time > screening.ban_time_max:
+        raise ConfigError("auth.ban_time: must not be longer than screening.ban_time_max")
+    if config.auth.enabled:
+        _check_auth(config.auth)
+
+
+def _check_auth(auth: AuthConfig) -> None:
+    """`[auth] enabled` needs a manager.conf user and exactly one way to its secret."""
+    if not auth.username:
+        raise ConfigError("auth.username: needed with auth.enabled = true (manager.conf user)")
+    if bool(auth.secret) == bool(auth.secret_file):
+        raise ConfigError("auth.secret: set either auth.secret or auth.secret_file, not both")
+    if "$" not in os.path.expandvars(auth.secret_file):
+        # Unreadable: a config error now, not at connect. A path naming a variable this
+        # shell lacks (${CREDENTIALS_DIRECTORY} of the unit) is read by the service only.
+        ami_secret(auth)
+
+
+def ami_secret(auth: AuthConfig) -> str:
+    """The AMI secret: `auth.secret`, or the first line of `auth.secret_file`, whose
+    `${VARIABLES}` are expanded (`${CREDENTIALS_DIRECTORY}/ami-secret` for systemd's
+    LoadCredential=)."""
+    if not auth.secret_file:
+        return auth.secret
+    path = Path(os.path.expandvars(auth.secret_file))
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"auth.secret_file: cannot read {path} ({error})") from None
+    try:
+        return _one_line(secret)
+    except ValueError as error:
+        raise ConfigError(f"auth.secret_file: {error}") from None
 
 
 def _check_cluster(redis: RedisConfig) -> None:

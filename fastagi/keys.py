@@ -91,3 +91,12 @@ class Keys:
             (self.record("*"), "hash"),
             (self.stats, "hash"),
         )
+
+    def auth_count(self, ip: str) -> str:
+        """Sorted set of this address's authentication failures in the `[auth]` window."""
+        return f"{self.base}auth:count:{ip}"
+
+    @property
+    def auth_counted(self) -> str:
+        """Sorted set: ip -> end of its current `[auth]` window (ms), for `status`."""
+        return f"{self.base}auth:counted"

@@ -275,3 +275,39 @@ redis.call('SET', KEYS[3], ARGV[4], 'NX')
 return {redis.call('GET', KEYS[3]), written}
 """
 )
+
+# One authentication failure (a security event from Asterisk's AMI, auth.py): counted
+# under the [auth] rules in counts of its own; at the threshold the hold `auth` (source
+# and reason) is placed through the same place_hold as the screening step's (same ban
+# list, history, escalation and events).
+# KEYS: auth_count, record, banned, auth_counted, events, stats, holds
+# ARGV: target, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source,
+#       member (unique per failure), events_maxlen, history_ms
+# Returns {result, count, ban_until_ms, new_ban}, as SCREEN
+AUTH_FAILURE = (
+    _COMMON
+    + """
+local ip, window = ARGV[1], tonumber(ARGV[3])
+redis.call('HINCRBY', KEYS[6], 'auth_failures', 1)
+local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
+if ban_until and ban_until > now then
+  return {'BANNED', redis.call('HINCRBY', KEYS[2], 'count', 1), ban_until, 0}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+redis.call('ZADD', KEYS[1], int(now), ARGV[9])
+redis.call('PEXPIRE', KEYS[1], int(window))
+local failures = redis.call('ZCARD', KEYS[1])
+if failures < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[4], int(now + window), ip)
+  return {'COUNTED', failures, 0, 0}
+end
+local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
+           holds = KEYS[7]}
+local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, failures, ARGV[10],
+                       tonumber(ARGV[11]))[1]
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ip)
+return {'BANNED', failures, ban_until, 1}
+"""
+)

@@ -69,6 +69,12 @@ CLUSTER_COUNTERS = (
         "Bans, cluster-wide, manual and fail2ban ones included (status: Total banned)",
     ),
     ("fastagi_cluster_unbans", "unbans", "Bans lifted by unban, cluster-wide"),
+    (
+        "fastagi_cluster_auth_failures",
+        "auth_failures",
+        "Authentication failures counted from AMI security events, cluster-wide "
+        "(status: Password guessing, Total failures)",
+    ),
 )
 
 _active: Metrics | None = None

@@ -37,6 +37,7 @@ from fastagi.store import (
 )
 
 if TYPE_CHECKING:
+    from fastagi.auth import AuthWatcher
     from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
@@ -262,23 +263,27 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     protected = store.protected
     assert protected is not None
     protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
-    agent = None
+    agent = watcher = None
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
         if firewall is not None:
             agent = await _start_agent(config, store, firewall, protected)
+        if config.auth.enabled:
+            watcher = start_watcher(config, store, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
-            "fastagi-screen listening on %s (store %s, firewall %s%s)",
+            "fastagi-screen listening on %s (store %s, firewall %s%s%s)",
             where,
             redacted(config.redis.url),
             config.firewall.backend,
             "" if agent else ", no agent",
+            f", AMI {config.auth.host}:{config.auth.port}" if watcher else "",
         )
         await _until_signalled()
     finally:
         await server.stop()
+        await stop_watcher(watcher)
         await _stop_agent(agent)
         await protected.stop()
         if metrics is not None:
@@ -286,6 +291,47 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await store.close()
         if embedded is not None:
             embedded.stop()
+    return 0
+
+
+def start_watcher(config: Config, store: Store, metrics: Any) -> tuple[AuthWatcher, asyncio.Task]:
+    """The password-guessing watcher (auth.py) as a task of this loop, on `store`."""
+    from fastagi.auth import make_watcher
+
+    watcher = make_watcher(config, store, metrics.registry if metrics is not None else None)
+    return watcher, asyncio.create_task(watcher.run(), name="auth-watcher")
+
+
+async def stop_watcher(running: tuple[AuthWatcher, asyncio.Task] | None) -> None:
+    if running is not None:
+        watcher, task = running
+        watcher.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    """The watcher alone, for a PBX whose FastAGI service runs elsewhere (or not at
+    all): counts into the shared Redis, or into a running embedded service."""
+    from fastagi import metrics as service_metrics
+    from fastagi.admin import client_store
+    from fastagi.config import ConfigError
+
+    if not config.auth.enabled:
+        raise ConfigError("auth.enabled: watch needs [auth] enabled = true and its AMI user")
+    _setup_logging()
+    async with client_store(config) as store:
+        try:
+            metrics = await service_metrics.start(config.metrics.listen, None)
+        except OSError as error:
+            raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+        watcher = start_watcher(config, store, metrics)
+        try:
+            await _until_signalled()
+        finally:
+            await stop_watcher(watcher)
+            if metrics is not None:
+                metrics.close()
     return 0
 
 

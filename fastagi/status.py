@@ -18,8 +18,12 @@ from fastagi.store import Store, heartbeat_age
 
 async def gather_status(store: Store, config: Config) -> dict[str, Any]:
     await store.sync_clock()  # heartbeats carry Redis's time; so must "now"
-    banned, counted, (totals, bad_totals), agents = await asyncio.gather(
-        store.banned(), store.counted(), store.read_totals(), store.agents()
+    banned, counted, auth_counted, (totals, bad_totals), agents = await asyncio.gather(
+        store.banned(),
+        store.counted(),
+        store.auth_counted(config.auth.window),
+        store.read_totals(),
+        store.agents(),
     )
     protected = store.protected
     records = await asyncio.gather(*(store.record(ip) for ip in banned))
@@ -41,6 +45,13 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "counted": {
             "current": len(counted),
             "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
+        },
+        # password guessing, from Asterisk's AMI security events (auth.py)
+        "auth": {
+            "enabled": config.auth.enabled,
+            "failures": totals.get("auth_failures", None if "auth_failures" in bad_totals else 0),
+            "current": len(auth_counted),
+            "list": [{"ip": ip, "count": n} for ip, n in sorted(auth_counted.items())],
         },
         "banned": {
             "current": len(banned),
@@ -114,6 +125,13 @@ def render_status(status: dict[str, Any]) -> str:
             "|  `- Counted IP list:   "
             + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
         ).rstrip(),
+        f"|- Password guessing (AMI, {'on' if status['auth']['enabled'] else 'off here'})",
+        f"|  |- Currently counted: {status['auth']['current']}",
+        f"|  |- Total failures:    {_shown(status['auth']['failures'])}",
+        (
+            "|  `- Counted IP list:   "
+            + " ".join(f"{c['ip']}({c['count']})" for c in status["auth"]["list"])
+        ).rstrip(),
         "|- Actions",
         f"|  |- Currently banned: {status['banned']['current']}",
         f"|  |- Total banned:     {_shown(status['banned']['total'])}",
@@ -158,6 +176,7 @@ def render_address(report: dict[str, Any]) -> str:
     shown, counted = report["given"], report["ip"]
     counted_as = "" if shown == counted else f" (counted as {counted})"
     lines = [f"Status for {shown}{counted_as}", f"|- Count in window: {report['count']}"]
+    lines.append(f"|- Auth failures:   {report['auth_failures']} (in the [auth] window)")
     if report["banned"]:
         also = "" if report["banned_as"] == counted else f" (as {report['banned_as']})"
         lines += [
@@ -197,10 +216,12 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
             record = await store.record(held or address)
             count = await store.count(address)
             holds = await store.holds(held) if held else []
+            auth_count = await store.auth_count(address, config.auth.window)
             report: dict[str, Any] = {
                 "ip": address,
                 "given": target_text(given),
                 "count": count,
+                "auth_failures": auth_count,
                 "banned": bool(held),
                 "banned_as": held or None,
                 "until": banned.get(held),

@@ -51,6 +51,7 @@ MIN_REDIS = (6, 0)
 THRESHOLD_HOLD = "threshold"
 ADMIN_HOLD = "admin"
 RESTORED_HOLD = "restored"
+AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
@@ -322,6 +323,7 @@ class Store:
         self._ban = client.register_script(lua.BAN)
         self._unban = client.register_script(lua.UNBAN)
         self._restore = client.register_script(lua.RESTORE)
+        self._auth_failure = client.register_script(lua.AUTH_FAILURE)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -578,6 +580,60 @@ class Store:
                 pipe.zcard(self.keys.count(ip))
             counts = await self._call("counts read", pipe.execute())
         return {ip: int(n) for ip, n in zip(ips, counts, strict=True) if n}
+
+    async def auth_reset(self, ips: Iterable[str]) -> None:
+        """Forget these addresses' authentication failures (`unban` resets every count)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for ip in ips:
+                pipe.delete(self.keys.auth_count(ip))
+                pipe.zrem(self.keys.auth_counted, ip)
+            await self._call("auth reset", pipe.execute())
+
+    async def auth_failure(self, ip: str, rules: Policy) -> Verdict:
+        """Count one authentication failure from `ip` under `rules` (the [auth] ones) and
+        ban it at their threshold with reason `auth`: the same ban list, history and
+        escalation as screened calls, in counts of its own, atomically, cluster-wide."""
+        k = self.keys
+        keys = [k.auth_count(ip), k.record(ip), k.banned, k.auth_counted, k.events, k.stats]
+        keys.append(k.holds(ip))
+        args = [
+            ip,
+            rules.threshold,
+            int(rules.window * 1000),
+            int(rules.ban_time * 1000),
+            rules.ban_time_factor,
+            int(rules.ban_time_max * 1000),
+            self.pbx_id,
+            AUTH_HOLD,
+            secrets.token_hex(8),
+            EVENTS_MAXLEN,
+            rules.history_ms,
+        ]
+        return _verdict(await self._call("auth step", self._auth_failure(keys=keys, args=args)))
+
+    async def auth_counted(self, window: float) -> dict[str, int]:
+        """Addresses with authentication failures in the last `window` seconds (the
+        [auth] one), with how many, for `status`."""
+        now_ms = self.now_ms()
+        listed = await self._call(
+            "auth read", self.redis.zrangebyscore(self.keys.auth_counted, f"({now_ms}", "+inf")
+        )
+        addresses = [_text(entry) for entry in listed]
+        since = now_ms - int(window * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for address in addresses:
+                pipe.zcount(self.keys.auth_count(address), since, "+inf")
+            failures = await self._call("auth read", pipe.execute()) if addresses else []
+        return {a: int(n) for a, n in zip(addresses, failures, strict=True) if int(n)}
+
+    async def auth_count(self, ip: str, window: float) -> int:
+        """This address's authentication failures in the last `window` seconds."""
+        since = self.now_ms() - int(window * 1000)
+        return int(
+            await self._call(
+                "auth read", self.redis.zcount(self.keys.auth_count(ip), since, "+inf")
+            )
+        )
 
     async def record(self, ip: str) -> dict[str, str]:
         """Everything we know of one address: its ban record (possibly empty)."""

@@ -86,6 +86,16 @@ BAD_VALUES: dict[str, list[str]] = {
     "firewall.forward": ['"sometimes"', "2"],
     "firewall.sync_interval": BAD_DURATION,
     "metrics.listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
+    "auth.enabled": ['"maybe"', "5"],
+    "auth.host": ["5", '""', '"a b"', '"user@host"'],
+    "auth.port": ['"ami"', "0", "70000", "true"],
+    "auth.username": ["5", '"labsec\\r\\nAction: Originate"', '"' + "u" * 300 + '"'],
+    "auth.secret": ["5", '"x\\ny"'],
+    "auth.secret_file": ["5", "true"],
+    "auth.events": ['["ChallengeSent"]', '["SuccessfulAuth"]', '["NoSuchEvent"]', "[]", "5"],
+    "auth.threshold": ['"five"', "0", "false", *BAD_COUNT],
+    "auth.window": BAD_DURATION,
+    "auth.ban_time": [*BAD_DURATION, '"2w"'],  # longer than screening.ban_time_max
 }
 
 

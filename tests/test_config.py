@@ -150,3 +150,54 @@ def test_ignore_entries_in_mapped_form_match_ipv4_callers_both_ways(entry, calle
     ignore = AddressSet.parse([entry])
     assert (parse_address(caller) in ignore) is inside
     assert (ipaddress.ip_address(caller) in ignore) is inside
+
+
+@pytest.mark.parametrize(
+    ("environ", "names"),
+    [
+        ({}, "auth.username"),
+        ({"FASTAGI_AUTH_USERNAME": "fastagi"}, "auth.secret"),
+        (
+            {
+                "FASTAGI_AUTH_USERNAME": "fastagi",
+                "FASTAGI_AUTH_SECRET": "x",
+                "FASTAGI_AUTH_SECRET_FILE": "/nonexistent",
+            },
+            "auth.secret",
+        ),
+        (
+            {"FASTAGI_AUTH_USERNAME": "fastagi", "FASTAGI_AUTH_SECRET_FILE": "/nonexistent/x"},
+            "auth.secret_file",
+        ),
+    ],
+)
+def test_auth_enabled_needs_a_user_and_one_secret(environ, names):
+    with pytest.raises(ConfigError, match=names):
+        load(None, {"FASTAGI_AUTH_ENABLED": "true", **environ})
+
+
+def test_auth_secret_file_and_its_escape(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("line1\n")
+    base = {"FASTAGI_AUTH_ENABLED": "true", "FASTAGI_AUTH_USERNAME": "fastagi"}
+    config = load(None, {**base, "FASTAGI_AUTH_SECRET_FILE": str(secret)})
+    assert config.auth.secret_file == str(secret)
+    assert "line1" not in repr(config)  # a secret never reaches a log line via repr
+    secret.write_text("a\rAction: Originate\n")
+    with pytest.raises(ConfigError, match=r"auth\.secret_file"):
+        load(None, {**base, "FASTAGI_AUTH_SECRET_FILE": str(secret)})
+
+
+def test_a_credentials_directory_path_is_left_to_the_service(monkeypatch):
+    """`${CREDENTIALS_DIRECTORY}/ami-secret` (the unit's LoadCredential=): an admin shell
+    without that variable still loads the config for status, ban, unban."""
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = load(
+        None,
+        {
+            "FASTAGI_AUTH_ENABLED": "true",
+            "FASTAGI_AUTH_USERNAME": "fastagi",
+            "FASTAGI_AUTH_SECRET_FILE": "${CREDENTIALS_DIRECTORY}/ami-secret",
+        },
+    )
+    assert config.auth.enabled
