@@ -577,7 +577,7 @@ def _check_together(config: Config) -> None:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:
         _check_cluster(config.redis)
-    if config.auth.ban_time > screening.ban_time_max:
+    if config.auth.enabled and config.auth.ban_time > screening.ban_time_max:
         raise ConfigError("auth.ban_time: must not be longer than screening.ban_time_max")
     if config.auth.enabled:
         _check_auth(config.auth)

@@ -176,6 +176,21 @@ def test_auth_enabled_needs_a_user_and_one_secret(environ, names):
         load(None, {"FASTAGI_AUTH_ENABLED": "true", **environ})
 
 
+def test_an_auth_ban_longer_than_ban_time_max_is_refused_only_when_auth_is_on():
+    """A disabled watcher's defaults never stop a config with a short ban_time_max."""
+    short = {"FASTAGI_SCREENING_BAN_TIME": "5s", "FASTAGI_SCREENING_BAN_TIME_MAX": "1m"}
+    assert not load(None, short).auth.enabled
+    on = {
+        **short,
+        "FASTAGI_AUTH_ENABLED": "true",
+        "FASTAGI_AUTH_USERNAME": "fastagi",
+        "FASTAGI_AUTH_SECRET": "x",
+    }
+    with pytest.raises(ConfigError, match=r"auth\.ban_time"):
+        load(None, on)
+    assert load(None, {**on, "FASTAGI_AUTH_BAN_TIME": "30s"}).auth.ban_time == 30
+
+
 def test_auth_secret_file_and_its_escape(tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("line1\n")

@@ -38,12 +38,13 @@ sys.path.insert(0, str(ROOT))
 
 from tests.netns import Namespace, Topology, make_topology  # noqa: E402
 
-HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16, 17)), "pbx1": (21, ())}
+HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16, 17, 18)), "pbx1": (21, ())}
 # The IPv6 caller sits in a /64 of its own: the topology's shared /64 holds the PBX itself,
 # which the service never counts (it would count and ban per /64).
 ATTACKER6, NET6 = "2001:db8:1::10", "2001:db8:1::/64"
 THRESHOLD = 5
 USER, PASSWORD = "200", "correct-horse-200"  # the lab's one real account
+AMI_USER, AMI_SECRET = "fastagi", "lab-ami-secret"  # the watcher's login (read = security)
 FORGED = "203.0.113.9"  # the address every injection payload tries to get counted
 # A From user that forged agi_arg_1 into the env block of a Local-channel AGI (issue 12).
 FORGED_SOURCE = "203.0.113.77"
@@ -111,6 +112,12 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
         f"astsbindir => {inst}/sbin\n\n[options]\nverbose = 3\nmaxload = 0\n"
     )
     (etc / "modules.conf").write_text("[modules]\nautoload = yes\n")
+    # the AMI user of deploy/asterisk/manager-fastagi.conf: security events, nothing else
+    (etc / "manager.conf").write_text(
+        "[general]\nenabled = yes\nport = 5038\nbindaddr = 127.0.0.1\n\n"
+        f"[{AMI_USER}]\nsecret = {AMI_SECRET}\nread = security\nwrite =\n"
+        "deny = 0.0.0.0/0.0.0.0\npermit = 127.0.0.1/255.255.255.255\n"
+    )
     (etc / "logger.conf").write_text(
         "[general]\n[logfiles]\nfull => notice,warning,error,verbose,security\n"
         "messages => notice,warning,error\nsecurity => security\n"
@@ -213,7 +220,9 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
         f'[screening]\nthreshold = {THRESHOLD}\nwindow = "10m"\nban_time = "1h"\n'
         'pbx_id = "lab"\n\n'
         '[redis]\nurl = "memory://"\n\n'
-        f'[firewall]\nbackend = "nftables"\nports = [{ports}]\nsync_interval = "2s"\n'
+        f'[firewall]\nbackend = "nftables"\nports = [{ports}]\nsync_interval = "2s"\n\n'
+        f'[auth]\nenabled = true\nusername = "{AMI_USER}"\nsecret = "{AMI_SECRET}"\n'
+        f"threshold = {THRESHOLD}\n"
     )
     return path
 
@@ -411,6 +420,8 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
             results.append(local_channel_caller_id(asterisk, config))
         results.append(wrong_key(asterisk, stacks[-1], pbx, attacker, config, work))
         results.append(ban_on_the_wire(stacks[0], pbx, attacker, config))
+        results.append(password_guesser(stacks[-1], pbx, attacker, config, attacker.extra4[7]))
+        results.append(svcrack(stacks[0], pbx, attacker, config))
         guessers = {}
         for stack, src in zip(stacks, attacker.extra4[3:5], strict=False):
             codes = [register_wrong_password(attacker, src, pbx.ipv4, stack.port) for _ in "123"]
@@ -540,6 +551,51 @@ def ban_on_the_wire(stack, pbx, attacker, config) -> Result:
         f"{stack.name} udp: ban on the wire, unban restores",
         ok,
         f"calls {codes}, then {banned} (banned), other caller {other}, after unban {after}",
+    )
+
+
+def password_guesser(stack, pbx, attacker, config, src) -> Result:
+    """Wrong-password REGISTERs, counted from Asterisk's own AMI security events (the
+    `[auth]` watcher): at the threshold the guesser's REGISTERs go unanswered."""
+    codes: list[int | None] = []
+    started = time.monotonic()
+    while len(codes) < THRESHOLD + 3 and (not codes or codes[-1] is not None):
+        codes.append(register_wrong_password(attacker, src, pbx.ipv4, stack.port))
+    dropped_after = time.monotonic() - started
+    report = json.loads(ctl(config, "status", src, "--json").stdout or "{}")
+    holds = [h["source"] for h in report.get("holds", [])]
+    answered = [c for c in codes if c is not None]
+    ok = codes[-1] is None and len(answered) <= THRESHOLD + 1 and "auth" in holds
+    ctl(config, "unban", src)
+    return Result(
+        f"{stack.name}: password guesser banned from AMI security events",
+        ok,
+        f"{src}: REGISTER answers {codes}, dropped {dropped_after:.1f} s after the first; "
+        f"holds {holds}",
+    )
+
+
+def svcrack(stack, pbx, attacker, config) -> Result:
+    """sipvicious's svcrack against the real account: banned by the AMI watcher."""
+    tool = shutil.which("svcrack") or shutil.which("sipvicious_svcrack")
+    if tool is None:
+        return Result("svcrack banned (AMI)", False, "svcrack not installed (apt sipvicious)")
+    src = attacker.ipv4
+    started = time.monotonic()
+    run = attacker.run(
+        [tool, "-u", USER, "-r", "1000-1099", "-p", str(stack.port), pbx.ipv4],
+        check=False,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    report = json.loads(ctl(config, "status", src, "--json").stdout or "{}")
+    holds = [h["source"] for h in report.get("holds", [])]
+    ok = report.get("banned") is True and "auth" in holds and "correct-horse" not in run.stdout
+    ctl(config, "unban", src)
+    return Result(
+        f"{stack.name}: svcrack banned from AMI security events",
+        ok,
+        f"{src} banned {report.get('banned')} (holds {holds}); svcrack ran {took:.0f} s",
     )
 
 
