@@ -41,6 +41,7 @@ from fastagi.ami import (
     security_event,
 )
 from fastagi.config import AuthConfig, Config, ConfigError, ami_secret
+from fastagi.protect import counted_as
 from fastagi.store import Policy, Store
 
 log = logging.getLogger("fastagi.auth")
@@ -231,9 +232,7 @@ class AuthWatcher:
         protected = self.store.protected if self.store is not None else None
         if event.address in self.ignore or (protected and protected.reason(event.address)):
             return self._outcome(label, "ignored")
-        address = self.prefixes.key(event.address, self.ignore)
-        if protected and address != str(event.address) and protected.reason(address):
-            address = str(event.address)  # the prefix covers us: the address alone, as calls
+        address = counted_as(event.address, self.prefixes, self.ignore, protected)
         if not self.attempts.is_new(event.session, event.remote, event.name):
             return self._outcome(label, "same_attempt")
         try:

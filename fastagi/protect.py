@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from fastagi.addresses import IPAddress, IPNetwork
+from fastagi.addresses import AddressSet, IPAddress, IPNetwork, Prefixes
 
 if TYPE_CHECKING:
     from fastagi.config import Config
@@ -527,3 +527,15 @@ class Protected:
         why = self.reason(target)
         if why:
             raise ProtectedError(f"{target} is protected ({why}): refusing to ban it")
+
+
+def counted_as(
+    address: IPAddress, prefixes: Prefixes, ignore: AddressSet, protected: Protected | None
+) -> str:
+    """The target a caller's calls (and password guesses) are counted and banned under:
+    its prefix, or the address alone when that prefix would also cover an ignored or a
+    protected address (our own /64 must never be banned)."""
+    target = prefixes.key(address, ignore)
+    if protected is not None and target != str(address) and protected.reason(target):
+        return str(address)
+    return target

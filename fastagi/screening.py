@@ -29,7 +29,7 @@ from fastagi.addresses import (
 )
 from fastagi.agi import AGISession, Environment
 from fastagi.escalate import Escalation
-from fastagi.protect import OnceLog, Protected
+from fastagi.protect import OnceLog, Protected, counted_as
 from fastagi.store import Store, StoreError
 
 log = logging.getLogger("fastagi.screening")
@@ -168,11 +168,7 @@ class Screener:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
                 lost = error
-        # counted and banned as its prefix; the address alone when the prefix would
-        # also cover an ignored network or a protected one (our own /64)
-        target = self.prefixes.key(address, self.ignore)
-        if target != ip and self.protected is not None and self.protected.reason(target):
-            target = ip
+        target = counted_as(address, self.prefixes, self.ignore, self.protected)
         outcome = await self._count(target, session.injected)
         if outcome.new_ban and self.escalation.prefix:
             await self._escalate(parse_target(target), outcome.ban_until or 0.0)
