@@ -20,14 +20,20 @@ return 1
 """
 
 
+LINK_NAME = f"shared-link-{os.getpid()}-{id(object())}"
+
+
 def _link(url: str) -> tuple[aioredis.Redis, SharedLink]:
+    """A client to ask Redis with, and the link under test, whose connections carry a
+    name of their own: the session's Redis may still hold other tests' connections."""
     client = aioredis.Redis.from_url(url, socket_connect_timeout=0.5)
-    return client, SharedLink(client.connection_pool.make_connection)
+    named = aioredis.Redis.from_url(url, socket_connect_timeout=0.5, client_name=LINK_NAME)
+    return client, SharedLink(named.connection_pool.make_connection)
 
 
 async def _link_clients(client: aioredis.Redis) -> int:
-    """Connections Redis sees, apart from the one asking."""
-    return len(await client.client_list()) - 1
+    """Connections Redis sees from the link under test."""
+    return sum(1 for entry in await client.client_list() if entry.get("name") == LINK_NAME)
 
 
 def test_concurrent_callers_each_get_their_own_reply_over_one_connection(redis_url):
