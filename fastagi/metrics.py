@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
@@ -257,10 +257,13 @@ class Metrics(Observer, StepObserver):
 
     # -- the endpoint ----------------------------------------------------------------
 
-    async def serve(self, host: str, port: int) -> tuple[str, int]:
-        """Serve /metrics on this loop; returns the bound address."""
+    async def serve(
+        self, host: str, port: int, pages: Mapping[str, Page] | None = None
+    ) -> tuple[str, int]:
+        """Serve /metrics (and `pages`, path -> page) on this loop; returns the bound address."""
         global _active
         self._http = MetricsEndpoint(self.registry)
+        self._http.pages.update(pages or {})
         where = await self._http.start(host, port)
         _active = self
         return where
@@ -272,6 +275,10 @@ class Metrics(Observer, StepObserver):
             self._http = None
         if _active is self:
             _active = None
+
+
+Page = Callable[[], Awaitable[tuple[str, bytes]]]
+"""A read-only page served beside /metrics: returns (content type, body)."""
 
 
 class MetricsEndpoint:
@@ -286,6 +293,7 @@ class MetricsEndpoint:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.pages: dict[str, Page] = {}  # path -> page; every other path is /metrics
         self._server: asyncio.Server | None = None
         self._idle: dict[asyncio.StreamWriter, None] = {}  # still reading, oldest first
         self._busy: set[asyncio.StreamWriter] = set()
@@ -311,16 +319,22 @@ class MetricsEndpoint:
                 head = await reader.readuntil(b"\r\n\r\n")
             self._idle.pop(writer, None)
             self._busy.add(writer)
-            method = head.split(b" ", 1)[0]
+            method, _, rest = head.partition(b" ")
+            path = rest.split(b" ", 1)[0].split(b"?", 1)[0].decode("latin-1")
+            page = self.pages.get(path)
+            content_type = CONTENT_TYPE_LATEST
             if method not in (b"GET", b"HEAD"):
                 status, body = b"405 Method Not Allowed", b"GET /metrics\n"
+            elif page is not None:
+                content_type, body = await page()
+                status = b"200 OK"
             else:
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(self._scraper, generate_latest, self.registry)
                 status = b"200 OK"
             writer.write(
                 b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n" % (status, CONTENT_TYPE_LATEST.encode(), len(body))
+                b"Connection: close\r\n\r\n" % (status, content_type.encode(), len(body))
             )
             if method != b"HEAD":
                 writer.write(body)

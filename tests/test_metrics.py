@@ -187,3 +187,28 @@ def test_the_endpoint_bounds_idle_connections_and_still_answers(monkeypatch):
     oldest, samples, rest = asyncio.run(main())
     assert oldest == b"" and rest == [b""] * 3
     assert ("fastagi_sessions_active", ()) in samples
+
+
+def test_a_page_is_served_beside_metrics_and_every_other_path_is_metrics():
+    async def page() -> tuple[str, bytes]:
+        return "text/plain; charset=utf-8", b"a page\n"
+
+    async def main():
+        metrics = service_metrics.Metrics()
+        port = free_port()
+        await metrics.serve("127.0.0.1", port, pages={"/page": page})
+        loop = asyncio.get_running_loop()
+
+        def get(path: str) -> tuple[str, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return answer.headers["Content-Type"], answer.read().decode()
+
+        try:
+            kind, body = await loop.run_in_executor(None, get, "/page?x=1")
+            assert (kind, body) == ("text/plain; charset=utf-8", "a page\n")
+            kind, body = await loop.run_in_executor(None, get, "/metrics")
+            assert kind.startswith("text/plain; version=") and "fastagi_sessions_total" in body
+        finally:
+            metrics.close()
+
+    asyncio.run(main())
