@@ -247,6 +247,8 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
+    if config.screening.geoip_db:
+        ok = _check_geoip(config) and ok
     if config.auth.enabled:
         from fastagi.auth import check_ami
 
@@ -254,6 +256,30 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             ok = ok and passed
             print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
+
+
+def _check_geoip(config: Config) -> bool:
+    """The country database opens: else one line, and screening runs without country
+    rules (the service says the same at start)."""
+    from fastagi.geo import CountryRules, GeoDB, GeoError
+
+    try:
+        db = GeoDB(config.screening.geoip_db)
+    except GeoError as error:
+        print(f"FAIL geoip: {error}: screening runs without country rules")
+        return False
+    rules = CountryRules.from_config(config.screening)
+    parts = [
+        f"deny {' '.join(sorted(rules.deny))}" if rules.deny else "",
+        f"allow {' '.join(sorted(rules.allow))} (others: threshold {rules.other_threshold})"
+        if rules.allow
+        else "",
+        " ".join(f"{code}={n}" for code, n in sorted(rules.thresholds.items())),
+    ]
+    shown = "; ".join(part for part in parts if part) or "no country rules"
+    print(f"ok   geoip: {db.describe()}: {shown}")
+    db.close()
+    return True
 
 
 def _check_embedded_state(state: dict[str, str]) -> None:

@@ -128,7 +128,8 @@ _COMMON = _CLOCK + _HOLDS
 #       history_ms, injected (1: the session had stray lines, counted in stats for
 #       `status`), prune (1: drop expired entries from the ban and counted lists; every
 #       reader skips them, so this is housekeeping the caller asks for on some steps only,
-#       keeping the common step short)
+#       keeping the common step short), country (the caller's, '' unknown: written to the
+#       record when this call bans)
 # Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
     _CLOCK
@@ -165,6 +166,7 @@ if count >= threshold then
                          tonumber(ARGV[11]))[1]
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[4], ip)
+  if ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 'country', ARGV[14]) end
   return {'BANNED', count, ban_until, 1}
 end
 redis.call('ZADD', KEYS[4], int(now + window), ip)

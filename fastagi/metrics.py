@@ -172,6 +172,14 @@ class Metrics(Observer, StepObserver):
             ["pbx_id", "reason"],
             registry=r,
         )
+        self.country_calls = Counter(
+            "fastagi_country_calls",
+            "Screened calls by the caller's country (screening.geoip_db; 'unknown': not in "
+            "the database) and whether the call made a ban (banned: 'yes' or 'no'); "
+            "two-letter codes only, so at most a few hundred series",
+            ["country", "banned"],
+            registry=r,
+        )
         self.agent_restarts = Counter(
             "fastagi_agent_restarts",
             "Times the agent task ended with an error and was started again",
@@ -226,6 +234,9 @@ class Metrics(Observer, StepObserver):
             self.bans_issued.inc()
         if outcome is not None and outcome.reason == "protected":
             self.protected_calls.inc()
+        if outcome is not None and outcome.country is not None:
+            banned = "yes" if outcome.new_ban else "no"
+            self.country_calls.labels(outcome.country or "unknown", banned).inc()
 
     def refused(self, why: str) -> None:
         self.refused_total.labels(why).inc()

@@ -171,6 +171,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     The Redis step gets at most half of a session and three `redis.timeout`s, so a
     slow Redis still leaves time to answer Asterisk."""
     from fastagi.escalate import Escalation
+    from fastagi.geo import Countries
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
@@ -186,6 +187,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         protected=store.protected,
         prefixes=screening.prefixes(),
         escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
+        countries=Countries.from_config(screening),
     )
     return FastAGIServer(
         screener,

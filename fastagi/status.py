@@ -12,6 +12,7 @@ from typing import Any
 from fastagi.addresses import parse_target, target_text
 from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
+from fastagi.geo import open_db, target_country
 from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
 
@@ -33,6 +34,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         for pbx, info in sorted(agents.items())
         if "unreadable" in info
     ]
+    geo = open_db(config.screening.geoip_db)
     for ip, record in zip(banned, records, strict=True):
         if not _whole(record.get("bans", "1")):
             unreadable.append(f"record of {ip}: bans {record['bans'][:40]!r}")
@@ -44,7 +46,10 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "injections": totals.get("injections", None if "injections" in bad_totals else 0),
         "counted": {
             "current": len(counted),
-            "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
+            "list": [
+                {"ip": ip, "count": n, "country": target_country(geo, ip)}
+                for ip, n in sorted(counted.items())
+            ],
         },
         # password guessing, from Asterisk's AMI security events (auth.py)
         "auth": {
@@ -64,6 +69,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                     "reason": record.get("reason", ""),
                     "bans": _whole(record.get("bans", "1")),
                     "protected": _protected(protected, ip),
+                    "country": target_country(geo, ip, record.get("country", "")),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
@@ -97,6 +103,11 @@ def _whole(text: str) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def _in(country: str | None, before: str = " ") -> str:
+    """A country for a status line: nothing without a database, `??` when unknown."""
+    return "" if country is None else f"{before}{country or '??'}"
+
+
 def _shown(value: int | None) -> str:
     return "? (unreadable, see below)" if value is None else str(value)
 
@@ -123,7 +134,9 @@ def render_status(status: dict[str, Any]) -> str:
         f"|  |- Injection attempts: {_shown(status['injections'])}",
         (
             "|  `- Counted IP list:   "
-            + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
+            + " ".join(
+                f"{c['ip']}({c['count']}{_in(c.get('country'))})" for c in status["counted"]["list"]
+            )
         ).rstrip(),
         f"|- Password guessing (AMI, {'on' if status['auth']['enabled'] else 'off here'})",
         f"|  |- Currently counted: {status['auth']['current']}",
@@ -141,7 +154,8 @@ def render_status(status: dict[str, Any]) -> str:
         aside = f" [protected here, not applied: {ban['protected']}]" if ban["protected"] else ""
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}){aside}"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}"
+            f"{_in(ban.get('country'), ', country ')}){aside}"
         )
     if status.get("protected"):
         summary = status["protected"]
@@ -192,6 +206,8 @@ def render_address(report: dict[str, Any]) -> str:
         lines.append("|- Banned:          no")
     lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
     lines.append(f"|- Protected:       {report['protected'] or 'no'}")
+    if report.get("country") is not None:
+        lines.append(f"|- Country:         {report['country'] or 'unknown'}")
     last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
     lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
     return _for_terminal(lines)
@@ -230,6 +246,11 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 ],
                 "ignored": given in config.screening.ignore,
                 "protected": protected.reason(given),
+                "country": target_country(
+                    open_db(config.screening.geoip_db),
+                    target_text(given),
+                    record.get("country", ""),
+                ),
                 "history": record,
             }
             print(json.dumps(report, indent=2) if args.json else render_address(report))

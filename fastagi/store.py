@@ -205,10 +205,11 @@ class _ScreenParts:
         self.shared_keys = tuple(
             encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
+        self.encode = encode
+        self.threshold = encode(p.threshold)
         self.rules = tuple(
             encode(v)
             for v in (
-                p.threshold,
                 int(p.window * 1000),
                 int(p.ban_time * 1000),
                 p.ban_time_factor,
@@ -223,7 +224,11 @@ class _ScreenParts:
         self.member_prefix = secrets.token_hex(8).encode() + b"-"
         self.steps = itertools.count()
 
-    def command(self, sha: str, ip: str, injected: bool) -> tuple:
+    def command(
+        self, sha: str, ip: str, injected: bool, threshold: int | None = None, country: str = ""
+    ) -> tuple:
+        """`threshold`: this caller's own (a country rule), else the configured one;
+        `country` goes into the ban record when this call bans."""
         address = ip.encode()
         step = next(self.steps)
         return (
@@ -235,11 +240,13 @@ class _ScreenParts:
             *self.shared_keys,
             self.holds_prefix + address,
             address,
+            self.threshold if threshold is None else self.encode(threshold),
             *self.rules,
             b"%s%x" % (self.member_prefix, step),
             *self.tail,
             b"1" if injected else b"0",
             b"1" if step % PRUNE_EVERY == 0 else b"0",  # which steps sweep expired entries
+            country.encode(),
         )
 
 
@@ -335,10 +342,14 @@ class Store:
         k = self.keys
         return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats, k.holds(ip)]
 
-    async def screen(self, ip: str, injected: bool = False) -> Verdict:
-        """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
-        `injected` also counts an injection attempt, in the same round trip."""
-        command = self._screen_parts.command(self._screen.sha, ip, injected)
+    async def screen(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> Verdict:
+        """Count one call from `ip` and ban it at the threshold (`threshold`: a country
+        rule's instead of the configured one), atomically, cluster-wide; `injected` also
+        counts an injection attempt, in the same round trip; `country` is recorded with
+        the ban."""
+        command = self._screen_parts.command(self._screen.sha, ip, injected, threshold, country)
         if not self.wait_replicas:
             execute = self.link.execute if self.link else self.redis.execute_command
             return _verdict(await self._call("screening step", self._evalsha(execute, command)))
