@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,8 +44,9 @@ class UsageError(Exception):
 
 
 @contextlib.asynccontextmanager
-async def client_store(config: Config):
-    """The store as seen by ban/unban/status: Redis, or a running embedded service."""
+async def client_store(config: Config, timeout: float | None = None):
+    """The store as seen by ban/unban/status: Redis, or a running embedded service.
+    `timeout`: seconds per command instead of `redis.timeout` (a big import's)."""
     if config.redis.url.startswith("memory://"):
         try:
             path = client_socket(config.runtime_dir())
@@ -56,9 +58,10 @@ async def client_store(config: Config):
             ) from None
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
+        client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=timeout or 2)
     else:
-        client = redis_client(config.redis)
+        redis = replace(config.redis, timeout=timeout) if timeout else config.redis
+        client = redis_client(redis)
     store = make_store(config, client)
     try:
         yield store

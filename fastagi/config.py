@@ -307,6 +307,13 @@ def _auth_events(value: Any) -> tuple[str, ...]:
     return events
 
 
+def _feeds(value: Any) -> tuple[Any, ...]:
+    """`[[intel.feed]]` entries (feeds.py reads them)."""
+    from fastagi.feeds import parse_feeds
+
+    return parse_feeds(value)
+
+
 # section -> key -> (parser, default)
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "server": {
@@ -393,6 +400,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "window": (parse_duration, "10m"),
         "ban_time": (parse_duration, "1h"),
     },
+    # Blocklists in (feeds.py): [[intel.feed]] name, url or file, format, refresh, timeout.
+    "intel": {
+        "feed": (_feeds, []),
+    },
 }
 
 
@@ -478,6 +489,11 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class IntelConfig:
+    feed: tuple[Any, ...] = ()  # feeds.FeedSpec, one per [[intel.feed]]
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     screening: ScreeningConfig
@@ -485,6 +501,7 @@ class Config:
     firewall: FirewallConfig
     metrics: MetricsConfig
     auth: AuthConfig = field(default_factory=AuthConfig)
+    intel: IntelConfig = field(default_factory=IntelConfig)
     source: str = field(default="built-in defaults")
 
     def runtime_dir(self) -> Path:
@@ -525,6 +542,7 @@ _SECTIONS = {
     "firewall": FirewallConfig,
     "metrics": MetricsConfig,
     "auth": AuthConfig,
+    "intel": IntelConfig,
 }
 
 

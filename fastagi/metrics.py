@@ -180,6 +180,25 @@ class Metrics(Observer, StepObserver):
             ["country", "banned"],
             registry=r,
         )
+        self.feed_entries = Gauge(
+            "fastagi_feed_entries",
+            "Entries of each blocklist feed held by its last refresh (feeds.py)",
+            ["feed"],
+            registry=r,
+        )
+        self.feed_skipped = Counter(
+            "fastagi_feed_entries_skipped",
+            "Feed entries not held, by feed and why (protected, junk, too wide, duplicate, "
+            "comment, blank)",
+            ["feed", "reason"],
+            registry=r,
+        )
+        self.feed_failures = Counter(
+            "fastagi_feed_failures",
+            "Feed refreshes that failed (the last good list stays held until it ends)",
+            ["feed"],
+            registry=r,
+        )
         self.agent_restarts = Counter(
             "fastagi_agent_restarts",
             "Times the agent task ended with an error and was started again",
@@ -265,6 +284,16 @@ class Metrics(Observer, StepObserver):
 
     def agent_restarted(self, pbx_id: str) -> None:
         self.agent_restarts.labels(pbx_id).inc()
+
+    # -- hooks for the feeds (feeds.py) ---------------------------------------------------
+
+    def feed_refreshed(self, feed: str, entries: int, skipped: Mapping[str, int]) -> None:
+        self.feed_entries.labels(feed).set(entries)
+        for reason, count in skipped.items():
+            self.feed_skipped.labels(feed, reason).inc(count)
+
+    def feed_failed(self, feed: str) -> None:
+        self.feed_failures.labels(feed).inc()
 
     # -- the endpoint ----------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from fastagi.store import (
 
 if TYPE_CHECKING:
     from fastagi.auth import AuthWatcher
+    from fastagi.feeds import FeedRunner
     from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
@@ -265,12 +266,14 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     protected = store.protected
     assert protected is not None
     protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
-    agent = watcher = None
+    agent = watcher = feeds = None
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
         if firewall is not None:
             agent = await _start_agent(config, store, firewall, protected)
+        if config.intel.feed:
+            feeds = start_feeds(config, store, protected, metrics, embedded is not None)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
@@ -285,6 +288,8 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await _until_signalled()
     finally:
         await server.stop()
+        if feeds is not None:
+            await feeds.stop()
         await stop_watcher(watcher)
         await _stop_agent(agent)
         await protected.stop()
@@ -294,6 +299,17 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def start_feeds(
+    config: Config, store: Store, protected: Protected, metrics: Any, embedded: bool
+) -> FeedRunner:
+    """The `[[intel.feed]]` refreshes (feeds.py), as tasks of this loop on `store`."""
+    from fastagi.feeds import FeedRunner
+
+    runner = FeedRunner(store, protected, config.intel.feed, embedded, metrics)
+    runner.start()
+    return runner
 
 
 def start_watcher(config: Config, store: Store, metrics: Any) -> tuple[AuthWatcher, asyncio.Task]:

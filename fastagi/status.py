@@ -12,6 +12,7 @@ from typing import Any
 from fastagi.addresses import parse_target, target_text
 from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
+from fastagi.feeds import feed_states
 from fastagi.geo import open_db, target_country
 from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
@@ -47,7 +48,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "counted": {
             "current": len(counted),
             "list": [
-                {"ip": ip, "count": n, "country": target_country(geo, ip)}
+                _with_country({"ip": ip, "count": n}, target_country(geo, ip))
                 for ip, n in sorted(counted.items())
             ],
         },
@@ -62,15 +63,17 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
             "current": len(banned),
             "total": totals.get("bans", None if "bans" in bad_totals else 0),
             "list": [
-                {
-                    "ip": ip,
-                    "until": until,
-                    "pbx_id": record.get("pbx_id", ""),
-                    "reason": record.get("reason", ""),
-                    "bans": _whole(record.get("bans", "1")),
-                    "protected": _protected(protected, ip),
-                    "country": target_country(geo, ip, record.get("country", "")),
-                }
+                _with_country(
+                    {
+                        "ip": ip,
+                        "until": until,
+                        "pbx_id": record.get("pbx_id", ""),
+                        "reason": record.get("reason", ""),
+                        "bans": _whole(record.get("bans", "1")),
+                        "protected": _protected(protected, ip),
+                    },
+                    target_country(geo, ip, record.get("country", "")),
+                )
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
         },
@@ -83,6 +86,8 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         # What another writer left in Redis that status could not read (skipped above).
         "unreadable": unreadable,
         "protected": protected.summary() if protected is not None else None,
+        # blocklists in (feeds.py): each feed's last refresh
+        "feeds": await feed_states(store),
     }
 
 
@@ -101,6 +106,13 @@ def _agent(pbx: str, info: dict[str, Any], now: float) -> dict[str, Any]:
 def _whole(text: str) -> int | None:
     """A count from Redis, or None when it is not one."""
     return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _with_country(entry: dict[str, Any], country: str | None) -> dict[str, Any]:
+    """A list entry with its country ("" unknown) when there is a database to tell it."""
+    if country is not None:
+        entry["country"] = country
+    return entry
 
 
 def _in(country: str | None, before: str = " ") -> str:
@@ -165,6 +177,15 @@ def render_status(status: dict[str, Any]) -> str:
             mark = "`-" if n == len(parts) - 1 else "|-"
             entries = " ".join(part["entries"][:8]) + (" ..." if part["size"] > 8 else "")
             lines.append(f"|  {mark} {part['source']}: {part['size']} {entries}".rstrip())
+    feeds = status.get("feeds") or {}
+    if feeds:
+        lines.append(f"|- Blocklists: {len(feeds)}")
+    for n, (name, state) in enumerate(sorted(feeds.items())):
+        mark = "`-" if n == len(feeds) - 1 else "|-"
+        until = state.get("until")
+        held = f"held until {when(until)}" if isinstance(until, int | float) else "nothing held"
+        error = f"; last refresh failed: {state['error']}" if state.get("error") else ""
+        lines.append(f"|  {mark} {name}: {state.get('entries', 0)} entries, {held}{error}")
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
@@ -246,13 +267,12 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 ],
                 "ignored": given in config.screening.ignore,
                 "protected": protected.reason(given),
-                "country": target_country(
-                    open_db(config.screening.geoip_db),
-                    target_text(given),
-                    record.get("country", ""),
-                ),
                 "history": record,
             }
+            country = target_country(
+                open_db(config.screening.geoip_db), target_text(given), record.get("country", "")
+            )
+            _with_country(report, country)
             print(json.dumps(report, indent=2) if args.json else render_address(report))
             return 0
         status = await gather_status(store, config)

@@ -52,6 +52,9 @@ THRESHOLD_HOLD = "threshold"
 ADMIN_HOLD = "admin"
 RESTORED_HOLD = "restored"
 AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
+FEED_HOLD = "feed:"  # + the feed's name: a blocklist's entries (feeds.py)
+FEED_CHUNK = 1000  # targets per feed script: a few ms of Redis each, others interleave
+FEED_EVENTS_MAX = 1000  # more targets than this in one import: one `sync` event instead
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
@@ -331,6 +334,7 @@ class Store:
         self._unban = client.register_script(lua.UNBAN)
         self._restore = client.register_script(lua.RESTORE)
         self._auth_failure = client.register_script(lua.AUTH_FAILURE)
+        self._feed = client.register_script(lua.FEED)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -443,7 +447,7 @@ class Store:
             async with self._one_connection("ban") as conn:
                 reply = await self._call("ban", self._ban(keys=keys, args=args, client=conn))
                 await self._replicated(conn, target)
-        ban_until, hold_until, placed = (int(x) for x in reply)
+        ban_until, hold_until, placed = (int(x) for x in reply[:3])
         return Placed(ban_until / 1000.0, hold_until / 1000.0, bool(placed))
 
     async def note_inside(self, wider: str, target: str, until: float) -> tuple[int, bool]:
@@ -512,6 +516,56 @@ class Store:
             reply = await self._call("ban write-back", self._restore(keys=keys, args=args))
             epoch, written = _text(reply[0]), written + int(reply[1])
         return epoch, written
+
+    async def feed_holds(
+        self,
+        targets: list[str],
+        source: str,
+        reason: str,
+        until: float,
+        chunk: int = FEED_CHUNK,
+        pipelined: bool = True,
+    ) -> tuple[int, int]:
+        """Place `source`'s hold until `until` (unix s, Redis's clock) on every target, in
+        chunks of one script each: (holds placed or lengthened, bans started). The
+        caller filtered out protected targets. `pipelined`: every chunk in one round
+        trip (a real Redis runs each script alone and serves other clients between them);
+        False awaits each chunk (the embedded store runs scripts on this loop). A batch
+        larger than FEED_EVENTS_MAX sends one `sync` event after it instead of one event
+        per ban: agents then reconcile once, in one firewall transaction."""
+        publish = len(targets) <= FEED_EVENTS_MAX
+        k = self.keys
+        calls = []
+        for start in range(0, len(targets), chunk):
+            part = targets[start : start + chunk]
+            keys = [k.banned, k.events, k.stats]
+            for target in part:
+                keys += [k.record(target), k.holds(target)]
+            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, source]
+            args += [reason, int(until * 1000), 1 if publish else 0, *part]
+            calls.append((keys, args))
+        replies: list[Any] = []
+        if pipelined and calls:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for keys, args in calls:
+                    await self._feed(keys=keys, args=args, client=pipe)
+                replies = await self._call("feed import", pipe.execute())
+        else:
+            for keys, args in calls:
+                replies.append(await self._call("feed import", self._feed(keys=keys, args=args)))
+        placed = sum(int(reply[0]) for reply in replies)
+        started = sum(int(reply[1]) for reply in replies)
+        if placed and not publish:
+            await self._call(
+                "feed import",
+                self.redis.xadd(
+                    k.events,
+                    {"op": "sync", "source": source, "pbx_id": self.pbx_id, "count": placed},
+                    maxlen=EVENTS_MAXLEN,
+                    approximate=True,
+                ),
+            )
+        return placed, started
 
     async def unban_all(self, hold: str | None = None) -> list[str]:
         return await self.unban(list(await self.banned()), hold)
