@@ -67,6 +67,7 @@ class FeedSpec:
     format: str = ""  # apiban | plain; "": told by the content (a JSON object is APIBan's)
     refresh: float = 3600.0
     timeout: float = 30.0
+    hold: float = 0.0  # how long entries are held (import --for); 0: refresh + timeout
 
     @property
     def source(self) -> str:
@@ -85,7 +86,7 @@ class FeedSpec:
     @property
     def lasts(self) -> float:
         """How long an entry is held: one refresh, and the next refresh's fetch time."""
-        return self.refresh + self.timeout
+        return self.hold or self.refresh + self.timeout
 
 
 def feed_name(text: Any) -> str:
@@ -505,7 +506,7 @@ def import_spec(args: argparse.Namespace, config: Config) -> FeedSpec:
     spec = replace(spec, url=source if is_url else "", file="" if is_url else source)
     spec = replace(spec, format=fmt or spec.format)
     if lasts is not None:
-        spec = replace(spec, refresh=lasts, timeout=min(spec.timeout, lasts))
+        spec = replace(spec, hold=lasts)
     return spec
 
 
