@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +36,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fastagi.addresses import WIDEST, AddressError, IPNetwork, parse_target, target_text
+from fastagi.addresses import (
+    WIDEST,
+    AddressError,
+    IPAddress,
+    IPNetwork,
+    parse_target,
+    target_text,
+)
 from fastagi.store import FEED_HOLD, Store, StoreError
 
 if TYPE_CHECKING:
@@ -157,7 +165,7 @@ def _format(value: Any) -> str:
 class Parsed:
     """A feed's targets (canonical text -> network) and what was skipped, by why."""
 
-    targets: dict[str, IPNetwork] = field(default_factory=dict)
+    targets: dict[str, IPAddress | IPNetwork] = field(default_factory=dict)
     skipped: collections.Counter[str] = field(default_factory=collections.Counter)
     examples: dict[str, str] = field(default_factory=dict)  # why -> the first such line
 
@@ -167,30 +175,39 @@ class Parsed:
 
     def add(self, token: str, line: str) -> None:
         try:
-            network = entry_network(token)
+            target = entry_target(token)
         except (AddressError, ValueError):
             self.skip("junk", line)
             return
-        if network.prefixlen < WIDEST[network.version]:
+        if not isinstance(target, IPAddress) and target.prefixlen < WIDEST[target.version]:
             self.skip("too wide", line)
             return
-        text = target_text(network)
+        text = str(target) if isinstance(target, IPAddress) else target_text(target)
         if text in self.targets:
             self.skip("duplicate", line)
             return
         if len(self.targets) >= MAX_ENTRIES:
             self.skip("over the limit", line)
             return
-        self.targets[text] = network
+        self.targets[text] = target
 
     def summary(self) -> str:
         parts = [f"{n} {why}" for why, n in sorted(self.skipped.items())]
         return ", ".join(parts) or "nothing"
 
 
-def entry_network(token: str) -> IPNetwork:
+def entry_target(token: str) -> IPAddress | IPNetwork:
     """An address or a network from a list; a network with host bits set (common in
-    lists) is taken as the network it names."""
+    lists) is taken as the network it names. A bare address stays an address: building a
+    network costs ~40 us each, seconds for a list of 100,000."""
+    if "/" not in token:
+        try:  # the common case, ten times faster than ipaddress's own parser
+            return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, token))
+        except OSError:
+            pass
+        address = ipaddress.ip_address(token)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return mapped or address
     try:
         return parse_target(token)
     except AddressError:
@@ -329,8 +346,8 @@ async def apply(
     """Hold every entry until one refresh later; protected ones are refused and counted."""
     started_at = time.monotonic()
     targets = []
-    for text, network in parsed.targets.items():
-        if protected is not None and (why := protected.reason(network)):
+    for text, target in parsed.targets.items():
+        if protected is not None and (why := protected.reason(target)):
             parsed.skip("protected", f"{text} ({why})")
         else:
             targets.append(text)
