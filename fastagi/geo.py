@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger("fastagi.geo")
 CODE = re.compile(r"[A-Z]{2}")  # ISO 3166-1 alpha-2: also bounds the metric's labels
 CACHE_LIMIT = 65_536  # addresses remembered; past it the cache starts afresh
 UNKNOWN = ""  # a caller the database does not place
+RELOAD_EVERY = 60.0  # seconds between looks at the file (replaced by geoipupdate?)
 
 
 class GeoError(Exception):
@@ -92,8 +94,6 @@ class GeoDB:
         return code
 
     def describe(self) -> str:
-        import time
-
         built = time.strftime("%Y-%m-%d", time.gmtime(self.built))
         return f"{self.path} ({self.kind}, built {built}, IPv{self.ip_version})"
 
@@ -137,15 +137,38 @@ class CountryRules:
 
 
 class Countries:
-    """The screener's view: a caller's country and the threshold it gets."""
+    """The screener's view: a caller's country and the threshold it gets.
+
+    geoipupdate replaces the file (a new inode) every week or so: once a minute the file
+    is looked at, and a changed one is opened and swapped in; one that cannot be read
+    keeps the old database (one warning)."""
 
     def __init__(self, db: GeoDB, rules: CountryRules) -> None:
         self.db = db
         self.rules = rules
+        self._identity = _identity(db.path)
+        self._next_look = time.monotonic() + RELOAD_EVERY
 
     def rule(self, address: IPAddress) -> tuple[str, int | None]:
+        if time.monotonic() >= self._next_look:
+            self._look()
         country = self.db.country(address)
         return country, self.rules.threshold(country)
+
+    def _look(self) -> None:
+        self._next_look = time.monotonic() + RELOAD_EVERY
+        identity = _identity(self.db.path)
+        if identity is None or identity == self._identity:
+            return
+        self._identity = identity
+        try:
+            db = GeoDB(self.db.path)
+        except GeoError as error:
+            log.warning("%s: keeping the database read before", error)
+            return
+        old, self.db = self.db, db
+        old.close()
+        log.info("countries from %s (the file changed)", db.describe())
 
     @classmethod
     def from_config(cls, screening: ScreeningConfig) -> Countries | None:
@@ -160,6 +183,15 @@ class Countries:
             return None
         log.info("countries from %s", db.describe())
         return cls(db, CountryRules.from_config(screening))
+
+
+def _identity(path: str) -> tuple[int, int, int] | None:
+    """What tells a replaced file: inode, size, modification time (None: unreadable)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def target_country(db: GeoDB | None, target: str, recorded: str = "") -> str | None:

@@ -22,8 +22,9 @@ from fastagi.service import make_store
 from fastagi.store import FEED_EVENTS_MAX, redis_client
 from tests.feed_server import FeedServer
 from tests.harness import settings, wait_until
-from tests.procs import ctl
+from tests.procs import Service, ctl
 from tests.recording_firewall import RecordingFirewall
+from tests.test_cluster_netns import wait_for
 
 LIST = [
     "# VoIPBL-style list",
@@ -247,3 +248,30 @@ def test_bad_feed_settings_are_one_line_and_exit_2(toml, named, tmp_path):
     done = ctl("--config", str(path), "check")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
+
+
+def test_the_embedded_service_refreshes_feeds_and_takes_imports(feeds, tmp_path):
+    feeds.apiban("/api/K/banned", [["198.51.100.71"], ["198.51.100.72"]])
+    entry = f'{{ name = "apiban", url = "{feeds.url("/api/K/banned")}", refresh = "1h" }}'
+    env = {
+        "FASTAGI_SERVER_RUNTIME_DIR": str(tmp_path / "run"),
+        "FASTAGI_INTEL_FEED": f"[{entry}]",
+    }
+    (tmp_path / "list.txt").write_text("# mine\n198.51.100.73\n203.0.113.0/24\n")
+    with Service(env):
+        listed = wait_for(
+            lambda: len(json.loads(ctl("status", "--json", env=env).stdout)["banned"]["list"]) == 2,
+            10,
+        )
+        done = ctl("import", str(tmp_path / "list.txt"), "--name", "mine", env=env)
+        status = json.loads(ctl("status", "--json", env=env).stdout)
+    assert listed
+    assert done.returncode == 0 and "feed mine: 2 entries" in done.stdout, done.stderr
+    reasons = {ban["ip"]: ban["reason"] for ban in status["banned"]["list"]}
+    assert reasons == {
+        "198.51.100.71": "feed:apiban",
+        "198.51.100.72": "feed:apiban",
+        "198.51.100.73": "feed:mine",
+        "203.0.113.0/24": "feed:mine",
+    }
+    assert status["feeds"]["apiban"]["entries"] == 2 and status["feeds"]["mine"]["entries"] == 2

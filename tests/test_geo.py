@@ -195,3 +195,26 @@ def test_bad_country_settings_are_one_line_and_exit_2(toml, named, geo_db, tmp_p
     done = ctl("--config", str(path), "check")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and named in done.stderr, done.stderr
+
+
+def test_a_replaced_database_is_swapped_in_and_a_broken_one_is_not(tmp_path, caplog):
+    import ipaddress
+    import os
+
+    from fastagi.geo import Countries, CountryRules
+
+    path = write_db(tmp_path / "countries.mmdb")
+    countries = Countries(GeoDB(path), CountryRules(deny=frozenset({"CN"})))
+    caller = ipaddress.ip_address("198.51.100.9")
+    assert countries.rule(caller) == ("CN", 1)
+    # geoipupdate writes a new file and renames it over the old one
+    write_db(tmp_path / "new.mmdb", {"198.51.100.0/24": "NL"})
+    os.replace(tmp_path / "new.mmdb", path)
+    countries._next_look = 0  # a minute later
+    assert countries.rule(caller) == ("NL", None)
+    (tmp_path / "broken.mmdb").write_bytes(b"half a download")
+    os.replace(tmp_path / "broken.mmdb", path)
+    countries._next_look = 0
+    with caplog.at_level(logging.WARNING, logger="fastagi.geo"):
+        assert countries.rule(caller) == ("NL", None)  # the database read before
+    assert [r.getMessage() for r in caplog.records if "keeping the database" in r.getMessage()]
