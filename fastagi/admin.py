@@ -23,6 +23,7 @@ from fastagi.addresses import (
 )
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
+from fastagi.feeds import feed_states
 from fastagi.protect import Protected
 from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
 from fastagi.store import (
@@ -230,6 +231,8 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             else:
                 ok = await _check_shared_redis(store) and ok
             protected = await protected_set(config, store)
+            if config.intel.feed:
+                _check_feeds(config, await feed_states(store), store.now())
     except StoreError as error:
         ok = False
         print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
@@ -259,6 +262,21 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             ok = ok and passed
             print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
+
+
+def _check_feeds(config: Config, states: dict[str, dict[str, Any]], now: float) -> None:
+    """Each configured feed and its last refresh (a failing one is a warning: its last
+    list stays held until its holds end)."""
+    for spec in config.intel.feed:
+        state = states.get(spec.name, {})
+        every = f"{spec.where}, every {spec.refresh:g}s"
+        if state.get("error"):
+            print(f"warn feeds: {spec.name} ({every}): last refresh failed: {state['error']}")
+        elif isinstance(state.get("time"), int | float):
+            entries, ago = state.get("entries", 0), now - state["time"]
+            print(f"ok   feeds: {spec.name} ({every}): {entries} entries, {ago:.0f}s ago")
+        else:
+            print(f"ok   feeds: {spec.name} ({every}): not refreshed yet")
 
 
 def _check_geoip(config: Config) -> bool:

@@ -265,7 +265,10 @@ def test_the_embedded_service_refreshes_feeds_and_takes_imports(feeds, tmp_path)
         )
         done = ctl("import", str(tmp_path / "list.txt"), "--name", "mine", env=env)
         status = json.loads(ctl("status", "--json", env=env).stdout)
+        check = ctl("check", env=env).stdout
     assert listed
+    line = f"ok   feeds: apiban (http://127.0.0.1:{feeds.port}/..., every 3600s): 2 entries"
+    assert line in check, check
     assert done.returncode == 0 and "feed mine: 2 entries" in done.stdout, done.stderr
     reasons = {ban["ip"]: ban["reason"] for ban in status["banned"]["list"]}
     assert reasons == {
