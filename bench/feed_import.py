@@ -5,11 +5,11 @@
 In a network namespace of its own (needs root): a redis-server on a Unix socket, the
 list (one IPv4 address per line, plus --cidrs /24s) served over HTTP on the namespace's
 loopback, an agent with the nftables backend, and one feed refresh as `serve` runs it
-(FeedRunner.refresh). Measured: fetch and parse, the store's writes (chunks of one
-script each, pipelined, then one `sync` event), the agent's reconcile from that event
-(reading the list from Redis and one firewall transaction), and the firewall call
-itself; then the same for a second refresh, which lengthens every hold. Also counts the
-firewall calls the agent made: one batch means one set().
+(fetch, then apply, as FeedRunner.refresh does). Measured: fetch and parse; the store's
+writes (chunks of one script each, pipelined, then one `sync` event); the agent's
+reconcile from that event (reading the list from Redis, one firewall transaction); and
+the firewall call itself. Then the same for a second refresh, which lengthens every
+hold. Also counts the firewall calls the agent made: one batch means one set().
 
 Everything runs inside the namespace and a temporary directory, both removed at the end.
 """
@@ -80,7 +80,6 @@ async def _inner(redis_url: str, entries: int, cidrs: int, chunk: int) -> dict:
     while agent.full_reconciles < 1:
         await asyncio.sleep(0.01)
     spec = feeds.FeedSpec("bench", url=f"http://127.0.0.1:{port}/list.txt", refresh=3600)
-    runner = feeds.FeedRunner(shared, shared.protected, [], embedded=False)
     out: dict = {"entries": entries + cidrs, "chunk": chunk}
     for run in ("first", "refresh"):
         calls.clear()
@@ -133,11 +132,9 @@ def main() -> int:
         return inner(args)
     work = Path(tempfile.mkdtemp(prefix="fastagi-feed-bench-"))
     sock = work / "redis.sock"
-    redis = subprocess.Popen(
-        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
-        + ["--save", "", "--appendonly", "no", "--dir", str(work)],
-        stdout=subprocess.DEVNULL,
-    )
+    argv = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(work)]
+    redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     name = f"fa{secrets.token_hex(3)}-feedbench"
     try:
         deadline = time.monotonic() + 10
