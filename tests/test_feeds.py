@@ -14,10 +14,12 @@ import logging
 import time
 
 import pytest
+from prometheus_client import generate_latest
 
 from fastagi.addresses import AddressSet
 from fastagi.agent import Agent
 from fastagi.feeds import FeedRunner, FeedSpec, read_plain
+from fastagi.metrics import Metrics
 from fastagi.service import make_store
 from fastagi.store import FEED_EVENTS_MAX, redis_client
 from tests.feed_server import FeedServer
@@ -189,7 +191,7 @@ def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_u
     async def main():
         config = settings(redis_url)
         store = make_store(config, redis_client(config.redis, caller_deadlines=True))
-        runner = FeedRunner(store, store.protected, [], embedded=False)
+        runner = FeedRunner(store, store.protected, [], embedded=False, observer=metrics)
         first = [await runner.refresh(drops), await runner.refresh(fails)]
         await asyncio.sleep(1.5)
         feeds.text("/drops.txt", ["198.51.100.21"])  # the feed drops .22
@@ -206,8 +208,12 @@ def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_u
         await store.close()
         return first, second, third, right_after, released, later, states
 
+    metrics = Metrics()
     with caplog.at_level(logging.INFO, logger="fastagi.feeds"):
         first, second, third, right_after, released, later, states = asyncio.run(main())
+    exposition = generate_latest(metrics.registry).decode()
+    assert 'fastagi_feed_entries{feed="drops"} 1.0' in exposition  # its last good refresh
+    assert 'fastagi_feed_failures_total{feed="fails"} 2.0' in exposition
     assert first == [True, True] and second == [True, False] and third is False
     # the failing feed's last good list is still held, the dropped address too (for now)
     assert right_after == {"198.51.100.21", "198.51.100.22", "198.51.100.31"}
