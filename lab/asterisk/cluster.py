@@ -19,7 +19,6 @@ failure, ^C or SIGTERM).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ipaddress
 import json
 import os
@@ -38,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fastagi.firewall import FirewallSettings
+from fastagi.firewall.base import FirewallError
 from fastagi.firewall.nftables import NftablesFirewall
 from lab import (
     ROOT,
@@ -111,7 +111,11 @@ class Poll:
         firewall = NftablesFirewall(FirewallSettings(backend="nftables"))
         try:
             while time.monotonic() < self.until:
-                if (self.network in firewall.list()) == self.present:
+                try:
+                    applied = firewall.list()
+                except FirewallError:  # no table (yet, or any more): nothing is dropped
+                    applied = {}
+                if (self.network in applied) == self.present:
                     if self.ready.is_set():
                         self.seen = time.monotonic()
                     return  # (already there before the action: not a timing)
@@ -224,7 +228,7 @@ def challenge(attacker: Namespace, src: str, pbx: Pbx, port: int) -> int | None:
     return final[0] if final else None
 
 
-def protected_set(pbxs: list[Pbx], attacker: Namespace) -> Result:
+def protected_set(pbxs: list[Pbx]) -> Result:
     """Each PBX protects the Redis node and its own address, never an attacker's."""
     wrong = []
     for pbx in pbxs:
@@ -248,7 +252,7 @@ def protected_set(pbxs: list[Pbx], attacker: Namespace) -> Result:
         "protected set: the Redis node and each PBX's own address, no attacker",
         not wrong,
         "; ".join(wrong)
-        or f"{CORE4} (Redis) and 192.0.2.21-23 protected; "
+        or f"{CORE4} (Redis) and {', '.join(p.ns.ipv4 for p in pbxs)} protected; "
         f"{SVCRACK_FROM}, {SPREAD}, {BYSTANDER} not",
     )
 
@@ -400,7 +404,7 @@ def run_checks(topo: Topology, work: Path, inst: Path, rounds: int) -> tuple[lis
         for role in PBXS:
             pbxs.append(start_pbx(topo, role, work, inst, stacks, redis.url(4)))
         attacker = topo.attacker
-        results.append(protected_set(pbxs, attacker))
+        results.append(protected_set(pbxs))
         for start in range(rounds):
             results += spread_round(pbxs, attacker, port, start % len(pbxs), timings)
         results += svcrack(pbxs, attacker, port, timings)
@@ -435,11 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     inst = Path(args.asterisk).resolve()
     version = asterisk_version(inst)
     with workdir(args.work) as work:
-        topo = make_topology(HOSTS)
         try:
-            results, timings = run_checks(topo, work, inst, args.rounds)
-        finally:
-            topo.close()
+            topo = make_topology(HOSTS)
+            try:
+                results, timings = run_checks(topo, work, inst, args.rounds)
+            finally:
+                topo.close()
+        except RuntimeError as error:  # ours: a part did not start (its log is named)
+            print(f"cluster.py: {error}", file=sys.stderr)
+            return 1
     print(table(f"{version} (three PBXs, one Redis)", results))
     print()
     print(f"Timings over {args.rounds} spread rounds (each PBX's sets read every ~5 ms):")
@@ -449,5 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         sys.exit(main())
+    except KeyboardInterrupt:  # everything was removed on the way out
+        sys.exit(130)
