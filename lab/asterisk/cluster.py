@@ -70,6 +70,11 @@ POLL = 0.005  # seconds between two reads of a PBX's nftables sets while timing
 # The unban is timed from the start of a `fastagi-ctl` process, whose Python start-up took
 # up to 6 s on a loaded lab machine; svcrack runs ~20 s; in_netns gives a thread 30 s.
 SETTLE = 25.0
+# One libnftables call at a time in this process: its JSON output is not thread-safe
+# (nftables 1.0.6 json.c set_dtype_json uses strtok; three polls at once once aborted the
+# whole lab on its assertion, leaving every namespace behind). The service has one
+# firewall per process, each call under that firewall's own lock.
+NFT_LOCK = threading.Lock()
 
 
 def spread_plan(pbxs: Iterable[str], attempts: int, start: int = 0) -> list[str]:
@@ -112,7 +117,8 @@ class Poll:
         try:
             while time.monotonic() < self.until:
                 try:
-                    applied = firewall.list()
+                    with NFT_LOCK:
+                        applied = firewall.list()
                 except FirewallError:  # no table (yet, or any more): nothing is dropped
                     applied = {}
                 if (self.network in applied) == self.present:
