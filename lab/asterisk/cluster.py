@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                 results, timings = run_checks(topo, work, inst, args.rounds)
             finally:
                 topo.close()
-        except RuntimeError as error:  # ours: a part did not start (its log is named)
+        except RuntimeError as error:  # a part did not start (Asterisk and serve name their log)
             print(f"cluster.py: {error}", file=sys.stderr)
             return 1
     print(table(f"{version} (three PBXs, one Redis)", results))
