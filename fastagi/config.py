@@ -639,7 +639,9 @@ def pbx_id(config: Config) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and status."""
+    """The URL without its password (before the host, or redis-py's `?password=`), for
+    logs, status and the status page."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:  # unbalanced brackets: no password to find

@@ -248,11 +248,14 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from fastagi.web import status_page  # imports status and admin, which import us
+
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
-        metrics = await service_metrics.start(config.metrics.listen, store)
+        pages = {"/": status_page(store, config)}  # the status page (web.py)
+        metrics = await service_metrics.start(config.metrics.listen, store, pages)
     except OSError as error:
         await store.close()
         if embedded is not None:
