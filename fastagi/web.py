@@ -287,9 +287,9 @@ def render_page(
             "Nobody counted or banned.",
         )
         + "<h2>Injection attempts</h2>"
-        f'<p id="injections">{_text(status["injections"])} sessions with a forged '
-        "AGI environment or stray lines (caller ID or dialed number with line feeds), "
-        "cluster-wide. Each was answered as a normal call.</p></div></div>"
+        '<p id="injections">Sessions with a forged AGI environment or stray lines (a '
+        "caller ID or dialed number with line feeds), cluster-wide: "
+        f"<b>{_text(status['injections'])}</b>.</p></div></div>"
         f"<h2>Current bans ({_text(status['banned']['current'])})</h2>"
         + _table(
             "bans",
