@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import ipaddress
 import logging
 import time
 from collections.abc import Iterable
@@ -275,7 +276,7 @@ def render_page(
         f"<style>{STYLE}</style></head><body>"
         f"<h1>fastagi-screen on {_text(status['pbx_id'])}</h1>"
         f'<div class="sub">{_text(_utc(now))}, read-only; reloads every {REFRESH}s. '
-        'Raw numbers: <a href="/metrics">/metrics</a>.</div>'
+        'Raw numbers: <a href="metrics">/metrics</a>.</div>'
         f'<div class="tiles">{tile_html}</div>'
         f"<h2>Bans per hour (last {len(hours)} h, UTC)</h2>{chart(hours)}"
         '<div class="cols"><div><h2>Status</h2>'
@@ -326,6 +327,37 @@ def _error_page(error: str) -> str:
         f'<body><h1>fastagi-screen</h1><p id="error">The store did not answer: {_text(error)}'
         "</p></body></html>"
     )
+
+
+def pages(store: Store, config: Config) -> dict[str, Page]:
+    """`/` of the [metrics] listener: the status page, unless `metrics.status_page` keeps
+    it off there ("loopback", the default: on a loopback listener only)."""
+    mode = config.metrics.status_page
+    host = config.metrics.listen.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    if mode == "on" or (mode == "loopback" and _loopback(host)):
+        return {"/": status_page(store, config)}
+    why = (
+        "metrics.status_page is off"
+        if mode == "off"
+        else f'[metrics] listen {host} is not a loopback address (metrics.status_page = "on" '
+        "serves it there anyway: put a reverse proxy with authentication in front)"
+    )
+    log.info("status page not served: %s", why)
+    body = f"The status page is not served on this listener: {why}.\nMetrics: /metrics\n"
+
+    async def off() -> tuple[str, bytes]:
+        return "text/plain; charset=utf-8", body.encode()
+
+    return {"/": off}
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: where it points may change
+        return False
 
 
 def status_page(store: Store, config: Config) -> Page:

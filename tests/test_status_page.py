@@ -11,8 +11,11 @@ from html.parser import HTMLParser
 
 import fakeredis
 import fakeredis.aioredis
+import pytest
 
 from fastagi import metrics as service_metrics
+from fastagi import web
+from fastagi.config import ConfigError
 from fastagi.keys import Keys
 from fastagi.service import make_service_store, make_store
 from fastagi.store import Policy, Store
@@ -130,3 +133,23 @@ def test_a_store_that_does_not_answer_gives_a_page_saying_so():
     assert kind.startswith("text/html")
     assert 'id="error"' in body and "The store did not answer" in body
     assert "fastagi_store_up 0.0" in scraped  # /metrics goes on answering
+
+
+def test_the_page_is_served_on_a_loopback_listener_only_unless_told():
+    async def main(listen: str, mode: str) -> str:
+        config = settings("memory://", metrics_listen=listen, metrics_status_page=mode)
+        store = make_store(config, fakeredis.aioredis.FakeRedis(server=fakeredis.FakeServer()))
+        _, body = await web.pages(store, config)["/"]()
+        return body.decode()
+
+    assert "<!DOCTYPE html>" in asyncio.run(main("127.0.0.1:9573", "loopback"))
+    assert "<!DOCTYPE html>" in asyncio.run(main("[::1]:9573", "loopback"))
+    exposed = asyncio.run(main("0.0.0.0:9573", "loopback"))
+    assert exposed.startswith("The status page is not served") and "0.0.0.0" in exposed
+    assert "<!DOCTYPE html>" in asyncio.run(main("0.0.0.0:9573", "on"))
+    assert "metrics.status_page is off" in asyncio.run(main("127.0.0.1:9573", "off"))
+
+
+def test_a_bad_status_page_value_names_the_key():
+    with pytest.raises(ConfigError, match=r"FASTAGI_METRICS_STATUS_PAGE: 'public'"):
+        settings("memory://", metrics_status_page="public")
