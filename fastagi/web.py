@@ -31,7 +31,8 @@ BAN_ROWS = 200  # current bans listed (the latest ends first); `status` lists th
 TOP_OFFENDERS = 10
 CHART_HOURS = 24
 REFRESH = 30  # seconds between the browser's reloads of the page
-BAN_COLUMNS = ("Address", "Reason", "Holds (source until, reason)", "Banned by", "Ends", "Left")
+BAN_COLUMNS = ("Address", "Reason", "Holds (source until, reason)", "Banned by", "Ends")
+BAN_COLUMNS += ("Left", "Ban #")
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -50,8 +51,9 @@ svg text{font:11px system-ui,sans-serif;fill:#444}
 
 
 def _text(value: Any) -> str:
-    """A value for the page: printable (control characters as escapes), HTML-escaped."""
-    return html.escape(printable("" if value is None else str(value)), quote=True)
+    """A value for the page: printable (control characters as escapes), HTML-escaped;
+    None (a count status could not read, listed under "Unreadable") as "?"."""
+    return html.escape(printable("?" if value is None else str(value)), quote=True)
 
 
 def _utc(unix: float | None) -> str:
@@ -294,7 +296,7 @@ def render_page(
         f"<h2>Current bans ({_text(status['banned']['current'])})</h2>"
         + _table(
             "bans",
-            [*BAN_COLUMNS, "Ban #"],
+            BAN_COLUMNS,
             _ban_rows(bans, holds, now),
             "No ban running.",
         )
