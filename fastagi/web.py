@@ -31,8 +31,15 @@ BAN_ROWS = 200  # current bans listed (the latest ends first); `status` lists th
 TOP_OFFENDERS = 10
 CHART_HOURS = 24
 REFRESH = 30  # seconds between the browser's reloads of the page
-BAN_COLUMNS = ("Address", "Reason", "Holds (source until, reason)", "Banned by", "Ends")
-BAN_COLUMNS += ("Left", "Ban #")
+BAN_COLUMNS = (
+    "Address",
+    "Reason",
+    "Holds (source until, reason)",
+    "Banned by",
+    "Ends",
+    "Left",
+    "Ban #",
+)
 
 STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
