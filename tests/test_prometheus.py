@@ -48,6 +48,7 @@ class Prometheus:
             config = config.replace(old, new)
         (workdir / "prometheus.yml").write_text(config)
         self.port = free_port()
+        self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -57,7 +58,7 @@ class Prometheus:
                 "--log.level=warn",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=open(workdir / "prometheus.log", "w"),  # noqa: SIM115
+            stderr=self.log,
         )
         self.get("/-/ready", wait=20)
 
@@ -92,6 +93,7 @@ class Prometheus:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        self.log.close()
 
 
 def dashboard_queries() -> list[str]:
