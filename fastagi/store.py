@@ -53,7 +53,8 @@ ADMIN_HOLD = "admin"
 RESTORED_HOLD = "restored"
 AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
 FEED_HOLD = "feed:"  # + the feed's name: a blocklist's entries (feeds.py)
-FEED_CHUNK = 1000  # targets per feed script: a few ms of Redis each, others interleave
+FEED_CHUNK = 250  # targets per feed script: a few ms of Redis each, others interleave
+FEED_GROUP = 8  # feed scripts per pipeline (one round trip each)
 FEED_EVENTS_MAX = 1000  # more targets than this in one import: one `sync` event instead
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
@@ -534,7 +535,8 @@ class Store:
         """Place `source`'s hold until `until` (unix s, Redis's clock) on every target, in
         chunks of one script each: (holds placed or lengthened, bans started). The
         caller filtered out protected targets. `pipelined`: every chunk in one round
-        trip (a real Redis runs each script alone and serves other clients between them);
+        trip per FEED_GROUP chunks (a real Redis runs each script alone and serves other
+        clients between them);
         False awaits each chunk (the embedded store runs scripts on this loop). A batch
         larger than FEED_EVENTS_MAX sends one `sync` event after it instead of one event
         per ban: agents then reconcile once, in one firewall transaction."""
@@ -550,11 +552,14 @@ class Store:
             args += [reason, int(until * 1000), 1 if publish else 0, *part]
             calls.append((keys, args))
         replies: list[Any] = []
-        if pipelined and calls:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await self._feed(keys=keys, args=args, client=pipe)
-                replies = await self._call("feed import", pipe.execute())
+        if pipelined:
+            # a pipeline per few chunks: packing 100,000 entries at once would hold this
+            # loop (the FastAGI sessions' too) for a second; between groups it serves them
+            for start in range(0, len(calls), FEED_GROUP):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args in calls[start : start + FEED_GROUP]:
+                        await self._feed(keys=keys, args=args, client=pipe)
+                    replies += await self._call("feed import", pipe.execute())
         else:
             for keys, args in calls:
                 replies.append(await self._call("feed import", self._feed(keys=keys, args=args)))

@@ -18,12 +18,13 @@ from prometheus_client import generate_latest
 
 from fastagi.addresses import AddressSet
 from fastagi.agent import Agent
+from fastagi.emulator import Call
 from fastagi.feeds import FeedRunner, FeedSpec, read_plain
 from fastagi.metrics import Metrics
 from fastagi.service import make_store
 from fastagi.store import FEED_EVENTS_MAX, redis_client
 from tests.feed_server import FeedServer
-from tests.harness import settings, wait_until
+from tests.harness import running_server, settings, wait_until
 from tests.procs import Service, ctl
 from tests.recording_firewall import RecordingFirewall
 from tests.test_cluster_netns import wait_for
@@ -255,3 +256,25 @@ def test_the_embedded_service_refreshes_feeds_and_takes_imports(feeds, tmp_path)
         "203.0.113.0/24": "feed:mine",
     }
     assert status["feeds"]["apiban"]["entries"] == 2 and status["feeds"]["mine"]["entries"] == 2
+
+
+def test_calls_are_answered_while_a_big_list_is_written(redis_url, feeds):
+    count = 20_000
+    feeds.text("/big.txt", [f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}" for n in range(count)])
+
+    async def main():
+        async with running_server(redis_url) as running:
+            runner = FeedRunner(running.store, running.store.protected, [], embedded=False)
+            spec = FeedSpec("big", url=feeds.url("/big.txt"), refresh=3600)
+            importing = asyncio.create_task(runner.refresh(spec))
+            answered = []
+            while not importing.done():
+                result = await running.call(Call(source="198.51.100.99"))
+                answered.append((result.variables["SCREEN_RESULT"], importing.done()))
+            return await importing, answered, len(await running.store.banned())
+
+    ok, answered, banned = asyncio.run(main())
+    assert ok and banned == count + 1  # the list, and the caller (threshold 5)
+    during = [result for result, import_done in answered if not import_done]
+    assert len(during) >= 5, answered  # the FastAGI path went on meanwhile
+    assert set(during) <= {"COUNTED", "BANNED"}, answered
