@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 
 import pytest
@@ -244,7 +245,10 @@ def test_the_embedded_service_refreshes_feeds_and_takes_imports(feeds, tmp_path)
         done = ctl("import", str(tmp_path / "list.txt"), "--name", "mine", env=env)
         status = json.loads(ctl("status", "--json", env=env).stdout)
         check = ctl("check", env=env).stdout
+        shown = ctl("status", env=env).stdout
     assert listed
+    assert "|- Blocklists: 2" in shown and "|  |- apiban: 2 entries, held until" in shown
+    assert re.search(r"198\.51\.100\.73 until .*feed:mine", shown), shown
     line = f"ok   feeds: apiban (http://127.0.0.1:{feeds.port}/..., every 3600s): 2 entries"
     assert line in check, check
     assert done.returncode == 0 and "feed mine: 2 entries" in done.stdout, done.stderr
