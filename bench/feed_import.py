@@ -83,7 +83,7 @@ async def _inner(redis_url: str, entries: int, cidrs: int, chunk: int) -> dict:
     out: dict = {"entries": entries + cidrs, "chunk": chunk}
     for run in ("first", "refresh"):
         calls.clear()
-        await shared.redis.delete(shared.keys.feed_lock(spec.name))
+        await shared.feed_release(spec.name)
         began = time.perf_counter()
         parsed = await asyncio.to_thread(feeds.fetch, spec)
         fetched = time.perf_counter()

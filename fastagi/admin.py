@@ -23,7 +23,6 @@ from fastagi.addresses import (
 )
 from fastagi.config import Config, parse_duration, redacted
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir, client_socket
-from fastagi.feeds import feed_states
 from fastagi.protect import Protected
 from fastagi.service import MIN_REDIS_TEXT, make_store, persistence_problem, too_old
 from fastagi.store import (
@@ -232,7 +231,7 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
                 ok = await _check_shared_redis(store) and ok
             protected = await protected_set(config, store)
             if config.intel.feed:
-                _check_feeds(config, await feed_states(store), store.now())
+                _check_feeds(config, await store.feed_states(), store.now())
     except StoreError as error:
         ok = False
         print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")

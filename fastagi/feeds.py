@@ -383,20 +383,7 @@ def report(spec: FeedSpec, done: Applied) -> str:
 async def record_state(store: Store, spec: FeedSpec, state: dict[str, Any]) -> None:
     """The feed's last refresh, for `status` (best effort: a failure here changes nothing)."""
     with contextlib.suppress(StoreError):
-        await store._call(
-            "feed state", store.redis.hset(store.keys.feeds, spec.name, json.dumps(state))
-        )
-
-
-async def feed_states(store: Store) -> dict[str, dict[str, Any]]:
-    """Each feed's last refresh as recorded (for `status`); unreadable ones left out."""
-    raw = await store._call("feed state", store.redis.hgetall(store.keys.feeds))
-    out = {}
-    for name, value in raw.items():
-        state = _json(value if isinstance(value, bytes) else str(value).encode())
-        if isinstance(state, dict):
-            out[name.decode() if isinstance(name, bytes) else str(name)] = state
-    return out
+        await store.set_feed_state(spec.name, state)
 
 
 # -- the schedule in `serve` --------------------------------------------------------------
@@ -441,20 +428,10 @@ class FeedRunner:
                 ok = False
             await asyncio.sleep(spec.refresh if ok else min(spec.refresh, 60.0))
 
-    async def _claim(self, spec: FeedSpec) -> bool:
-        """One PBX of the cluster refreshes a feed per period (SET NX with an expiry)."""
-        store = self.store
-        ttl = max(1, int(spec.refresh * 900))  # ms: 90% of the period
-        claimed = await store._call(
-            "feed lock",
-            store.redis.set(store.keys.feed_lock(spec.name), store.pbx_id, nx=True, px=ttl),
-        )
-        return bool(claimed)
-
     async def refresh(self, spec: FeedSpec) -> bool:
         """One refresh; False when it failed (the last good list stays held)."""
         try:
-            if not await self._claim(spec):
+            if not await self.store.feed_claim(spec.name, spec.refresh):
                 log.debug("feed %s: refreshed by another PBX this period", spec.name)
                 return True
             parsed = await asyncio.to_thread(fetch, spec)
@@ -485,9 +462,7 @@ class FeedRunner:
     async def _failed(self, spec: FeedSpec, why: str) -> None:
         """One warning per failing spell; the lock is let go so another PBX may try."""
         with contextlib.suppress(StoreError):
-            await self.store._call(
-                "feed lock", self.store.redis.delete(self.store.keys.feed_lock(spec.name))
-            )
+            await self.store.feed_release(spec.name)
         if self.observer is not None:
             self.observer.feed_failed(spec.name)
         if spec.name not in self._failing:
@@ -501,8 +476,7 @@ class FeedRunner:
             )
         self._failing[spec.name] = why
         with contextlib.suppress(StoreError):
-            states = await feed_states(self.store)
-            state = states.get(spec.name, {})
+            state = (await self.store.feed_states()).get(spec.name, {})
             state.update({"error": why[:200], "failed_at": self.store.now()})
             await record_state(self.store, spec, state)
 

@@ -12,7 +12,6 @@ from typing import Any
 from fastagi.addresses import parse_target, target_text
 from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
-from fastagi.feeds import feed_states
 from fastagi.geo import open_db, target_country
 from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
@@ -89,7 +88,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "unreadable": unreadable,
         "protected": protected.summary() if protected is not None else None,
         # blocklists in (feeds.py): each feed's last refresh
-        "feeds": await feed_states(store),
+        "feeds": await store.feed_states(),
     }
 
 

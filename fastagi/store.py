@@ -577,6 +577,35 @@ class Store:
             )
         return placed, started
 
+    async def feed_claim(self, name: str, period: float) -> bool:
+        """Take this period's refresh of a feed for this PBX (SET NX, expiring after 90%
+        of the period): False when another PBX of the cluster has it."""
+        ttl_ms = max(1, int(period * 900))
+        lock = self.redis.set(self.keys.feed_lock(name), self.pbx_id, nx=True, px=ttl_ms)
+        return bool(await self._call("feed lock", lock))
+
+    async def feed_release(self, name: str) -> None:
+        """Let another PBX try this period's refresh (ours failed)."""
+        await self._call("feed lock", self.redis.delete(self.keys.feed_lock(name)))
+
+    async def set_feed_state(self, name: str, state: dict[str, Any]) -> None:
+        """A feed's last refresh (when, entries, held until, error), for `status`."""
+        await self._call("feed state", self.redis.hset(self.keys.feeds, name, json.dumps(state)))
+
+    async def feed_states(self) -> dict[str, dict[str, Any]]:
+        """Each feed's last refresh as recorded; an entry that is not a JSON object is
+        left out."""
+        raw = await self._call("feed state", self.redis.hgetall(self.keys.feeds))
+        out = {}
+        for name, value in raw.items():
+            try:
+                state = json.loads(_text(value))
+            except ValueError:
+                continue
+            if isinstance(state, dict):
+                out[_text(name)] = state
+        return out
+
     async def unban_all(self, hold: str | None = None) -> list[str]:
         return await self.unban(list(await self.banned()), hold)
 

@@ -193,14 +193,14 @@ def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_u
         feeds.text("/drops.txt", ["198.51.100.21"])  # the feed drops .22
         feeds.pages["/fails.txt"] = (500, b"oops")
         for spec in (drops, fails):  # a new period: the cluster lock has expired by now
-            await store.redis.delete(store.keys.feed_lock(spec.name))
+            await store.feed_release(spec.name)
         second = [await runner.refresh(drops), await runner.refresh(fails)]
-        await store.redis.delete(store.keys.feed_lock("fails"))
+        await store.feed_release("fails")
         third = await runner.refresh(fails)  # still failing: no second warning
         right_after = set(await store.banned())
         released = await _wait_gone(store, {"198.51.100.22", "198.51.100.31"}, 6)
         later = set(await store.banned())
-        states = await store.redis.hgetall(store.keys.feeds)
+        states = await store.feed_states()
         await store.close()
         return first, second, third, right_after, released, later, states
 
@@ -217,7 +217,7 @@ def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_u
     assert later == {"198.51.100.21"}  # still listed: held on
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "feed fails" in warnings[0] and "HTTP 500" in warnings[0]
-    assert json.loads(states[b"fails"])["error"] == "HTTP 500"
+    assert states["fails"]["error"] == "HTTP 500"
 
 
 async def _wait_gone(store, targets: set[str], timeout: float) -> bool:
