@@ -380,8 +380,16 @@ def report(spec: FeedSpec, done: Applied) -> str:
     )
 
 
-async def record_state(store: Store, spec: FeedSpec, state: dict[str, Any]) -> None:
+async def record_state(store: Store, spec: FeedSpec, done: Applied, by: str) -> None:
     """The feed's last refresh, for `status` (best effort: a failure here changes nothing)."""
+    state = {
+        "time": store.now(),
+        "entries": done.entries,
+        "until": done.until,
+        "skipped": dict(done.parsed.skipped),
+        "error": "",
+        "by": by,
+    }
     with contextlib.suppress(StoreError):
         await store.set_feed_state(spec.name, state)
 
@@ -445,18 +453,7 @@ class FeedRunner:
         log.info("%s", report(spec, done))
         if self.observer is not None:
             self.observer.feed_refreshed(spec.name, done.entries, dict(done.parsed.skipped))
-        await record_state(
-            self.store,
-            spec,
-            {
-                "time": self.store.now(),
-                "entries": done.entries,
-                "until": done.until,
-                "skipped": dict(done.parsed.skipped),
-                "error": "",
-                "by": self.store.pbx_id,
-            },
-        )
+        await record_state(self.store, spec, done, self.store.pbx_id)
         return True
 
     async def _failed(self, spec: FeedSpec, why: str) -> None:
@@ -478,7 +475,7 @@ class FeedRunner:
         with contextlib.suppress(StoreError):
             state = (await self.store.feed_states()).get(spec.name, {})
             state.update({"error": why[:200], "failed_at": self.store.now()})
-            await record_state(self.store, spec, state)
+            await self.store.set_feed_state(spec.name, state)
 
 
 # -- `fastagi-ctl import` ------------------------------------------------------------------
@@ -527,17 +524,6 @@ async def cmd_import(args: argparse.Namespace, config: Config) -> int:
     async with client_store(config, timeout=60.0) as store:
         protected = await protected_set(config, store)
         done = await apply(store, protected, spec, parsed, embedded)
-        await record_state(
-            store,
-            spec,
-            {
-                "time": store.now(),
-                "entries": done.entries,
-                "until": done.until,
-                "skipped": dict(done.parsed.skipped),
-                "error": "",
-                "by": f"import on {store.pbx_id}",
-            },
-        )
+        await record_state(store, spec, done, f"import on {store.pbx_id}")
     print(report(spec, done))
     return 0
