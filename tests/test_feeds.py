@@ -15,6 +15,8 @@ import re
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from fastagi.addresses import AddressSet
@@ -75,6 +77,24 @@ def test_a_text_list_is_read_with_comments_blanks_and_junk_counted():
         "junk": 2,
     }
     assert parsed.summary() == "1 blank, 2 comment, 2 duplicate, 2 junk, 1 too wide"
+
+
+LINE = st.one_of(
+    st.ip_addresses().map(str),
+    st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses(v=4), st.integers(0, 40)),
+    st.builds(lambda a, n: f"{a}/{n}", st.ip_addresses(v=6), st.integers(0, 140)),
+    st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), max_size=30),
+    st.sampled_from(["", "# x", "; y", "1.2.3.4 # z", "1.2.3.4,w", "::ffff:1.2.3.4"]),
+)
+
+
+@given(st.lists(LINE, max_size=30))
+def test_every_line_of_any_list_is_held_or_counted_never_a_crash(lines):
+    text = "\n".join(lines)
+    parsed = read_plain(text)
+    assert len(parsed.targets) + sum(parsed.skipped.values()) == len(text.splitlines())
+    for held in parsed.targets:  # canonical, and never wider than the project allows
+        assert read_plain(held).targets.keys() == {held}
 
 
 def _env(redis_url: str, **extra: str) -> dict[str, str]:
