@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from prometheus_client import generate_latest
 from fastagi.emulator import Call
 from fastagi.geo import GeoDB
 from fastagi.metrics import Metrics
-from fastagi.status import gather_status
+from fastagi.status import gather_status, render_status
 from tests.harness import running_server
 from tests.procs import ctl
 
@@ -120,6 +121,9 @@ def test_deny_allow_and_country_thresholds_through_real_sessions(geo_db):
         "2001:db8:1::/64": "JP",
         "100.64.0.1": "",
     }
+    shown = render_status(status)
+    assert re.search(r"198\.51\.100\.9 until .*, country CN\)", shown), shown
+    assert re.search(r"100\.64\.0\.1 until .*, country \?\?\)", shown), shown
     assert 'fastagi_country_calls_total{banned="yes",country="CN"} 1.0' in exposition
     assert 'fastagi_country_calls_total{banned="no",country="DE"} 4.0' in exposition
     assert 'fastagi_country_calls_total{banned="yes",country="unknown"} 1.0' in exposition
