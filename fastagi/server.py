@@ -26,6 +26,9 @@ log = logging.getLogger("fastagi.server")
 ANSWER_RESERVE = 0.25
 CLIENT_CACHE = 1024  # distinct FastAGI client addresses remembered (a handful of PBXs)
 
+# One command, no round trip: what a call refused at max_sessions is told.
+BUSY_ANSWER = b'EXEC MSet "SCREEN_RESULT=ERROR,SCREEN_ERROR=busy"\n'
+
 Route = Callable[[AGISession, Environment], Awaitable[Outcome]]
 
 
@@ -213,9 +216,10 @@ class FastAGIServer:
             return
         if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
+            # No SCREEN_COUNTED: the shipped dialplan logs the NOTICE for such a call.
             self.stats.refused_busy += 1
             self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
-            writer.write(b"SET VARIABLE SCREEN_RESULT ERROR\n")
+            writer.write(BUSY_ANSWER)
             writer.transport.close()
             return
         _quickack(writer)
@@ -290,7 +294,11 @@ class FastAGIServer:
         return route, outcome
 
     async def _answer(self, session: AGISession, outcome: Outcome) -> None:
-        variables: dict[str, object] = {"SCREEN_RESULT": outcome.result}
+        """Every SCREEN_* variable in one command (one MSet: one round trip)."""
+        variables: dict[str, object] = {
+            "SCREEN_RESULT": outcome.result,
+            "SCREEN_COUNTED": outcome.counted,
+        }
         if outcome.count is not None:
             variables["SCREEN_COUNT"] = outcome.count
         if outcome.ban_until:
@@ -299,6 +307,8 @@ class FastAGIServer:
             variables["SCREEN_ERROR"] = outcome.error
         if outcome.reason:
             variables["SCREEN_REASON"] = outcome.reason
+        if outcome.notice:
+            variables["SCREEN_NOTICE"] = outcome.notice
         await session.set_variables(variables)
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).
