@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 MAX_EXTEN = 79  # AST_MAX_EXTENSION - 1: chan_sip cuts the decoded user part here
+MAX_AGI_CONNECT = 2.0  # res_agi gives up connecting after this (AGISTATUS=FAILURE)
 _channel_ids = itertools.count(0x32)
 # The Asterisks of the captures: name -> (agi_version, its SIP channel driver's agi_type).
 # chan_sip is gone from 21 on; 22's PJSIP cuts agi_dnid at MAX_EXTEN as well as EXTEN.
@@ -223,9 +224,14 @@ class FakeAsterisk:
     (20.20.1 for chan_sip, 22.10.1 for PJSIP)."""
 
     def __init__(
-        self, hold_limit: float = 30.0, asterisk: str = "", notice_step: bool = True
+        self,
+        hold_limit: float = 30.0,
+        asterisk: str = "",
+        notice_step: bool = True,
+        connect_timeout: float = MAX_AGI_CONNECT,
     ) -> None:
         self.hold_limit = hold_limit  # a real Asterisk waits forever; the emulator does not
+        self.connect_timeout = connect_timeout
         # After AGI(): the shipped dialplan's [fastagi-notice] (False: a dialplan without it).
         self.notice_step = notice_step
         if asterisk and asterisk not in ASTERISKS:
@@ -247,8 +253,9 @@ class FakeAsterisk:
         parts = urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 4573
         try:
-            reader, writer = await asyncio.open_connection(host, port)
-        except OSError:  # res_agi: "Connection refused", AGISTATUS=FAILURE, the dialplan goes on
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):  # refused or timed out: AGISTATUS=FAILURE, dialplan goes on
             result = CallResult(agistatus="FAILURE", callid=f"C-{next(_channel_ids):08x}")
         else:
             try:

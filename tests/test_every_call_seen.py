@@ -26,14 +26,16 @@ def notice(address: str, exten: str = "7001") -> str:
     )
 
 
-def via(target: str, hold: float = 10.0, asterisk: str = ""):
+def via(target: str, hold: float = 10.0, asterisk: str = "", connect: float = 2.0):
     """AGI() as the emulator plays it against `target`'s host and port, without the
     emulator's own NOTICE step (the dialplan file runs its own)."""
     base = target.rsplit("/", 1)[0]
 
     async def agi(url: str, call: Call) -> CallResult:
         url = url.replace("agi://127.0.0.1:4573", base)
-        fake = FakeAsterisk(hold_limit=hold, asterisk=asterisk, notice_step=False)
+        fake = FakeAsterisk(
+            hold_limit=hold, asterisk=asterisk, notice_step=False, connect_timeout=connect
+        )
         return await fake.call(url, call)
 
     return agi
@@ -92,6 +94,29 @@ def test_server_down_the_dialplan_logs_the_notice_with_the_drivers_address(name)
     assert run.agi[0].agistatus == "FAILURE"
     assert run.log == [notice(address)] and run.cause == "21"
     assert shipped_lines(run) == emulated(run, call)
+
+
+def test_connect_timeout_is_logged_by_the_dialplan():
+    """A server whose accept queue is full (SYNs dropped): res_agi gives up after
+    MAX_AGI_CONNECT, AGISTATUS=FAILURE, and the dialplan logs the NOTICE."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = []
+        for _ in range(3):  # fill the accept queue; nobody accepts
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            waiting.append(client)
+        try:
+            call = guest(source="192.0.2.44")
+            agi = via(f"agi://127.0.0.1:{port}/screen", connect=0.3)
+            run = asyncio.run(run_call(call, agi))
+        finally:
+            for client in waiting:
+                client.close()
+    assert run.agi[0].agistatus == "FAILURE" and run.log == [notice("192.0.2.44")]
 
 
 def test_busy_at_max_sessions_is_logged_and_refusals_are_counted_and_summarised(caplog):
