@@ -63,6 +63,7 @@ class Outcome:
     counted: str = "no"
     # SCREEN_NOTICE: the address the dialplan logs the seed's NOTICE line for ("": none).
     notice: str = ""
+    detail: str = ""  # why the count is unknown, for the server's log (not for Asterisk)
 
 
 class StepObserver:
@@ -215,9 +216,8 @@ class Screener:
                 "timeout" if isinstance(error, TimeoutError) else "error",
             )
             # Not "not counted": a script sent before the stall or the reset may still
-            # run (a paused Redis runs it when it resumes).
-            log.error("call from %s: count unknown (the NOTICE is logged): %s", ip, reason)
-            return Outcome("ERROR", error="store unavailable", counted="unknown")
+            # run (a paused Redis runs it when it resumes). Logged by the server, summarised.
+            return Outcome("ERROR", error="store unavailable", counted="unknown", detail=reason)
         if verdict.result == "BANNED":
             return Outcome(
                 "BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban, counted="yes"

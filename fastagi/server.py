@@ -56,6 +56,9 @@ class RefusalLog:
     SUMMARY_EVERY seconds, by reason, while they go on."""
 
     SUMMARY_EVERY = 10.0
+    LEVEL = logging.WARNING
+    FIRST = "refused FastAGI connection from %s (further refusals: one line every %.0fs)"
+    MORE = "refused %d FastAGI connections more: %s"
     REASONS = {
         "busy": "busy (max_sessions)",
         "client": "not in allowed_clients",
@@ -71,11 +74,7 @@ class RefusalLog:
 
     def refused(self, reason: str, text: str) -> None:
         if self._timer is None:
-            log.warning(
-                "refused FastAGI connection from %s (further refusals: one line every %.0fs)",
-                text,
-                self.SUMMARY_EVERY,
-            )
+            log.log(self.LEVEL, self.FIRST, text, self.SUMMARY_EVERY)
             self._timer = asyncio.get_running_loop().call_later(self.SUMMARY_EVERY, self._summary)
             return
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -93,9 +92,7 @@ class RefusalLog:
             f"{n} {self.REASONS.get(reason, reason)} (last from {self.last[reason]})"
             for reason, n in sorted(self.counts.items())
         ]
-        log.warning(
-            "refused %d FastAGI connections more: %s", sum(self.counts.values()), "; ".join(parts)
-        )
+        log.log(self.LEVEL, self.MORE, sum(self.counts.values()), "; ".join(parts))
         self.counts.clear()
         self.last.clear()
 
@@ -106,6 +103,16 @@ class RefusalLog:
             self._timer = None
         if self.counts:
             self._log()
+
+
+class UncountedLog(RefusalLog):
+    """Calls whose store step failed (SCREEN_COUNTED=unknown, the NOTICE logged) as a
+    few lines too: a Redis outage under a flood is hundreds of them a second."""
+
+    LEVEL = logging.ERROR
+    FIRST = "count unknown for a call from %s; the NOTICE is logged (more: one line every %.0fs)"
+    MORE = "%d more calls with their count unknown: %s"
+    REASONS = {"store": "store step failed or ran out of time"}
 
 
 class Observer:
@@ -153,6 +160,7 @@ class FastAGIServer:
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
         self.refusals = RefusalLog()
+        self.uncounted = UncountedLog()
         # Sessions still waiting for their environment block, oldest first: peer text.
         self._waiting: dict[asyncio.StreamWriter, str] = {}
 
@@ -170,6 +178,7 @@ class FastAGIServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.refusals.close()
+        self.uncounted.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -259,6 +268,8 @@ class FastAGIServer:
                 stats.injections += 1
             if outcome is not None:
                 stats.results[outcome.result] = stats.results.get(outcome.result, 0) + 1
+                if outcome.counted == "unknown":
+                    self.uncounted.refused("store", f"{outcome.target}: {outcome.detail}")
             self.observer.session_done(route, outcome, time.monotonic() - started, injected, ended)
             with contextlib.suppress(Exception):
                 await session.close()

@@ -170,6 +170,26 @@ def test_store_error_reports_unknown_and_the_notice_is_logged():
     assert run.log == [notice("192.0.2.35")]  # even with log_notice = false
 
 
+def test_store_failures_are_logged_as_a_few_summary_lines(caplog):
+    """A Redis outage under a flood: one line for the first call whose count is unknown,
+    then one summary line (every 10 s while it goes on, and at stop), not one per call."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+
+        async def main():
+            async with running_server(nowhere) as srv:
+                return [await srv.call(Call(source="192.0.2.45")) for _ in range(20)]
+
+        results = asyncio.run(main())
+    assert {r.variables["SCREEN_COUNTED"] for r in results} == {"unknown"}
+    lines = [r.getMessage() for r in caplog.records if "count unknown" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("count unknown for a call from 192.0.2.45: Redis screening step")
+    assert "the NOTICE is logged" in lines[0]
+    assert lines[1].startswith("19 more calls with their count unknown: 19 store step failed")
+
+
 def test_a_session_ended_without_an_answer_is_logged_by_the_dialplan():
     """The server reads the call and closes without a word (it crashed, restarted, or
     ended the session at session_timeout): no SCREEN_COUNTED, the dialplan logs it."""
