@@ -295,7 +295,7 @@ class AGISession(AGI):
 
         `EXEC MSet "A=1,B=2"` (core Asterisk: pbx_variables.c) sets them all at once,
         one AGI round trip instead of one per variable, while Asterisk holds the call.
-        A value MSet would parse differently (commas, quotes, blanks) and an Asterisk
+        A value MSet would parse differently (commas, quotes, brackets) and an Asterisk
         that answers -2 (no such application) get one SET VARIABLE each."""
         pairs = [(name, str(value)) for name, value in variables.items()]
         if len(pairs) > 1 and all(_MSET_NAME.match(n) and _MSET_VALUE.match(v) for n, v in pairs):

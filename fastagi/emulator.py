@@ -263,7 +263,12 @@ class FakeAsterisk:
             finally:
                 writer.close()
         if self.notice_step and (line := notice_step(call, result.variables)):
-            result.log.append(log_line("NOTICE", call, result.callid, line))
+            # The shipped dialplan sends a dialed number or caller ID outside [0-9a-zA-Z+*#],
+            # and a dialed "h", to [fastagi-bad-exten], where the extension is "s".
+            guarded = _GUARDED.fullmatch(call.exten) and _GUARDED.fullmatch(call.callerid)
+            guarded = guarded and call.exten != "h"
+            logged = call if guarded else dataclasses.replace(call, exten="s")
+            result.log.append(log_line("NOTICE", logged, result.callid, line))
         return result
 
     async def _dialogue(
@@ -400,6 +405,7 @@ def log_line(level: str, call: Call, callid: str, message: str) -> str:
     return f"[{stamp}] {level.upper()}[{call.threadid[-4:]}][{callid}] Ext. {call.exten}: {message}"
 
 
+_GUARDED = re.compile(r"[0-9a-zA-Z+*#]*")  # what the shipped dialplan's guards let through
 # The shipped dialplan's Log() text (the seed's line).
 SEED_NOTICE = (
     "Incoming SIP connection from unknown peer failed for {} - Unknown connection from peer"

@@ -298,11 +298,16 @@ def test_odd_extensions_are_screened_too(exten):
     async def main():
         async with running_server() as srv:
             run = await run_call(guest(source="192.0.2.42", exten=exten), via(srv.target))
-            return run, await srv.store.counted()
+            emulated = await srv.call(guest(source="192.0.2.43", exten=exten))
+            return run, emulated, await srv.store.counted()
 
-    run, counted = asyncio.run(main())
-    assert counted == {"192.0.2.42": 1}
+    run, emulated, counted = asyncio.run(main())
+    assert counted == {"192.0.2.42": 1, "192.0.2.43": 1}
     assert run.log == [notice("192.0.2.42", "s")]
+    # the emulator's own NOTICE step says the same (its guard: "Ext. s")
+    assert [line.partition("] NOTICE[")[2].partition("] ")[2] for line in emulated.log] == [
+        notice("192.0.2.43", "s").removeprefix("NOTICE ")
+    ]
 
 
 def test_a_normal_hangup_runs_h_without_a_second_screening():
