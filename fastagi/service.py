@@ -189,6 +189,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         prefixes=screening.prefixes(),
         escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
         countries=Countries.from_config(screening),
+        notice_by=screening.notice_by,
     )
     return FastAGIServer(
         screener,
