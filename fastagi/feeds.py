@@ -203,7 +203,7 @@ def entry_target(token: str) -> IPAddress | IPNetwork:
     if "/" not in token:
         try:  # the common case, ten times faster than ipaddress's own parser
             return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, token))
-        except OSError:
+        except (OSError, ValueError):  # not dotted IPv4 (a NUL or non-ASCII: ValueError)
             pass
         address = ipaddress.ip_address(token)
         mapped = getattr(address, "ipv4_mapped", None)
