@@ -273,8 +273,9 @@ class NativeScreen:
 
     async def execute(self, *command: Any) -> Any:
         """The screening step's EVALSHA (store._ScreenParts.command): natively if it can."""
+        keys = 3 + int(command[2])
         try:
-            return self.step(command[3:10], command[10:])
+            return self.step(command[3:keys], command[keys:])
         except _Fallback:
             return await self.client.execute_command(*command)
 
@@ -283,7 +284,7 @@ class NativeScreen:
 
     def step(self, keys: tuple, argv: tuple) -> list:
         """KEYS and ARGV as lua.SCREEN takes them; its reply, or _Fallback."""
-        count_key, record_key, banned_key, counted_key, _, stats_key, _ = keys
+        count_key, record_key, banned_key, counted_key, _, stats_key = keys[:6]
         ip, member = argv[0], argv[8]
         try:
             threshold, window = float(argv[1]), int(argv[2])

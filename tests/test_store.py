@@ -158,6 +158,7 @@ def _screen_args(ip: str, member: bytes, injected: bool, prune: bool, threshold:
         KEYS.events,
         KEYS.stats,
         KEYS.holds(ip),
+        KEYS.bans_by_hour,
     )
     argv = (ip, threshold, WINDOW_MS, 60_000, 2.0, 600_000, "pbx-t", "threshold", member)
     argv += (10_000, 600_000, int(injected), int(prune))
@@ -234,29 +235,46 @@ def test_python_step_is_the_lua_step_reply_for_reply_and_key_for_key(monkeypatch
         member = members[-1] if again and members else f"m{len(members)}".encode()
         members.append(member)
         keys, argv = _screen_args(ip, member, injected, prune, threshold)
-        expected = _run(lua_client.evalsha, sha, 7, *keys, *argv)
+        expected = _run(lua_client.evalsha, sha, len(keys), *keys, *argv)
         try:
             got = native.step(keys, argv)
         except _Fallback:  # as NativeScreen.execute does: the script decides
-            got = _run(native_client.evalsha, sha, 7, *keys, *argv)
+            got = _run(native_client.evalsha, sha, len(keys), *keys, *argv)
         assert got == expected, op
         assert _everything(native_client) == _everything(lua_client), op
 
 
 def test_python_step_serves_the_common_calls_and_the_script_the_ban(monkeypatch):
     """The Python step really runs (no Lua for a counted or already banned call) and
-    hands over exactly the call that reaches the threshold."""
+    hands over to the script exactly the call that reaches the threshold."""
     clock = _Clock()
     monkeypatch.setattr(time, "time", clock)
     server = fakeredis.FakeServer()
-    native = NativeScreen(server, None)
+
+    class Client:  # the store's client, counting what reaches it
+        scripts = 0
+
+        async def execute_command(self, *command):
+            Client.scripts += 1
+            return await fakeredis.aioredis.FakeRedis(server=server).execute_command(*command)
+
+    native = NativeScreen(server, Client())
     native.clock = clock
-    outcomes = []
-    for n in range(5):
-        keys, argv = _screen_args("192.0.2.7", f"m{n}".encode(), False, n == 0, 3)
-        try:
-            outcomes.append(native.step(keys, argv)[0].decode())
-        except _Fallback:
-            outcomes.append("script")
-            fakeredis.FakeRedis(server=server).eval(lua.SCREEN, 7, *keys, *argv)
-    assert outcomes == ["COUNTED", "COUNTED", "script", "BANNED", "BANNED"]
+    sha = fakeredis.FakeRedis(server=server).script_load(lua.SCREEN)
+
+    async def main():
+        outcomes = []
+        for n in range(5):
+            keys, argv = _screen_args("192.0.2.7", f"m{n}".encode(), False, n == 0, 3)
+            before = Client.scripts
+            reply = await native.execute("EVALSHA", sha, len(keys), *keys, *argv)
+            outcomes.append((reply[0].decode(), reply[1], Client.scripts - before))
+        return outcomes
+
+    assert asyncio.run(main()) == [
+        ("COUNTED", 1, 0),
+        ("COUNTED", 2, 0),
+        ("BANNED", 3, 1),
+        ("BANNED", 4, 0),
+        ("BANNED", 5, 0),
+    ]
