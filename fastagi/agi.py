@@ -18,7 +18,9 @@ import functools
 import io
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from asterisk.agi import AGI, AGIAppError, AGIError, AGIResultHangup, re_code, re_kv
 
@@ -142,14 +144,27 @@ class SessionReader(asyncio.StreamReader):
             separator is not None
             and self._waiter is not None
             and len(buffer) + len(data) <= self._limit
+            and separator not in data
+            # the separator may straddle two segments (the block's empty line is a
+            # write of its own): only our two-byte b"\n\n" can
+            and not (len(separator) == 2 and buffer[-1:] == separator[:1] == data[:1])
         ):
-            # The separator may straddle two segments (the empty line ending the block
-            # is a write of its own).
-            tail = bytes(buffer[max(0, len(buffer) - len(separator) + 1) :])
-            if separator not in tail + data:
-                buffer.extend(data)
-                return
+            buffer.extend(data)
+            return
         super().feed_data(data)
+
+
+class SessionProtocol(asyncio.StreamReaderProtocol):
+    """StreamReaderProtocol with its reader at hand: each of res_agi's segments goes
+    straight to SessionReader.feed_data (asyncio's own looks the reader up through a
+    weak reference on every segment)."""
+
+    def __init__(self, reader: SessionReader, connected: Callable[..., Any]) -> None:
+        super().__init__(reader, connected)
+        self._reader = reader
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed_data(data)
 
 
 async def _readline(reader: asyncio.StreamReader) -> str:
