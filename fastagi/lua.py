@@ -182,7 +182,7 @@ if count >= threshold then
                          tonumber(ARGV[11]))[1]
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[4], ip)
-  if ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 'country', ARGV[14]) end
+  if ARGV[14] and ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 'country', ARGV[14]) end
   return {'BANNED', count, ban_until, 1}
 end
 redis.call('ZADD', KEYS[4], int(now + window), ip)
