@@ -346,6 +346,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+        # `fastagi-ctl agent`'s own /metrics: serve and agent read one config on a PBX, so
+        # one address for both would leave the second unable to start.
+        "agent_listen": (_listen_or_empty, ""),
     },
     # Password guessing: Asterisk's AMI security events, counted cluster-wide (auth.py).
     "auth": {
@@ -426,6 +429,7 @@ class FirewallConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    agent_listen: str = ""
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -252,12 +253,12 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
-        metrics = await service_metrics.start(config.metrics.listen, store)
-    except OSError as error:
+        metrics = await start_metrics("listen", config.metrics.listen, store)
+    except ServiceUsageError:
         await store.close()
         if embedded is not None:
             embedded.stop()
-        raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+        raise
     server_cfg = config.server
     server = make_server(config, store, metrics)
     protected = store.protected
@@ -294,6 +295,23 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+async def start_metrics(key: str, listen: str, store: Store | None) -> Any:
+    """This role's /metrics on `[metrics] <key>` (None when empty). An address already
+    taken is a configuration error (exit 2, one line): restarting the unit cannot free
+    it, and on a PBX it is usually the other role's (serve: `listen`, agent:
+    `agent_listen`)."""
+    try:
+        return await service_metrics.start(listen, store)
+    except OSError as error:
+        hint = ""
+        if error.errno == errno.EADDRINUSE:
+            hint = " (serve and agent on one host need one each: listen, agent_listen)"
+        # asyncio's strerror repeats the address: the C library's text is enough
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        message = f"metrics.{key}: cannot listen on {listen}: {reason}{hint}"
+        raise ServiceUsageError(message) from None
+
+
 def start_watcher(config: Config, store: Store, metrics: Any) -> tuple[AuthWatcher, asyncio.Task]:
     """The password-guessing watcher (auth.py) as a task of this loop, on `store`."""
     from fastagi.auth import make_watcher
@@ -313,7 +331,6 @@ async def stop_watcher(running: tuple[AuthWatcher, asyncio.Task] | None) -> None
 async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
     """The watcher alone, for a PBX whose FastAGI service runs elsewhere (or not at
     all): counts into the shared Redis, or into a running embedded service."""
-    from fastagi import metrics as service_metrics
     from fastagi.admin import client_store
     from fastagi.config import ConfigError
 
@@ -321,10 +338,7 @@ async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("auth.enabled: watch needs [auth] enabled = true and its AMI user")
     _setup_logging()
     async with client_store(config) as store:
-        try:
-            metrics = await service_metrics.start(config.metrics.listen, None)
-        except OSError as error:
-            raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+        metrics = await start_metrics("listen", config.metrics.listen, None)
         watcher = start_watcher(config, store, metrics)
         try:
             await _until_signalled()
@@ -445,10 +459,9 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         )
     _setup_logging()
     firewall = await _claimed_firewall(config)
-    try:
-        metrics = await service_metrics.start(config.metrics.listen, None)
-    except OSError as error:
-        raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+    metrics = await start_metrics("agent_listen", config.metrics.agent_listen, None)
+    if metrics is None and config.metrics.listen:
+        log.info("agent: no /metrics of its own ([metrics] agent_listen empty, listen is serve's)")
     protected = Protected.from_config(config)
     await protected.start()
     try:
