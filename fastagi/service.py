@@ -403,6 +403,24 @@ async def _claimed_firewall(config: Config) -> Firewall:
     return firewall
 
 
+async def teardown_firewall(config: Config) -> int:
+    """`agent --teardown`: this host's chain/table/sets of `firewall.chain` and their bans
+    removed, for leaving for good (before the package is purged: the bans outlive a
+    stopped agent by design). Only objects fastagi-screen made: one of that name made by
+    someone else is refused (exit 2, one line), as at start; no store is needed."""
+    from fastagi.firewall import FirewallConflict, FirewallError, create
+
+    _setup_logging()
+    firewall = create(config.firewall.settings())
+    try:
+        await asyncio.to_thread(firewall.teardown)
+    except FirewallConflict as error:
+        raise ServiceUsageError(str(error)) from None
+    except FirewallError as error:
+        raise OSError(f"firewall {config.firewall.backend}: {error}") from None
+    return 0
+
+
 async def _start_agent(
     config: Config,
     store: Store | None,
@@ -453,6 +471,8 @@ async def _stop_agent(running: tuple[Agent, asyncio.Task, Store | None] | None) 
 
 
 async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
+    if args.teardown:
+        return await teardown_firewall(config)
     if config.redis.url.startswith("memory://"):
         raise ServiceUsageError(
             "agent needs a shared Redis ([redis] url); with memory:// use serve"

@@ -206,6 +206,8 @@ def test_the_deb_installs_serves_checks_and_purges_without_a_trace(tmp_path):
 
         removed = run("apt-get", "remove", "-y", "-q", PACKAGE)
         assert removed.returncode == 0, removed.stdout + removed.stderr
+        # prerm took the agent's firewall objects away (the packaged config: dry-run)
+        assert "dry-run: would remove chain FASTAGI" in removed.stdout + removed.stderr
         assert not PREFIX.exists() and not ctl.exists()
         assert Path("/etc/fastagi/fastagi.toml").exists() and _user_exists()  # remove keeps
     finally:
