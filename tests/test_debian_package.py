@@ -87,7 +87,7 @@ def _user_exists() -> bool:
 
 def snapshot() -> set[str]:
     """Every path under SNAPSHOT (links not followed), plus `user:`/`group:` names."""
-    paths = set()
+    paths = {top for top in SNAPSHOT if os.path.isdir(top)}  # dpkg removes an empty /opt
     for top in SNAPSHOT:
         for directory, dirs, files in os.walk(top):
             paths.update(os.path.join(directory, name) for name in dirs + files)
