@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Try a built package under a real systemd, on a machine without one (CI, a container):
+#
+#   deploy/debian/systemd-check.sh dist/fastagi-screen_*.deb
+#
+# Boots this machine's own / as a container (systemd-nspawn, package systemd-container) on a
+# copy-on-write overlay whose changes live in memory and vanish at exit, so the machine itself
+# is never changed. Inside, as an admin would: apt install, nothing enabled or started, then
+# `systemctl enable --now fastagi-screen`, `fastagi-ctl check`, bans that survive a restart,
+# the agent's exit 2 on the embedded store not restarted, purge. Prints the transcript; exit 0
+# only when every step passed. Needs root and overlayfs; about 30 s.
+set -euo pipefail
+
+deb=$(readlink -f "$1")
+[ -f "$deb" ] || { echo "no such package: $1" >&2; exit 2; }
+here=$(mktemp -d)
+trap 'rm -rf "$here"' EXIT
+
+# the admin's steps, run by a unit of the booted container; `set -e`: the first failure ends it
+mkdir "$here/files" "$here/ovl"
+cat >"$here/files/inside.sh" <<'EOF'
+set -exo pipefail
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q --no-install-recommends /srv/fastagi-check/*.deb
+[ "$(systemctl is-enabled fastagi-screen)" = disabled ]
+[ "$(systemctl is-enabled fastagi-agent)" = disabled ]
+! systemctl is-active fastagi-screen fastagi-agent
+systemctl enable --now fastagi-screen
+for _ in $(seq 100); do [ -S /run/fastagi/embedded.sock ] && break; sleep 0.1; done
+systemctl is-active fastagi-screen
+[ "$(stat -c %U /var/lib/fastagi /run/fastagi)" = "fastagi
+fastagi" ]
+fastagi-ctl check
+fastagi-ctl simulate --ip 203.0.113.9 --calls 5 | grep -q SCREEN_RESULT=BANNED
+systemctl restart fastagi-screen
+for _ in $(seq 100); do fastagi-ctl status 203.0.113.9 >/dev/null 2>&1 && break; sleep 0.1; done
+fastagi-ctl status 203.0.113.9 | grep -q 'Banned until'
+# the agent needs a shared Redis: on the packaged (embedded) config it stops with exit 2, once
+! systemctl start fastagi-agent
+sleep 3
+[ "$(systemctl show -p NRestarts --value fastagi-agent)" = 0 ]
+journalctl -u fastagi-agent --no-pager | grep -q 'agent needs a shared Redis'
+apt-get purge -y -q fastagi-screen
+! id fastagi
+[ ! -e /etc/fastagi ] && [ ! -e /var/lib/fastagi ] && [ ! -e /opt/fastagi-screen ]
+[ -z "$(find /etc/systemd/system -name 'fastagi-*')" ]
+echo "SYSTEMD CHECK PASSED"
+EOF
+
+# only journald and this check start in the container: a target of its own
+cat >"$here/files/pkg-check.target" <<'EOF'
+[Unit]
+Description=fastagi-screen package check
+Requires=basic.target pkg-check.service
+After=basic.target pkg-check.service
+AllowIsolate=yes
+EOF
+cat >"$here/files/pkg-check.service" <<'EOF'
+[Unit]
+After=basic.target
+[Service]
+Type=oneshot
+ExecStart=/bin/bash /srv/fastagi-check/inside.sh
+StandardOutput=file:/srv/fastagi-check/transcript
+StandardError=file:/srv/fastagi-check/transcript
+ExecStopPost=/bin/systemctl --no-block poweroff
+EOF
+
+export here deb
+unshare -m --propagation private bash -c '
+    set -e
+    ovl=$here/ovl
+    mount -t tmpfs tmpfs "$ovl"
+    mkdir -p "$ovl/upper" "$ovl/work" "$ovl/root"
+    mount -t overlay overlay -o "lowerdir=/,upperdir=$ovl/upper,workdir=$ovl/work" "$ovl/root"
+    # nspawn cleans this directory up and refuses to on a disk file system
+    mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn
+    root=$ovl/root
+    mkdir -p "$root/srv/fastagi-check"
+    cp "$deb" "$here/files/inside.sh" "$root/srv/fastagi-check/"
+    cp "$here"/files/pkg-check.* "$root/etc/systemd/system/"
+    timeout 180 systemd-nspawn -q -D "$root" --private-network --link-journal=no \
+        --register=no --keep-unit -b systemd.unit=pkg-check.target >"$here/boot.log" 2>&1 || true
+    cat "$root/srv/fastagi-check/transcript" 2>/dev/null ||
+        { echo "no transcript: the container did not boot"; tail -20 "$here/boot.log"; }
+' >"$here/log" 2>&1 || true
+cat "$here/log"
+grep -q '^SYSTEMD CHECK PASSED$' "$here/log"
