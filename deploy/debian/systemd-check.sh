@@ -7,8 +7,10 @@
 # copy-on-write overlay whose changes live in memory and vanish at exit, so the machine itself
 # is never changed. Inside, as an admin would: apt install, nothing enabled or started, then
 # `systemctl enable --now fastagi-screen`, `fastagi-ctl check`, bans that survive a restart,
-# the agent's exit 2 on the embedded store not restarted, purge. Prints the transcript; exit 0
-# only when every step passed. Needs root and overlayfs; about 30 s.
+# the agent's exit 2 on the embedded store not restarted; then both units from the one config
+# on a shared Redis (redis-server) with the nftables backend, each with its own /metrics; purge,
+# which also removes our nftables table. Prints the transcript; exit 0 only when every step
+# passed. Needs root, overlayfs, systemd-container, redis-server and nftables; about 30 s.
 set -euo pipefail
 
 deb=$(readlink -f "$1")
@@ -40,7 +42,26 @@ fastagi-ctl status 203.0.113.9 | grep -q 'Banned until'
 sleep 3
 [ "$(systemctl show -p NRestarts --value fastagi-agent)" = 0 ]
 journalctl -u fastagi-agent --no-pager | grep -q 'agent needs a shared Redis'
+# a PBX of a cluster: both units from the one config on a shared Redis, the agent applying
+# bans to nftables as the user fastagi, each role on its own /metrics address
+systemctl start redis-server
+sed -i -e 's|^url = "memory://"|url = "redis://127.0.0.1:6379/0"|' \
+    -e 's|^backend = "dry-run"|backend = "nftables"|' \
+    -e 's|^listen = ""|listen = "127.0.0.1:9573"|' \
+    -e 's|^agent_listen = ""|agent_listen = "127.0.0.1:9574"|' /etc/fastagi/fastagi.toml
+systemctl restart fastagi-screen
+systemctl reset-failed fastagi-agent
+systemctl enable --now fastagi-agent
+fastagi-ctl ban 203.0.113.77
+for _ in $(seq 100); do nft list set inet fastagi ban4 2>/dev/null | grep -q 203.0.113.77 && break; sleep 0.1; done
+nft list set inet fastagi ban4 | grep -q 203.0.113.77
+scrape() { python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
+scrape 9573 | grep -c '^fastagi_bans_issued_total'
+scrape 9574 | grep -c '^fastagi_firewall_set_size{backend="nftables"'
+systemctl is-active fastagi-screen fastagi-agent
+for unit in fastagi-screen fastagi-agent; do [ "$(systemctl show -p NRestarts --value $unit)" = 0 ]; done
 apt-get purge -y -q fastagi-screen
+! nft list table inet fastagi  # prerm's teardown: our table is gone with the program
 ! id fastagi
 [ ! -e /etc/fastagi ] && [ ! -e /var/lib/fastagi ] && [ ! -e /opt/fastagi-screen ]
 [ -z "$(find /etc/systemd/system -name 'fastagi-*')" ]
