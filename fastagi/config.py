@@ -195,6 +195,16 @@ def _ports(value: Any) -> tuple[str, ...] | str:
     return ports
 
 
+STATUS_PAGE = ("loopback", "on", "off")
+
+
+def _status_page(value: Any) -> str:
+    name = _string(value)
+    if name not in STATUS_PAGE:
+        raise ValueError(f"{name!r}: choose one of {', '.join(STATUS_PAGE)}")
+    return name
+
+
 def _listen_or_empty(value: Any) -> str:
     text = _string(value)
     if text:
@@ -349,6 +359,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # `fastagi-ctl agent`'s own /metrics: serve and agent read one config on a PBX, so
         # one address for both would leave the second unable to start.
         "agent_listen": (_listen_or_empty, ""),
+        # The status page at / of that listener (web.py): "loopback" serves it only when
+        # `listen` is a loopback address, so exposing /metrics does not expose it.
+        "status_page": (_status_page, "loopback"),
     },
     # Password guessing: Asterisk's AMI security events, counted cluster-wide (auth.py).
     "auth": {
@@ -430,6 +443,7 @@ class FirewallConfig:
 class MetricsConfig:
     listen: str
     agent_listen: str = ""
+    status_page: str = "loopback"
 
 
 @dataclass(frozen=True)
@@ -643,7 +657,9 @@ def pbx_id(config: Config) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and status."""
+    """The URL without its password (before the host, or redis-py's `?password=`), for
+    logs, status and the status page."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:  # unbalanced brackets: no password to find

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -249,11 +249,14 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from fastagi import web  # imports status and admin, which import us
+
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
-        metrics = await start_metrics("listen", config.metrics.listen, store)
+        pages = web.pages(store, config) if config.metrics.listen else None
+        metrics = await start_metrics("listen", config.metrics.listen, store, pages)
     except ServiceUsageError:
         await store.close()
         if embedded is not None:
@@ -295,13 +298,15 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-async def start_metrics(key: str, listen: str, store: Store | None) -> Any:
+async def start_metrics(
+    key: str, listen: str, store: Store | None, pages: Mapping[str, Any] | None = None
+) -> Any:
     """This role's /metrics on `[metrics] <key>` (None when empty). An address already
     taken is a configuration error (exit 2, one line): restarting the unit cannot free
     it, and on a PBX it is usually the other role's (serve: `listen`, agent:
     `agent_listen`)."""
     try:
-        return await service_metrics.start(listen, store)
+        return await service_metrics.start(listen, store, pages)
     except OSError as error:
         hint = ""
         if error.errno == errno.EADDRINUSE:
