@@ -55,9 +55,10 @@ systemctl enable --now fastagi-agent
 fastagi-ctl ban 203.0.113.77
 for _ in $(seq 100); do nft list set inet fastagi ban4 2>/dev/null | grep -q 203.0.113.77 && break; sleep 0.1; done
 nft list set inet fastagi ban4 | grep -q 203.0.113.77
-scrape() { python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$1/metrics').read().decode())"; }
-scrape 9573 | grep -c '^fastagi_bans_issued_total'
-scrape 9574 | grep -c '^fastagi_firewall_set_size{backend="nftables"'
+get() { python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$1').read().decode())"; }
+get 9573/metrics | grep -c '^fastagi_bans_issued_total'
+get 9574/metrics | grep -c '^fastagi_firewall_set_size{backend="nftables"'
+get 9573/ | grep -c '203\.0\.113\.77'  # the status page, on serve's listener only
 systemctl is-active fastagi-screen fastagi-agent
 for unit in fastagi-screen fastagi-agent; do [ "$(systemctl show -p NRestarts --value $unit)" = 0 ]; done
 apt-get purge -y -q fastagi-screen
