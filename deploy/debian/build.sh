@@ -5,8 +5,9 @@
 #
 # Why a dpkg-deb script and not dpkg-buildpackage: the service runs in a virtual environment
 # under /opt/fastagi-screen made with Debian's own /usr/bin/python3.X and the pinned wheels of
-# requirements.txt (Debian 12 has no redis 5+, fakeredis, uvloop or pyst2 packages), which is
-# one pip install, not a debhelper build. Needs dpkg-dev, python3-venv and an index with those
+# requirements.txt: Debian 12 has no pyst2 and older redis (4.3), fakeredis (1.9), uvloop
+# (0.17) and prometheus-client (0.16) than pyproject.toml needs. That is one pip install, not a
+# debhelper build. Needs dpkg-dev, python3-venv and an index with those
 # wheels (PyPI or a mirror, as pip is configured). It touches nothing outside a temporary
 # directory and OUTPUT_DIR: the venv is made in a staging tree and its paths rewritten.
 set -euo pipefail
