@@ -22,6 +22,7 @@ trap 'rm -rf "$here"' EXIT
 mkdir "$here/files" "$here/ovl"
 cat >"$here/files/inside.sh" <<'EOF'
 set -exo pipefail
+trap 'journalctl --no-pager -n 40' ERR  # what systemd saw, for the transcript
 export DEBIAN_FRONTEND=noninteractive
 apt-get install -y -q --no-install-recommends /srv/fastagi-check/*.deb
 [ "$(systemctl is-enabled fastagi-screen)" = disabled ]
@@ -44,7 +45,8 @@ sleep 3
 journalctl -u fastagi-agent --no-pager | grep -q 'agent needs a shared Redis'
 # a PBX of a cluster: both units from the one config on a shared Redis, the agent applying
 # bans to nftables as the user fastagi, each role on its own /metrics address
-systemctl start redis-server
+systemd-run --unit=check-redis /usr/bin/redis-server --bind 127.0.0.1 --port 6379 --save ''
+for _ in $(seq 100); do redis-cli ping 2>/dev/null | grep -q PONG && break; sleep 0.1; done
 sed -i -e 's|^url = "memory://"|url = "redis://127.0.0.1:6379/0"|' \
     -e 's|^backend = "dry-run"|backend = "nftables"|' \
     -e 's|^listen = ""|listen = "127.0.0.1:9573"|' \
