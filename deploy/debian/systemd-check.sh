@@ -8,8 +8,9 @@
 # is never changed. Inside, as an admin would: apt install, nothing enabled or started, then
 # `systemctl enable --now fastagi-screen`, `fastagi-ctl check`, bans that survive a restart,
 # the agent's exit 2 on the embedded store not restarted; then both units from the one config
-# on a shared Redis (redis-server) with the nftables backend, each with its own /metrics; purge,
-# which also removes our nftables table. Prints the transcript; exit 0 only when every step
+# on a shared Redis (redis-server) with the nftables backend, each with its own /metrics; an
+# upgrade (a reinstall) restarting them and keeping the config; purge, which also removes our
+# nftables table. Prints the transcript; exit 0 only when every step
 # passed. Needs root, overlayfs, systemd-container, redis-server and nftables; about 30 s.
 set -euo pipefail
 
@@ -63,6 +64,15 @@ get 9574/metrics | grep -c '^fastagi_firewall_set_size{backend="nftables"'
 get 9573/ | grep -c '203\.0\.113\.77'  # the status page, on serve's listener only
 systemctl is-active fastagi-screen fastagi-agent
 for unit in fastagi-screen fastagi-agent; do [ "$(systemctl show -p NRestarts --value $unit)" = 0 ]; done
+# an upgrade (here: the same version again) keeps the edited config and the bans, and
+# restarts the running units on the new files
+pids=$(systemctl show -p MainPID --value fastagi-screen fastagi-agent)
+apt-get install -y -q --reinstall /srv/fastagi-check/*.deb
+grep -q '^agent_listen = "127.0.0.1:9574"' /etc/fastagi/fastagi.toml
+[ "$(systemctl show -p MainPID --value fastagi-screen fastagi-agent)" != "$pids" ]
+systemctl is-active fastagi-screen fastagi-agent
+for _ in $(seq 100); do nft list set inet fastagi ban4 2>/dev/null | grep -q 203.0.113.77 && break; sleep 0.1; done
+nft list set inet fastagi ban4 | grep -q 203.0.113.77
 apt-get purge -y -q fastagi-screen
 ! nft list table inet fastagi  # prerm's teardown: our table is gone with the program
 ! id fastagi
