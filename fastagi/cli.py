@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="apply the shared ban list to this host's firewall")
     agent.add_argument("--redis", metavar="URL")
     agent.add_argument("--firewall", metavar="BACKEND")
+    agent.add_argument(
+        "--teardown",
+        action="store_true",
+        help="remove this host's fastagi firewall objects and their bans, then exit",
+    )
     agent.set_defaults(func=cmd_agent)
 
     watch = sub.add_parser(

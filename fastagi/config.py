@@ -408,6 +408,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+        # `fastagi-ctl agent`'s own /metrics: serve and agent read one config on a PBX, so
+        # one address for both would leave the second unable to start.
+        "agent_listen": (_listen_or_empty, ""),
         # The status page at / of that listener (web.py): "loopback" serves it only when
         # `listen` is a loopback address, so exposing /metrics does not expose it.
         "status_page": (_status_page, "loopback"),
@@ -501,6 +504,7 @@ class FirewallConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    agent_listen: str = ""
     status_page: str = "loopback"
 
 

@@ -35,6 +35,16 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> boo
     return predicate()
 
 
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `predicate` from a thread that may block (another process does the work)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 def firewall_ips(firewall) -> set[str]:
     """The targets a firewall backend holds, as their canonical text ("192.0.2.9",
     "2001:db8:1:2::/64")."""
