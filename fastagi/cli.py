@@ -18,6 +18,7 @@ from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
+from fastagi.export import FORMATS, cmd_export
 from fastagi.protect import ProtectedError
 from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
 from fastagi.status import cmd_status
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("ip", nargs="?")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    export = sub.add_parser(
+        "export", help="print the current ban list for another firewall, a SIP proxy or CrowdSec"
+    )
+    export.add_argument("--format", choices=FORMATS, default="txt")
+    export.set_defaults(func=cmd_export)
 
     check = sub.add_parser("check", help="config, Redis, firewall: what works and what not")
     check.set_defaults(func=cmd_check)

@@ -23,6 +23,7 @@ from fastagi import metrics as service_metrics
 from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis
+from fastagi.export import Exporter
 from fastagi.keys import Keys
 from fastagi.protect import Protected
 from fastagi.redis_link import SharedLink
@@ -251,8 +252,11 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
+    exporter = Exporter(store, config.export.max_entries, config.export.refresh)
     try:
-        metrics = await service_metrics.start(config.metrics.listen, store)
+        metrics = await service_metrics.start(
+            config.metrics.listen, store, exporter.pages() if config.export.pages else None
+        )
     except OSError as error:
         await store.close()
         if embedded is not None:

@@ -16,7 +16,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,6 +267,20 @@ def _escaped(text: str, limit: int = 80) -> str:
     return text[:limit].encode("unicode_escape").decode("ascii")
 
 
+def _running_holds(raw: dict, listed: float | None, record_reason: str, now: float) -> list[Hold]:
+    """A holds hash as read from Redis: its running holds, longest first. A ban list end
+    beyond every hold (written before holds existed) is the hold "legacy", as the
+    scripts treat it."""
+    out = []
+    for source, value in raw.items():
+        end, _, reason = _text(value).partition(" ")
+        if end.isdigit() and int(end) / 1000.0 > now:
+            out.append(Hold(_text(source), int(end) / 1000.0, reason))
+    if listed and listed / 1000.0 > max([now, *(hold.until for hold in out)]):
+        out.append(Hold("legacy", listed / 1000.0, record_reason))
+    return sorted(out, key=lambda hold: (-hold.until, hold.source))
+
+
 def _heartbeat(text: str) -> dict[str, Any]:
     try:
         info = json.loads(text)
@@ -514,15 +528,30 @@ class Store:
             pipe.zscore(self.keys.banned, target)
             pipe.hget(self.keys.record(target), "reason")
             raw, listed, record_reason = await self._call("holds read", pipe.execute())
+        return _running_holds(raw, listed, _text(record_reason or ""), self.now())
+
+    async def ban_details(
+        self, targets: list[str]
+    ) -> AsyncIterator[list[tuple[str, dict[str, str], list[Hold]]]]:
+        """(target, record, running holds) of each target, a page at a time (one pipeline
+        per BAN_LIST_PAGE targets), so 100,000 bans are read without one huge reply and
+        the caller can yield the loop between pages (export.py)."""
         now = self.now()
-        out = []
-        for source, value in raw.items():
-            end, _, reason = _text(value).partition(" ")
-            if end.isdigit() and int(end) / 1000.0 > now:
-                out.append(Hold(_text(source), int(end) / 1000.0, reason))
-        if listed and listed / 1000.0 > max([now, *(hold.until for hold in out)]):
-            out.append(Hold("legacy", listed / 1000.0, _text(record_reason or "")))
-        return sorted(out, key=lambda hold: (-hold.until, hold.source))
+        for start in range(0, len(targets), BAN_LIST_PAGE):
+            page = targets[start : start + BAN_LIST_PAGE]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for target in page:
+                    pipe.hgetall(self.keys.record(target))
+                    pipe.hgetall(self.keys.holds(target))
+                    pipe.zscore(self.keys.banned, target)
+                replies = await self._call("ban details read", pipe.execute())
+            out = []
+            for n, target in enumerate(page):
+                raw_record, raw_holds, listed = replies[3 * n : 3 * n + 3]
+                record = {_text(k): _text(v) for k, v in raw_record.items()}
+                holds = _running_holds(raw_holds, listed, record.get("reason", ""), now)
+                out.append((target, record, holds))
+            yield out
 
     async def banned(self) -> dict[str, float]:
         """The ban list: address -> ban end (unix s), expired entries left out.

@@ -1,0 +1,205 @@
+"""The ban list out: the cluster's current bans for other tools, read-only.
+
+Three shapes of the same list: plain text (one target per line, as the store holds it:
+`203.0.113.9`, `2001:db8:1:2::/64`), JSON (each ban with what `status --json` shows of
+it, plus its start and holds) and CrowdSec decisions (`cscli decisions import`).
+Served at /banlist.txt, /banlist.json and /banlist.crowdsec.json on the metrics
+listener, and printed by `fastagi-ctl export`.
+
+A consumer that syncs to this list unbans whatever is missing from it, so a list that
+cannot be read whole is never served in part: the store away, a list longer than
+`export.max_entries` or a read past BUDGET give a 503 (the CLI: exit 1), not a short 200.
+Entries this host would never apply (protected, or not an address: another writer's
+garbage) are left out; nothing here carries a secret (no Redis URL, no key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastagi.addresses import AddressError, parse_target
+from fastagi.config import Config
+from fastagi.metrics import Page, PageError
+from fastagi.protect import Protected
+from fastagi.store import Store, StoreError
+
+BUDGET = 10.0  # seconds one read of the list may take (100,000 bans with details: ~1 s)
+TEXT = "text/plain; charset=utf-8"
+JSON = "application/json"
+FORMATS = ("txt", "json", "crowdsec")
+PATHS = {"/banlist.txt": "txt", "/banlist.json": "json", "/banlist.crowdsec.json": "crowdsec"}
+
+
+class ExportError(Exception):
+    """The list cannot be given whole now; the message says why."""
+
+
+@dataclass(frozen=True)
+class BanList:
+    """The running bans as read at `now` (Redis's clock), target -> end, by target text."""
+
+    now: float
+    bans: list[tuple[str, float]]
+    left_out: int  # protected or malformed entries not exported
+
+
+def _exportable(target: str, protected: Protected | None) -> bool:
+    try:
+        network = parse_target(target)
+    except AddressError:
+        return False
+    return protected is None or protected.reason(network) is None
+
+
+async def read_list(store: Store, max_entries: int) -> BanList:
+    """The ban list, whole, without protected or malformed entries."""
+    try:
+        await store.sync_clock()  # ends are Redis's time; "now" must be too
+        banned = await store.banned()
+    except StoreError as error:
+        raise ExportError(str(error)) from None
+    if len(banned) > max_entries:
+        raise ExportError(
+            f"the ban list holds {len(banned):,} bans, more than export.max_entries "
+            f"({max_entries:,}); not served in part"
+        )
+    bans = sorted(
+        (target, until) for target, until in banned.items() if _exportable(target, store.protected)
+    )
+    return BanList(store.now(), bans, len(banned) - len(bans))
+
+
+def render_text(ban_list: BanList) -> bytes:
+    """One target per line: ipset/nft scripts, `comm`, `cscli ... --format values`."""
+    return "".join(f"{target}\n" for target, _ in ban_list.bans).encode()
+
+
+def render_crowdsec(ban_list: BanList) -> bytes:
+    """CrowdSec's import format (`cscli decisions import -i FILE.json`): a ban per
+    target, scope Ip or Range, for the time it has left (whole seconds, at least 1)."""
+    decisions = [
+        {
+            "duration": f"{max(1, int(until - ban_list.now))}s",
+            "reason": "fastagi-screen",
+            "scope": "Range" if "/" in target else "Ip",
+            "type": "ban",
+            "value": target,
+        }
+        for target, until in ban_list.bans
+    ]
+    return json.dumps(decisions, separators=(",", ":")).encode()
+
+
+def _ban(target: str, until: float, record: dict[str, str], holds: list) -> dict[str, Any]:
+    """One ban as `status --json` lists it (ip, until, pbx_id, reason, bans), with its
+    start and the holds (sources) that keep it."""
+    bans = record.get("bans", "1")
+    since = record.get("since", "")
+    return {
+        "ip": target,
+        "until": until,
+        "start": int(since) / 1000.0 if since.isdigit() else None,
+        "pbx_id": record.get("pbx_id", ""),
+        "reason": record.get("reason", ""),
+        "bans": int(bans) if bans.isascii() and bans.isdigit() else None,
+        "holds": [{"source": h.source, "until": h.until, "reason": h.reason} for h in holds],
+    }
+
+
+async def render_json(store: Store, ban_list: BanList) -> bytes:
+    """`{"now", "count", "bans": [...]}`, the details read a page at a time, each page
+    encoded before the next is read (the loop answers Asterisk between pages)."""
+    ends = dict(ban_list.bans)
+    chunks = [
+        b'{"now":%s,"count":%d,"bans":[' % (json.dumps(ban_list.now).encode(), len(ban_list.bans))
+    ]
+    first = True
+    try:
+        async for page in store.ban_details([target for target, _ in ban_list.bans]):
+            rows = [_ban(target, ends[target], record, holds) for target, record, holds in page]
+            if rows:
+                text = json.dumps(rows, separators=(",", ":"))[1:-1].encode()
+                chunks.append(text if first else b"," + text)
+                first = False
+            await asyncio.sleep(0)
+    except StoreError as error:
+        raise ExportError(str(error)) from None
+    chunks.append(b"]}")
+    return b"".join(chunks)
+
+
+async def render(store: Store, fmt: str, max_entries: int) -> bytes:
+    """The list in `fmt` (txt, json, crowdsec), read whole within BUDGET."""
+    try:
+        async with asyncio.timeout(BUDGET):
+            ban_list = await read_list(store, max_entries)
+            if fmt == "json":
+                return await render_json(store, ban_list)
+    except TimeoutError:
+        raise ExportError(f"reading the ban list took more than {BUDGET:g}s") from None
+    return render_crowdsec(ban_list) if fmt == "crowdsec" else render_text(ban_list)
+
+
+class Exporter:
+    """The pages of the metrics listener. A body is built at most once per `refresh`
+    seconds per format, and concurrent requests share one build, so scrapers polling a
+    100,000-ban list cost Redis one read per `refresh`, not one each."""
+
+    def __init__(self, store: Store, max_entries: int, refresh: float) -> None:
+        self.store = store
+        self.max_entries = max_entries
+        self.refresh = refresh
+        self._built: dict[str, tuple[float, bytes]] = {}  # format -> (monotonic, body)
+        self._building: dict[str, asyncio.Future[bytes]] = {}
+
+    async def body(self, fmt: str) -> bytes:
+        built = self._built.get(fmt)
+        if built is not None and time.monotonic() - built[0] < self.refresh:
+            return built[1]
+        running = self._building.get(fmt)
+        if running is None:
+            running = asyncio.ensure_future(render(self.store, fmt, self.max_entries))
+            self._building[fmt] = running
+            running.add_done_callback(lambda done: self._done(fmt, done))
+        try:
+            return await asyncio.shield(running)
+        except ExportError as error:
+            raise PageError(f"ban list unavailable: {error}") from None
+
+    def _done(self, fmt: str, done: asyncio.Future[bytes]) -> None:
+        self._building.pop(fmt, None)
+        if not done.cancelled() and done.exception() is None:
+            self._built[fmt] = (time.monotonic(), done.result())
+
+    def pages(self) -> dict[str, Page]:
+        """path -> page, for Metrics.serve(pages=...)."""
+        return {path: self._page(fmt) for path, fmt in PATHS.items()}
+
+    def _page(self, fmt: str) -> Page:
+        content_type = TEXT if fmt == "txt" else JSON
+
+        async def page() -> tuple[str, bytes]:
+            return content_type, await self.body(fmt)
+
+        return page
+
+
+async def cmd_export(args: argparse.Namespace, config: Config) -> int:
+    """`fastagi-ctl export [--format txt|json|crowdsec]`: the list on stdout."""
+    from fastagi.admin import client_store, protected_set
+
+    async with client_store(config) as store:
+        await protected_set(config, store)
+        try:
+            body = await render(store, args.format, config.export.max_entries)
+        except ExportError as error:
+            raise StoreError(f"export: {error}") from None
+    sys.stdout.buffer.write(body if args.format == "txt" else body + b"\n")
+    sys.stdout.buffer.flush()
+    return 0
