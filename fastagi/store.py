@@ -38,6 +38,7 @@ log = logging.getLogger("fastagi.store")
 EVENTS_MAXLEN = 10_000  # agents further behind than this do a full reconcile
 UNBAN_BATCH = 500
 BAN_LIST_PAGE = 5000  # ban list entries per Redis read
+DETAILS_PAGE = 500  # bans per details script: ~3 ms of Redis, which every PBX shares
 MAX_PAGES = 1000  # 5,000,000 bans: a bound, not a limit anyone reaches
 POOL_SIZE = 64  # one event loop needs few; more only queue inside Redis
 PRUNE_EVERY = 64  # screening steps per sweep of expired ban and counted list entries
@@ -338,6 +339,7 @@ class Store:
         self._unban = client.register_script(lua.UNBAN)
         self._restore = client.register_script(lua.RESTORE)
         self._auth_failure = client.register_script(lua.AUTH_FAILURE)
+        self._ban_details = client.register_script(lua.BAN_DETAILS)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -531,26 +533,27 @@ class Store:
         return _running_holds(raw, listed, _text(record_reason or ""), self.now())
 
     async def ban_details(
-        self, targets: list[str]
-    ) -> AsyncIterator[list[tuple[str, dict[str, str], list[Hold]]]]:
-        """(target, record, running holds) of each target, a page at a time (one pipeline
-        per BAN_LIST_PAGE targets), so 100,000 bans are read without one huge reply and
-        the caller can yield the loop between pages (export.py)."""
+        self, bans: list[tuple[str, float]]
+    ) -> AsyncIterator[list[tuple[str, float, dict[str, str], list[Hold]]]]:
+        """(target, ban end, record, running holds) of each (target, ban end), a page at
+        a time: one read-only script per DETAILS_PAGE targets keeps Redis (which every
+        screening step of the cluster waits on) free between pages, and the caller can
+        yield its loop between them."""
         now = self.now()
-        for start in range(0, len(targets), BAN_LIST_PAGE):
-            page = targets[start : start + BAN_LIST_PAGE]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for target in page:
-                    pipe.hgetall(self.keys.record(target))
-                    pipe.hgetall(self.keys.holds(target))
-                    pipe.zscore(self.keys.banned, target)
-                replies = await self._call("ban details read", pipe.execute())
+        fields = ("since", "pbx_id", "reason", "bans")
+        for start in range(0, len(bans), DETAILS_PAGE):
+            page = bans[start : start + DETAILS_PAGE]
+            keys = []
+            for target, _ in page:
+                keys += [self.keys.record(target), self.keys.holds(target)]
+            reply = await self._call("ban details read", self._ban_details(keys=keys))
             out = []
-            for n, target in enumerate(page):
-                raw_record, raw_holds, listed = replies[3 * n : 3 * n + 3]
-                record = {_text(k): _text(v) for k, v in raw_record.items()}
-                holds = _running_holds(raw_holds, listed, record.get("reason", ""), now)
-                out.append((target, record, holds))
+            for n, (target, until) in enumerate(page):
+                values, flat = reply[2 * n], reply[2 * n + 1]
+                record = {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}
+                raw = dict(zip(flat[::2], flat[1::2], strict=True))
+                holds = _running_holds(raw, until * 1000, record.get("reason", ""), now)
+                out.append((target, until, record, holds))
             yield out
 
     async def banned(self) -> dict[str, float]:
