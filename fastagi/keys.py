@@ -100,3 +100,13 @@ class Keys:
     def auth_counted(self) -> str:
         """Sorted set: ip -> end of its current `[auth]` window (ms), for `status`."""
         return f"{self.base}auth:counted"
+
+    def notify_lease(self, hook: str) -> str:
+        """String: the token of the one process sending this webhook's messages
+        (notify.py), expiring unless renewed, so the cluster sends each message once."""
+        return f"{self.base}notify:{hook}:lease"
+
+    def notify_cursor(self, hook: str) -> str:
+        """String: the id of the last event this webhook's receiver got; the next
+        sender resumes after it."""
+        return f"{self.base}notify:{hook}:cursor"

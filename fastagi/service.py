@@ -40,6 +40,7 @@ from fastagi.store import (
 if TYPE_CHECKING:
     from fastagi.auth import AuthWatcher
     from fastagi.firewall import Firewall
+    from fastagi.notify import Notifier
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
@@ -267,7 +268,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     protected = store.protected
     assert protected is not None
     protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
-    agent = watcher = None
+    agent = watcher = notifier = None
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
@@ -275,6 +276,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             agent = await _start_agent(config, store, firewall, protected)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
+        notifier = await start_notifier(config, store, protected, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s%s)",
@@ -287,6 +289,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await _until_signalled()
     finally:
         await server.stop()
+        await stop_notifier(notifier)
         await stop_watcher(watcher)
         await _stop_agent(agent)
         await protected.stop()
@@ -393,6 +396,45 @@ async def _claimed_firewall(config: Config) -> Firewall:
     return firewall
 
 
+def reader_store(config: Config, protected: Protected) -> Store:
+    """A store of its own for a reader of the event stream (the agent, the notifier) on
+    a shared Redis: its blocking reads need a client timeout longer than the block, and
+    must not hold the screening steps' connections."""
+    timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
+    return make_store(
+        config, redis_client(replace(config.redis, timeout=timeout)), protected=protected
+    )
+
+
+async def start_notifier(
+    config: Config, store: Store | None, protected: Protected, metrics: Any
+) -> tuple[Notifier, Store | None] | None:
+    """The webhooks (notify.py), when any is configured: on the embedded store (polled)
+    or on a Redis client of their own."""
+    from fastagi.notify import READ_BLOCK_MS, Notifier
+
+    if not config.notify.webhook:
+        return None
+    own_store = None
+    block_ms: int | None = None
+    if not config.redis.url.startswith("memory://"):
+        own_store = store = reader_store(config, protected)
+        block_ms = READ_BLOCK_MS
+    assert store is not None
+    registry = metrics.registry if metrics is not None else None
+    notifier = Notifier(config.notify.webhook, store, registry, block_ms)
+    notifier.start()
+    return notifier, own_store
+
+
+async def stop_notifier(running: tuple[Notifier, Store | None] | None) -> None:
+    if running is not None:
+        notifier, own_store = running
+        await notifier.stop()
+        if own_store is not None:
+            await own_store.close()
+
+
 async def _start_agent(
     config: Config,
     store: Store | None,
@@ -405,10 +447,9 @@ async def _start_agent(
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
-        timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-        client = redis_client(replace(config.redis, timeout=timeout))
-        own_store = store = make_store(config, client, protected=protected)
+        own_store = store = reader_store(config, protected)
         block_ms = AGENT_BLOCK_MS
+        timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
         if check:
             try:
                 async with asyncio.timeout(timeout):
@@ -461,9 +502,11 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         if metrics is not None:
             metrics.close()
         raise
+    notifier = await start_notifier(config, None, protected, metrics)
     try:
         await _until_signalled()
     finally:
+        await stop_notifier(notifier)
         await _stop_agent(agent)
         await protected.stop()
         if metrics is not None:

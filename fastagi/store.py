@@ -340,6 +340,8 @@ class Store:
         self._restore = client.register_script(lua.RESTORE)
         self._auth_failure = client.register_script(lua.AUTH_FAILURE)
         self._ban_details = client.register_script(lua.BAN_DETAILS)
+        self._notify_lease = client.register_script(lua.NOTIFY_LEASE)
+        self._notify_cursor = client.register_script(lua.NOTIFY_CURSOR)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -721,6 +723,24 @@ class Store:
     async def last_event_id(self) -> str:
         rows = await self._call("event read", self.redis.xrevrange(self.keys.events, count=1))
         return _text(rows[0][0]) if rows else "0-0"
+
+    async def notify_lease(self, hook: str, token: str, lease: float, keep: float) -> bool:
+        """Take or renew `hook`'s sender lease for `lease` seconds (its cursor kept
+        `keep` seconds); False while another process holds it."""
+        keys = [self.keys.notify_lease(hook), self.keys.notify_cursor(hook)]
+        args = [token, int(lease * 1000), int(keep * 1000)]
+        return bool(await self._call("notify lease", self._notify_lease(keys=keys, args=args)))
+
+    async def notify_cursor(self, hook: str) -> str | None:
+        """The last event `hook`'s receiver got, or None (no sender yet, or long ago)."""
+        value = await self._call("notify read", self.redis.get(self.keys.notify_cursor(hook)))
+        return None if value is None else _text(value)
+
+    async def notify_advance(self, hook: str, token: str, event_id: str, keep: float) -> bool:
+        """Move `hook`'s cursor to `event_id` if the lease is still `token`'s."""
+        keys = [self.keys.notify_lease(hook), self.keys.notify_cursor(hook)]
+        args = [token, event_id, int(keep * 1000)]
+        return bool(await self._call("notify cursor", self._notify_cursor(keys=keys, args=args)))
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
         """Record that this PBX's agent is alive, for `status` ("agents seen")."""

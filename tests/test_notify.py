@@ -1,0 +1,293 @@
+"""Webhooks on ban and unban (notify.py): a real `serve`, a local HTTP receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import redis
+
+from fastagi.config import WebhookConfig
+from fastagi.emulator import Call, FakeAsterisk
+from fastagi.keys import Keys
+from fastagi.notify import NotifyMetrics, Webhook, hook_id, message
+from fastagi.service import make_embedded_store, make_store
+from fastagi.store import redis_client
+from tests.harness import free_port, settings
+from tests.procs import Service, ctl
+
+
+class Receiver:
+    """An HTTP receiver on a free port: answers each POST with the next status of
+    `answers` (then 200), and keeps every body it got."""
+
+    def __init__(self, answers: list[int] | None = None) -> None:
+        self.answers = list(answers or [])
+        self.bodies: list[tuple[int, bytes]] = []  # (status answered, body)
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = receiver.answers.pop(0) if receiver.answers else 200
+                receiver.bodies.append((status, body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def taken(self) -> list[dict]:
+        return [json.loads(body) for status, body in self.bodies if status == 200]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Silent:
+    """A receiver that accepts connections and never answers (a hung web server)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def wait_for(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def config_file(tmp_path: Path, hook: str) -> str:
+    path = tmp_path / "fastagi.toml"
+    path.write_text(f"[[notify.webhook]]\n{hook}\n")
+    return str(path)
+
+
+@contextlib.contextmanager
+def receiver(answers: list[int] | None = None) -> Iterator[Receiver]:
+    got = Receiver(answers)
+    try:
+        yield got
+    finally:
+        got.close()
+
+
+def test_one_message_per_batch_retried_after_a_500_nothing_lost(tmp_path, redis_url):
+    """A wave of bans (addresses and a prefix) and unbans inside one batch window: one
+    message with every event in order; the receiver's 500 makes it come again (the same
+    message), and the next wave comes as one message of its own."""
+    with receiver([500]) as got:
+        hook = f'url = "http://127.0.0.1:{got.port}/hook"\nbatch = "2s"\nretries = 3'
+        metrics_port = free_port()
+        env = {
+            "FASTAGI_CONFIG": config_file(tmp_path, hook),
+            "FASTAGI_REDIS_URL": redis_url,
+            "FASTAGI_RUNTIME_DIR": str(tmp_path),
+            "FASTAGI_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        }
+        config = settings(redis_url)
+        lease = Keys().notify_lease(
+            hook_id(settings(redis_url, **_hook_env(hook)).notify.webhook[0])
+        )
+        plain = redis.Redis.from_url(redis_url)
+        with Service(env, "--no-agent", log=tmp_path / "serve.log"):
+            assert wait_for(lambda: plain.exists(lease))
+
+            async def wave(targets: list[str], unban: list[str]) -> None:
+                store = make_store(config, redis_client(config.redis))
+                for target in targets:
+                    await store.ban(target, 600, "wave")
+                await store.unban(unban)
+                await store.close()
+
+            first = [f"198.51.100.{n}" for n in range(1, 21)] + ["2001:db8:9::/48"]
+            asyncio.run(wave(first, ["198.51.100.1", "198.51.100.2"]))
+            assert wait_for(lambda: len(got.taken()) == 1)
+            asyncio.run(wave(["203.0.113.1", "203.0.113.2", "203.0.113.3"], []))
+            assert wait_for(lambda: len(got.taken()) == 2)
+            time.sleep(2.5)  # one more batch window: nothing else comes
+            scraped = _scrape(metrics_port)
+        plain.close()
+
+    statuses = [status for status, _ in got.bodies]
+    assert statuses == [500, 200, 200]
+    assert got.bodies[0][1] == got.bodies[1][1]  # the retry is the same message
+    one, two = got.taken()
+    assert [(e["op"], e["target"]) for e in one["events"]] == [
+        *(("ban", target) for target in first),
+        ("unban", "198.51.100.1"),
+        ("unban", "198.51.100.2"),
+    ]
+    assert all(e["reason"] == "wave" and e["until"] > e["time"] for e in one["events"][:21])
+    assert [e["target"] for e in two["events"]] == ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
+    assert one["dropped"] == two["dropped"] == 0
+    assert 'fastagi_notify_sent_total{webhook="webhook-1"} 2.0' in scraped
+    assert 'fastagi_notify_failed_total{webhook="webhook-1"} 1.0' in scraped
+    assert 'fastagi_notify_sender{webhook="webhook-1"} 1.0' in scraped
+
+
+def _hook_env(hook: str) -> dict[str, str]:
+    """The same webhook as a FASTAGI_NOTIFY_WEBHOOK override (a TOML inline table)."""
+    return {"NOTIFY_WEBHOOK": "[{" + hook.replace("\n", ", ") + "}]"}
+
+
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def test_a_receiver_that_never_answers_delays_no_session(tmp_path):
+    """The receiver accepts and never answers; meanwhile 40 calls, each of which bans
+    (threshold 1) and so feeds the stuck webhook, are all answered as usual."""
+    silent = Silent()
+    try:
+        hook = f'url = "http://127.0.0.1:{silent.port}/hook"\nbatch = "100ms"\ntimeout = "30s"'
+        env = {
+            "FASTAGI_CONFIG": config_file(tmp_path, hook),
+            "FASTAGI_RUNTIME_DIR": str(tmp_path),
+            "FASTAGI_SCREENING_THRESHOLD": "1",
+        }
+        with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
+            assert ctl("ban", "192.0.2.200", env=service.env).returncode == 0
+            assert wait_for(lambda: len(silent.held) == 1)  # the webhook hangs from now on
+
+            async def calls() -> list[str]:
+                asterisk = FakeAsterisk(hold_limit=5.0)  # server.session_timeout
+                results = await asyncio.gather(
+                    *(
+                        asterisk.call(service.target, Call(source=f"198.51.100.{n}"))
+                        for n in range(1, 41)
+                    )
+                )
+                return [r.variables.get("SCREEN_RESULT", "") for r in results]
+
+            answered = asyncio.run(calls())
+            status = json.loads(ctl("status", "--json", env=service.env).stdout)
+            hanging = len(silent.held)
+    finally:
+        silent.close()
+    assert answered == ["BANNED"] * 40
+    assert status["banned"]["current"] == 41
+    assert hanging == 1  # still the one stuck exchange: nothing was answered meanwhile
+
+
+def test_a_long_outage_drops_the_oldest_and_the_next_message_says_how_many():
+    """queue = 5, the receiver down while 8 events arrive: the 5 newest go out, with
+    `dropped: 3`, once it is back."""
+
+    async def main() -> list[dict]:
+        config = settings()
+        store = make_embedded_store(config, fakeredis.FakeServer())
+        port = free_port()
+        hook = WebhookConfig(
+            url=f"http://127.0.0.1:{port}/", name="t", batch=0.2, timeout=1.0, retries=0, queue=5
+        )
+        webhook = Webhook(hook, store, NotifyMetrics(), block_ms=None)
+        task = asyncio.create_task(webhook.run())
+        try:
+            for _ in range(100):
+                if webhook.leading:
+                    break
+                await asyncio.sleep(0.02)
+            for n in range(1, 9):
+                await store.ban(f"198.51.100.{n}", 600, "<!channel>")
+            for _ in range(200):  # refused while nothing listens: back into the queue
+                if webhook.metrics.failed.labels("t")._value.get() >= 1 and not webhook.queue:
+                    break
+                await asyncio.sleep(0.02)
+            bodies: list[bytes] = []
+
+            async def take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                bodies.append(await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+                writer.close()
+
+            server = await asyncio.start_server(take, "127.0.0.1", port)
+            for _ in range(300):
+                if bodies:
+                    break
+                await asyncio.sleep(0.02)
+            server.close()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+        return [json.loads(b) for b in bodies]
+
+    taken = asyncio.run(main())
+    assert len(taken) == 1
+    assert taken[0]["dropped"] == 3
+    assert [e["target"] for e in taken[0]["events"]] == [f"198.51.100.{n}" for n in range(4, 9)]
+
+
+def test_slack_text_escapes_mentions_and_says_what_was_dropped():
+    from fastagi.notify import Event
+
+    events = [
+        Event(f"{1_700_000_000_000 + n}-0", "ban", f"198.51.100.{n}", 1.8e9, "<!channel>", "pbx")
+        for n in range(25)
+    ]
+    events.append(Event("1700000000100-0", "unban", "2001:db8::/48", 0.0, "", "pbx"))
+    text = json.loads(message("slack", events, 7, "pbx"))["text"]
+    assert text.splitlines()[0] == "fastagi-screen: 25 bans, 1 unban"
+    assert "&lt;!channel&gt;" in text and "<!channel>" not in text
+    assert "… and 6 more" in text
+    assert "7 earlier events dropped" in text
+
+
+def test_a_bad_webhook_is_refused_with_one_line(tmp_path):
+    cases = {
+        'url = "ftp://x/"': "notify.webhook: entry 1: url: ftp://x: use http:// or https://",
+        'url = "http://h/"\nformat = "teams"': "entry 1: format: 'teams': one of generic, slack",
+        'url = "http://h/"\nbatch = "0s"': "notify.webhook: entry 1: batch:",
+        'url = "http://h/"\nretries = -1': "notify.webhook: entry 1: retries:",
+        'format = "slack"': "notify.webhook: entry 1: url: missing",
+        'url = "https://hooks.example/T0/secret-token"\nqueue = 0': "entry 1: queue:",
+    }
+    for hook, said in cases.items():
+        result = ctl("--config", config_file(tmp_path, hook), "check")
+        assert result.returncode == 2, hook
+        assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
+        assert "secret-token" not in result.stderr
