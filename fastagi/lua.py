@@ -346,3 +346,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 """
+
+# A sender that stops gives its lease up, so another process takes over at once.
+# KEYS: lease; ARGV: token. Returns 1 when it was ours.
+NOTIFY_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""

@@ -9,9 +9,10 @@ nothing here applies or changes a ban.
 One sender per webhook per cluster: every `serve` or `agent` configured with a webhook
 competes for its lease in Redis (keys.notify_lease); the holder reads the events after
 the webhook's cursor (keys.notify_cursor), and moves the cursor once the receiver took
-a message. Another process takes over within LEASE seconds of the holder's death and
-resumes from the cursor, so a message may come twice then (at least once), never be
-lost. Configuring the same webhook on every PBX is therefore the safe way.
+a message. Another process takes over within LEASE + RENEW seconds of the holder's
+death (within RENEW of a clean stop: it gives the lease up) and resumes from the
+cursor, so a message may come twice then (at least once), never be lost. Configuring
+the same webhook on every PBX is therefore the safe way.
 
 Per webhook, two tasks of the service's loop: the reader (lease, events into a bounded
 queue: when full the oldest is dropped, counted, and the next message says how many)
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -250,6 +252,7 @@ class Webhook:
         self._queued = asyncio.Event()
         self._store_down = False
         self._full = False
+        self._stopping = False
 
     async def run(self) -> None:
         """Until cancelled: the reader here, the sender beside it."""
@@ -259,11 +262,21 @@ class Webhook:
         finally:
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
+            if self.leading:  # another process takes over now, from the cursor
+                self.leading = False
+                with contextlib.suppress(StoreError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self.store.notify_release(self.hook, self.token)
 
     # -- reading ------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """A flag as well as the task's cancel: redis-py can swallow a cancellation that
+        races with its own timeouts (a blocking read), and the loop would go on."""
+        self._stopping = True
+
     async def _reader(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._lease()
                 if not self.leading:
@@ -471,6 +484,8 @@ class Notifier:
     async def stop(self) -> None:
         """Stop; what is still queued is sent by the next holder of the lease (the
         cursor has not moved past it)."""
+        for hook in self.webhooks:
+            hook.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -342,6 +342,7 @@ class Store:
         self._ban_details = client.register_script(lua.BAN_DETAILS)
         self._notify_lease = client.register_script(lua.NOTIFY_LEASE)
         self._notify_cursor = client.register_script(lua.NOTIFY_CURSOR)
+        self._notify_release = client.register_script(lua.NOTIFY_RELEASE)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -741,6 +742,11 @@ class Store:
         keys = [self.keys.notify_lease(hook), self.keys.notify_cursor(hook)]
         args = [token, event_id, int(keep * 1000)]
         return bool(await self._call("notify cursor", self._notify_cursor(keys=keys, args=args)))
+
+    async def notify_release(self, hook: str, token: str) -> None:
+        """Give `hook`'s lease up if it is `token`'s (a sender that stops)."""
+        keys = [self.keys.notify_lease(hook)]
+        await self._call("notify release", self._notify_release(keys=keys, args=[token]))
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
         """Record that this PBX's agent is alive, for `status` ("agents seen")."""

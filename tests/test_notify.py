@@ -251,6 +251,7 @@ def test_a_long_outage_drops_the_oldest_and_the_next_message_says_how_many():
                 await asyncio.sleep(0.02)
             server.close()
         finally:
+            webhook.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await store.close()
@@ -291,3 +292,60 @@ def test_a_bad_webhook_is_refused_with_one_line(tmp_path):
         assert result.returncode == 2, hook
         assert result.stderr.count("\n") == 1 and said in result.stderr, result.stderr
         assert "secret-token" not in result.stderr
+
+
+def test_one_sender_per_cluster_and_a_takeover_resumes_from_the_cursor(redis_url, monkeypatch):
+    """Two PBXs with the same webhook: one message per batch, from one of them. The
+    sender dies with a batch the receiver refused (500): the other takes over after the
+    lease and sends it; the batch already taken never comes again."""
+    from fastagi import notify
+
+    monkeypatch.setattr(notify, "LEASE", 1.0)
+    monkeypatch.setattr(notify, "RENEW", 0.1)
+
+    async def until(predicate, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
+            await asyncio.sleep(0.02)
+        return predicate()
+
+    async def main(got: Receiver) -> tuple[bool, bool]:
+        config = settings(redis_url)
+        hook = WebhookConfig(url=f"http://127.0.0.1:{got.port}/", name="t", batch=0.3, retries=0)
+        stores = [make_store(config, redis_client(config.redis)) for _ in range(2)]
+        a, b = (Webhook(hook, store, NotifyMetrics(), block_ms=100) for store in stores)
+        tasks = [asyncio.create_task(a.run())]
+        try:
+            assert await until(lambda: a.leading)
+            tasks.append(asyncio.create_task(b.run()))
+            await asyncio.sleep(0.5)
+            b_stood_by = not b.leading
+            for n in (1, 2):
+                await stores[0].ban(f"198.51.100.{n}", 600, "first")
+            assert await until(lambda: len(got.taken()) == 1)
+            got.answers = [500]  # the second batch is refused, then its sender dies
+            for n in (3, 4):
+                await stores[0].ban(f"198.51.100.{n}", 600, "second")
+            assert await until(lambda: len(got.bodies) == 2)
+            a.leading = False  # a crash: the lease is not given up, it runs out
+            a.stop()
+            tasks[0].cancel()
+            await asyncio.gather(tasks[0], return_exceptions=True)
+            assert await until(lambda: len(got.taken()) == 2)
+            return b_stood_by, b.leading
+        finally:
+            for hook, task in zip((a, b), tasks, strict=False):
+                hook.stop()
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for store in stores:
+                await store.close()
+
+    with receiver() as got:
+        b_stood_by, b_leads = asyncio.run(main(got))
+        time.sleep(0.5)
+    assert b_stood_by and b_leads
+    first, second = got.taken()
+    assert [e["target"] for e in first["events"]] == ["198.51.100.1", "198.51.100.2"]
+    assert [e["target"] for e in second["events"]] == ["198.51.100.3", "198.51.100.4"]
+    assert [status for status, _ in got.bodies] == [200, 500, 200]
