@@ -67,14 +67,16 @@ class WebhookError(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """One ban or unban, as the store wrote it."""
+    """One ban or unban as the store wrote it, or a bulk change (`sync`: a blocklist
+    feed placed `count` bans at once, without an event each; `target` is its source)."""
 
     id: str
     op: str
     target: str
-    until: float  # unix s (Redis's clock); 0 for an unban
+    until: float  # unix s (Redis's clock); 0 for an unban or a sync
     reason: str
     pbx_id: str
+    count: int = 0
 
     @property
     def time(self) -> float:
@@ -115,30 +117,20 @@ def message(fmt: str, events: list[Event], dropped: int, pbx_id: str) -> bytes:
                 "source": "fastagi-screen",
                 "sender": pbx_id,
                 "dropped": dropped,
-                "events": [
-                    {
-                        "op": e.op,
-                        "target": e.target,
-                        "time": e.time,
-                        "until": e.until if e.op == "ban" else None,
-                        "reason": e.reason,
-                        "pbx_id": e.pbx_id,
-                    }
-                    for e in events
-                ],
+                "events": [_generic(e) for e in events],
             }
         ).encode()
-    bans = sum(1 for e in events if e.op == "ban")
-    unbans = len(events) - bans
-    counts = [
-        f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((bans, "ban"), (unbans, "unban")) if n
-    ]
+    ops = collections.Counter(e.op for e in events)
+    words = (("ban", "ban"), ("unban", "unban"), ("sync", "bulk change"))
+    counts = [f"{ops[op]} {word}{'s' if ops[op] != 1 else ''}" for op, word in words if ops[op]]
     lines = [f"fastagi-screen: {', '.join(counts) or 'no events'}"]
     for e in events[:LISTED]:
         if e.op == "ban":
             lines.append(f"• ban {e.target} until {_utc(e.until)} ({e.reason}, by {e.pbx_id})")
-        else:
+        elif e.op == "unban":
             lines.append(f"• unban {e.target} (by {e.pbx_id})")
+        else:
+            lines.append(f"• {e.target}: {e.count} bans placed or renewed at once (not listed)")
     if len(events) > LISTED:
         lines.append(f"… and {len(events) - LISTED} more")
     if dropped:
@@ -146,6 +138,20 @@ def message(fmt: str, events: list[Event], dropped: int, pbx_id: str) -> bytes:
             f"({dropped} earlier events dropped: the receiver was away and the queue full)"
         )
     return json.dumps({"text": _slack_escaped("\n".join(lines))}).encode()
+
+
+def _generic(e: Event) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "op": e.op,
+        "target": e.target,
+        "time": e.time,
+        "until": e.until if e.op == "ban" else None,
+        "reason": e.reason,
+        "pbx_id": e.pbx_id,
+    }
+    if e.op == "sync":
+        entry["count"] = e.count
+    return entry
 
 
 # -- HTTP -----------------------------------------------------------------------------
@@ -336,21 +342,19 @@ class Webhook:
     def _take(self, rows: list[tuple[str, dict[str, str]]]) -> None:
         for event_id, fields in rows:
             self.read_from = event_id
+            pbx = fields.get("pbx_id", "")[:MAX_REASON]
+            count = fields.get("count", "")
+            if fields.get("op") == "sync" and count.isascii() and count.isdigit():
+                source = fields.get("source", "")[:MAX_REASON]
+                self._queue(Event(event_id, "sync", source, 0.0, "", pbx, int(count)))
+                continue
             try:
                 op, _, until = parse_event(fields)
             except BadEntry:
                 self.metrics.dropped.labels(self.name, "malformed").inc()
                 continue
-            self._queue(
-                Event(
-                    event_id,
-                    op,
-                    fields["ip"],
-                    until,
-                    fields.get("reason", "")[:MAX_REASON],
-                    fields.get("pbx_id", "")[:MAX_REASON],
-                )
-            )
+            reason = fields.get("reason", "")[:MAX_REASON]
+            self._queue(Event(event_id, op, fields["ip"], until, reason, pbx))
 
     def _queue(self, event: Event) -> None:
         if not self.queue:

@@ -278,6 +278,31 @@ def test_slack_text_escapes_mentions_and_says_what_was_dropped():
     assert "7 earlier events dropped" in text
 
 
+def test_a_bulk_change_is_one_line_not_one_per_ban():
+    """A blocklist feed placing 100,000 bans writes one `sync` event (op, source,
+    count), not one per ban: the message says so in one line."""
+
+    async def main() -> list[dict]:
+        store = make_embedded_store(settings(), fakeredis.FakeServer())
+        hook = WebhookConfig(url="http://127.0.0.1:9/", name="t", batch=0.1)
+        webhook = Webhook(hook, store, NotifyMetrics(), block_ms=None)
+        webhook.read_from = "0-0"
+        events = store.keys.events
+        await store.redis.xadd(events, {"op": "sync", "source": "feed:voipbl", "count": "100000"})
+        await store.redis.xadd(events, {"op": "sync", "source": "feed:x", "count": "many"})
+        webhook._take(await store.events_after("0-0"))
+        await store.close()
+        return [json.loads(message(f, list(webhook.queue), 0, "p")) for f in ("generic", "slack")]
+
+    generic, slack = asyncio.run(main())
+    assert [(e["op"], e["target"], e["count"]) for e in generic["events"]] == [
+        ("sync", "feed:voipbl", 100000)
+    ]
+    assert slack["text"].splitlines()[1:] == [
+        "• feed:voipbl: 100000 bans placed or renewed at once (not listed)"
+    ]
+
+
 def test_a_bad_webhook_is_refused_with_one_line(tmp_path):
     cases = {
         'url = "ftp://x/"': "notify.webhook: entry 1: url: ftp://x: use http:// or https://",
