@@ -131,7 +131,7 @@ def _ban(target: str, until: float, record: dict[str, str], holds: list[Hold]) -
     start and the holds (sources) that keep it."""
     bans = record.get("bans", "1")
     since = record.get("since", "")
-    return {
+    entry: dict[str, Any] = {
         "ip": target,
         "until": until,
         "start": int(since) / 1000.0 if since.isdigit() else None,
@@ -140,6 +140,9 @@ def _ban(target: str, until: float, record: dict[str, str], holds: list[Hold]) -
         "bans": int(bans) if bans.isascii() and bans.isdigit() else None,
         "holds": [{"source": h.source, "until": h.until, "reason": h.reason} for h in holds],
     }
+    if "country" in record:  # written by the screening step where a GeoIP database is set
+        entry["country"] = record["country"]
+    return entry
 
 
 async def render_json(store: Store, ban_list: BanList) -> bytes:

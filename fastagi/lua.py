@@ -316,11 +316,11 @@ return {'BANNED', failures, ban_until, 1}
 # script per page of targets instead of three commands each: a client-side pipeline of
 # 300,000 commands cost ~10 s of Python for 100,000 bans, this ~1 s.
 # KEYS: record and holds of each target, in pairs
-# Returns per target {since, pbx_id, reason, bans} (false: missing) then its holds hash, flat
+# Returns per target its record hash then its holds hash, each flat
 BAN_DETAILS = """
 local out = {}
 for i = 1, #KEYS, 2 do
-  out[#out + 1] = redis.call('HMGET', KEYS[i], 'since', 'pbx_id', 'reason', 'bans')
+  out[#out + 1] = redis.call('HGETALL', KEYS[i])
   out[#out + 1] = redis.call('HGETALL', KEYS[i + 1])
 end
 return out

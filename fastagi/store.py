@@ -543,7 +543,6 @@ class Store:
         screening step of the cluster waits on) free between pages, and the caller can
         yield its loop between them."""
         now = self.now()
-        fields = ("since", "pbx_id", "reason", "bans")
         for start in range(0, len(bans), DETAILS_PAGE):
             page = bans[start : start + DETAILS_PAGE]
             keys = []
@@ -552,8 +551,10 @@ class Store:
             reply = await self._call("ban details read", self._ban_details(keys=keys))
             out = []
             for n, (target, until) in enumerate(page):
-                values, flat = reply[2 * n], reply[2 * n + 1]
-                record = {f: _text(v) for f, v in zip(fields, values, strict=True) if v is not None}
+                fields, flat = reply[2 * n], reply[2 * n + 1]
+                record = {
+                    _text(k): _text(v) for k, v in zip(fields[::2], fields[1::2], strict=True)
+                }
                 raw = dict(zip(flat[::2], flat[1::2], strict=True))
                 holds = _running_holds(raw, until * 1000, record.get("reason", ""), now)
                 out.append((target, until, record, holds))
