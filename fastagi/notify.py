@@ -266,6 +266,7 @@ class Webhook:
         try:
             await self._reader()
         finally:
+            self.stop()
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
             if self.leading:  # another process takes over now, from the cursor
@@ -277,9 +278,10 @@ class Webhook:
     # -- reading ------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """A flag as well as the task's cancel: redis-py can swallow a cancellation that
-        races with its own timeouts (a blocking read), and the loop would go on."""
+        """A flag as well as the tasks' cancel: redis-py can swallow a cancellation that
+        races with its own I/O (a read, the cursor's update), and a loop would go on."""
         self._stopping = True
+        self._queued.set()  # wakes the sender, which then sees the flag
 
     async def _reader(self) -> None:
         while not self._stopping:
@@ -350,7 +352,8 @@ class Webhook:
                 continue
             try:
                 op, _, until = parse_event(fields)
-            except BadEntry:
+            except BadEntry as error:  # another writer's entry: one line, counted
+                log.warning("notify %s: skipped event %s: %s", self.name, event_id, error)
                 self.metrics.dropped.labels(self.name, "malformed").inc()
                 continue
             reason = fields.get("reason", "")[:MAX_REASON]
@@ -381,32 +384,33 @@ class Webhook:
     # -- sending ------------------------------------------------------------------------
 
     async def _sender(self) -> None:
-        while True:
+        while not self._stopping:
             await self._queued.wait()
             wait = self.first_at + self.config.batch - time.monotonic()
-            if wait > 0:
+            if wait > 0 and not self._stopping:
                 await asyncio.sleep(wait)
-            if not self.queue or not self.leading:
+            if not self.queue or not self.leading or self._stopping:
                 self._queued.clear()
                 continue
             batch, dropped = list(self.queue), self.dropped
             self.queue.clear()
             self._queued.clear()
             try:
-                delivered = await self._deliver(batch, dropped)
+                outcome = await self._deliver(batch, dropped)
             except Exception as error:  # a bug: keep the batch, say so, go on
                 log.error("notify %s: %s: %s", self.name, type(error).__name__, error)
-                delivered = False
-            if delivered:
-                self.dropped -= dropped
+                outcome = "failed"
+            if outcome == "sent":
+                self.dropped -= dropped  # said in this message
                 self._full = False
+            if outcome != "failed":
                 await self._advance(batch[-1].id)
             elif self.leading:
                 self._requeue(batch)
 
-    async def _deliver(self, batch: list[Event], dropped: int) -> bool:
-        """One message, retried; True when the receiver took it (or refused it for good:
-        the batch is dropped then, counted, so it never blocks the ones after it)."""
+    async def _deliver(self, batch: list[Event], dropped: int) -> str:
+        """One message, retried: "sent", "refused" (for good: the batch is dropped,
+        counted, so it never blocks the ones after it) or "failed" (try again later)."""
         body = message(self.config.format, batch, dropped, self.store.pbx_id)
         delay = BACKOFF_FIRST
         for attempt in range(self.config.retries + 1):
@@ -414,7 +418,7 @@ class Webhook:
                 status = await post(self.config.url, body, self.config.timeout)
                 if 200 <= status < 300:
                     self.metrics.sent.labels(self.name).inc()
-                    return True
+                    return "sent"
                 retry = status == 429 or status >= 500
                 raise WebhookError(f"HTTP {status}", retry)
             except WebhookError as error:
@@ -428,7 +432,7 @@ class Webhook:
                         len(batch),
                     )
                     self.metrics.dropped.labels(self.name, "refused").inc(len(batch))
-                    return True
+                    return "refused"
                 if attempt == self.config.retries:
                     log.warning(
                         "notify %s: %s: %s after %d tries; %d events wait for the next batch",
@@ -438,10 +442,10 @@ class Webhook:
                         attempt + 1,
                         len(batch),
                     )
-                    return False
+                    return "failed"
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.config.batch)
-        return False
+        return "failed"
 
     def _requeue(self, batch: list[Event]) -> None:
         """A batch the receiver did not take goes back in front of the newer events; the

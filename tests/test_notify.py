@@ -374,3 +374,33 @@ def test_one_sender_per_cluster_and_a_takeover_resumes_from_the_cursor(redis_url
     assert [e["target"] for e in first["events"]] == ["198.51.100.1", "198.51.100.2"]
     assert [e["target"] for e in second["events"]] == ["198.51.100.3", "198.51.100.4"]
     assert [status for status, _ in got.bodies] == [200, 500, 200]
+
+
+def test_a_4xx_is_not_retried_its_batch_is_dropped_and_counted_and_the_next_one_goes():
+    async def main(got: Receiver) -> Webhook:
+        store = make_embedded_store(settings(), fakeredis.FakeServer())
+        hook = WebhookConfig(url=f"http://127.0.0.1:{got.port}/", name="t", batch=0.2, retries=3)
+        webhook = Webhook(hook, store, NotifyMetrics(), block_ms=None)
+        task = asyncio.create_task(webhook.run())
+        try:
+            while not webhook.leading:
+                await asyncio.sleep(0.02)
+            await store.ban("198.51.100.1", 600, "x")
+            while not got.bodies:
+                await asyncio.sleep(0.02)
+            await store.ban("198.51.100.2", 600, "x")
+            while len(got.bodies) < 2:
+                await asyncio.sleep(0.02)
+        finally:
+            webhook.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.close()
+        return webhook
+
+    with receiver([404]) as got:
+        webhook = asyncio.run(main(got))
+    assert [status for status, _ in got.bodies] == [404, 200]
+    assert [e["target"] for e in got.taken()[0]["events"]] == ["198.51.100.2"]
+    assert webhook.metrics.dropped.labels("t", "refused")._value.get() == 1
+    assert webhook.metrics.failed.labels("t")._value.get() == 1
