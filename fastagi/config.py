@@ -195,6 +195,16 @@ def _ports(value: Any) -> tuple[str, ...] | str:
     return ports
 
 
+STATUS_PAGE = ("loopback", "on", "off")
+
+
+def _status_page(value: Any) -> str:
+    name = _string(value)
+    if name not in STATUS_PAGE:
+        raise ValueError(f"{name!r}: choose one of {', '.join(STATUS_PAGE)}")
+    return name
+
+
 def _listen_or_empty(value: Any) -> str:
     text = _string(value)
     if text:
@@ -435,6 +445,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+        # The status page at / of that listener (web.py): "loopback" serves it only when
+        # `listen` is a loopback address, so exposing /metrics does not expose it.
+        "status_page": (_status_page, "loopback"),
     },
     # The ban list out (export.py): /banlist.txt, /banlist.json and
     # /banlist.crowdsec.json on the metrics listener, `fastagi-ctl export`.
@@ -526,6 +539,7 @@ class FirewallConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    status_page: str = "loopback"
 
 
 @dataclass(frozen=True)
@@ -755,7 +769,9 @@ def pbx_id(config: Config) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and status."""
+    """The URL without its password (before the host, or redis-py's `?password=`), for
+    logs, status and the status page."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:  # unbalanced brackets: no password to find

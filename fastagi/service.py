@@ -250,14 +250,17 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from fastagi import web  # imports status and admin, which import us
+
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     exporter = Exporter(store, config.export.max_entries, config.export.refresh)
     try:
-        metrics = await service_metrics.start(
-            config.metrics.listen, store, exporter.pages() if config.export.pages else None
-        )
+        pages = web.pages(store, config) if config.metrics.listen else {}
+        if config.export.pages:
+            pages.update(exporter.pages())
+        metrics = await service_metrics.start(config.metrics.listen, store, pages)
     except OSError as error:
         await store.close()
         if embedded is not None:

@@ -86,6 +86,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "firewall.forward": ['"sometimes"', "2"],
     "firewall.sync_interval": BAD_DURATION,
     "metrics.listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
+    "metrics.status_page": ['"public"', "true", "5", '""'],
     "auth.enabled": ['"maybe"', "5"],
     "auth.host": ["5", '""', '"a b"', '"user@host"'],
     "auth.port": ['"ami"', "0", "70000", "true"],

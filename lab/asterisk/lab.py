@@ -206,7 +206,11 @@ class Asterisk:
 # -- the service ----------------------------------------------------------------------
 
 
-def write_service_config(work: Path, stacks: list[Stack]) -> Path:
+def write_service_config(
+    work: Path, stacks: list[Stack], redis_url: str = "memory://", pbx_id: str = "lab"
+) -> Path:
+    """One PBX's service config: the embedded store, or (cluster.py) a Redis shared by
+    several PBXs, each with its own pbx_id."""
     ports = ", ".join(f'"{s.port}/udp", "{s.port}/tcp"' for s in stacks)
     runtime = work / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
@@ -218,8 +222,8 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
         f'[server]\nlisten = "127.0.0.1:4573"\nruntime_dir = "{runtime}"\n'
         f'session_timeout = "5s"\nkey_file = "{key_file}"\n\n'
         f'[screening]\nthreshold = {THRESHOLD}\nwindow = "10m"\nban_time = "1h"\n'
-        'pbx_id = "lab"\n\n'
-        '[redis]\nurl = "memory://"\n\n'
+        f'pbx_id = "{pbx_id}"\n\n'
+        f'[redis]\nurl = "{redis_url}"\n\n'
         f'[firewall]\nbackend = "nftables"\nports = [{ports}]\nsync_interval = "2s"\n\n'
         f'[auth]\nenabled = true\nusername = "{AMI_USER}"\nsecret = "{AMI_SECRET}"\n'
         f"threshold = {THRESHOLD}\n"
@@ -227,10 +231,12 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
     return path
 
 
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """fastagi-ctl from the host: the embedded store's control socket is a Unix socket."""
+def ctl(config: Path, *args: str, ns: Namespace | None = None) -> subprocess.CompletedProcess[str]:
+    """fastagi-ctl from the host (the embedded store's control socket is a Unix socket),
+    or inside `ns` (a PBX that reaches a shared Redis over the namespaces' network)."""
+    argv = [sys.executable, "-m", "fastagi.cli", "--config", str(config), *args]
     return subprocess.run(
-        [sys.executable, "-m", "fastagi.cli", "--config", str(config), *args],
+        ns.argv(argv) if ns is not None else argv,
         capture_output=True,
         text=True,
         timeout=30,
@@ -353,9 +359,12 @@ def invite(
     return final[0] if final else None
 
 
-def register_wrong_password(ns: Namespace, src: str, dst: str, port: int) -> int | None:
+def register_wrong_password(
+    ns: Namespace, src: str, dst: str, port: int, sent: list[float] | None = None
+) -> int | None:
     """REGISTER as the lab's endpoint with a wrong password (digest, RFC 2617): what a
-    password guesser does; the final code of the answered attempt."""
+    password guesser does; the final code of the answered attempt. `sent` gets the
+    monotonic time the wrong password left (cluster.py times the ban from it)."""
     dialog = Dialog(ns, src, dst, port, "udp", 3)
     try:
         challenge = dialog.request("REGISTER", USER, 1, "Expires: 60\r\n")
@@ -374,6 +383,8 @@ def register_wrong_password(ns: Namespace, src: str, dst: str, port: int) -> int
             f'nonce="{fields["nonce"]}", uri="{uri}", response="{answer}", {qop}'
             "algorithm=MD5\r\n"
         )
+        if sent is not None:
+            sent.append(time.monotonic())
         final = dialog.request("REGISTER", USER, 2, f"Expires: 60\r\n{auth}")
         return final[0] if final else None
     except OSError:
