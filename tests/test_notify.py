@@ -7,6 +7,8 @@ import contextlib
 import http.server
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from fastagi.notify import NotifyMetrics, Webhook, hook_id, message
 from fastagi.service import make_embedded_store, make_store
 from fastagi.store import redis_client
 from tests.harness import free_port, settings
-from tests.procs import Service, ctl
+from tests.procs import Service, _env, ctl
 
 
 class Receiver:
@@ -404,3 +406,51 @@ def test_a_4xx_is_not_retried_its_batch_is_dropped_and_counted_and_the_next_one_
     assert [e["target"] for e in got.taken()[0]["events"]] == ["198.51.100.2"]
     assert webhook.metrics.dropped.labels("t", "refused")._value.get() == 1
     assert webhook.metrics.failed.labels("t")._value.get() == 1
+
+
+def test_serve_and_an_agent_with_the_same_webhook_send_once_and_hand_over_at_stop(
+    tmp_path, redis_url
+):
+    """A PBX running `serve` and another running only `agent`, the same webhook in both
+    configs: each batch comes once; when the sender stops (SIGTERM) it gives the lease
+    up and the other one sends the next batch."""
+    with receiver() as got:
+        hook = f'url = "http://127.0.0.1:{got.port}/hook"\nbatch = "500ms"'
+        env = {
+            "FASTAGI_CONFIG": config_file(tmp_path, hook),
+            "FASTAGI_REDIS_URL": redis_url,
+            "FASTAGI_RUNTIME_DIR": str(tmp_path),
+        }
+        lease = Keys().notify_lease(
+            hook_id(settings(redis_url, **_hook_env(hook)).notify.webhook[0])
+        )
+        plain = redis.Redis.from_url(redis_url)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "fastagi.cli", "agent"],
+            env={**_env(env), "FASTAGI_SCREENING_PBX_ID": "pbx-agent"},
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "agent.log", "w"),  # noqa: SIM115
+        )
+        try:
+            assert wait_for(lambda: plain.exists(lease))
+            with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
+                time.sleep(1.0)  # both running: one holds the lease
+                assert ctl("ban", "198.51.100.1", env=service.env).returncode == 0
+                assert wait_for(lambda: len(got.taken()) == 1)
+                agent.terminate()
+                assert agent.wait(10) == 0
+                assert wait_for(lambda: plain.exists(lease))  # taken over by serve
+                assert ctl("ban", "198.51.100.2", env=service.env).returncode == 0
+                assert wait_for(lambda: len(got.taken()) == 2)
+                time.sleep(1.0)  # a batch window more: no second copy
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait(5)
+            plain.close()
+    one, two = got.taken()
+    assert len(got.bodies) == 2
+    assert [e["target"] for e in one["events"]] == ["198.51.100.1"]
+    assert one["sender"] == "pbx-agent"  # the agent held the lease first
+    assert [e["target"] for e in two["events"]] == ["198.51.100.2"]
+    assert two["sender"] != "pbx-agent"
