@@ -279,7 +279,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             agent = await _start_agent(config, store, firewall, protected)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
-        notifier = await start_notifier(config, store, protected, metrics)
+        notifier = start_notifier(config, store, protected, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s%s)",
@@ -399,17 +399,20 @@ async def _claimed_firewall(config: Config) -> Firewall:
     return firewall
 
 
+def _reader_timeout(config: Config) -> float:
+    """The client timeout of an event-stream reader: a blocking read, then Redis's own."""
+    return AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
+
+
 def reader_store(config: Config, protected: Protected) -> Store:
     """A store of its own for a reader of the event stream (the agent, the notifier) on
     a shared Redis: its blocking reads need a client timeout longer than the block, and
     must not hold the screening steps' connections."""
-    timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-    return make_store(
-        config, redis_client(replace(config.redis, timeout=timeout)), protected=protected
-    )
+    client = redis_client(replace(config.redis, timeout=_reader_timeout(config)))
+    return make_store(config, client, protected=protected)
 
 
-async def start_notifier(
+def start_notifier(
     config: Config, store: Store | None, protected: Protected, metrics: Any
 ) -> tuple[Notifier, Store | None] | None:
     """The webhooks (notify.py), when any is configured: on the embedded store (polled)
@@ -452,7 +455,7 @@ async def _start_agent(
     if not config.redis.url.startswith("memory://"):
         own_store = store = reader_store(config, protected)
         block_ms = AGENT_BLOCK_MS
-        timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
+        timeout = _reader_timeout(config)
         if check:
             try:
                 async with asyncio.timeout(timeout):
@@ -505,7 +508,7 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         if metrics is not None:
             metrics.close()
         raise
-    notifier = await start_notifier(config, None, protected, metrics)
+    notifier = start_notifier(config, None, protected, metrics)
     try:
         await _until_signalled()
     finally:
