@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from fastagi.admin import printable
 from fastagi.agent import BadEntry, parse_event
 from fastagi.config import WebhookConfig
 from fastagi.store import Store, StoreError
@@ -344,10 +345,10 @@ class Webhook:
     def _take(self, rows: list[tuple[str, dict[str, str]]]) -> None:
         for event_id, fields in rows:
             self.read_from = event_id
-            pbx = fields.get("pbx_id", "")[:MAX_REASON]
+            pbx = printable(fields.get("pbx_id", "")[:MAX_REASON])
             count = fields.get("count", "")
             if fields.get("op") == "sync" and count.isascii() and count.isdigit():
-                source = fields.get("source", "")[:MAX_REASON]
+                source = printable(fields.get("source", "")[:MAX_REASON])
                 self._queue(Event(event_id, "sync", source, 0.0, "", pbx, int(count)))
                 continue
             try:
@@ -356,7 +357,7 @@ class Webhook:
                 log.warning("notify %s: skipped event %s: %s", self.name, event_id, error)
                 self.metrics.dropped.labels(self.name, "malformed").inc()
                 continue
-            reason = fields.get("reason", "")[:MAX_REASON]
+            reason = printable(fields.get("reason", "")[:MAX_REASON])  # no forged text lines
             self._queue(Event(event_id, op, fields["ip"], until, reason, pbx))
 
     def _queue(self, event: Event) -> None:

@@ -280,9 +280,10 @@ def test_slack_text_escapes_mentions_and_says_what_was_dropped():
     assert "7 earlier events dropped" in text
 
 
-def test_a_bulk_change_is_one_line_not_one_per_ban():
+def test_a_bulk_change_is_one_line_not_one_per_ban_and_no_reason_forges_a_line():
     """A blocklist feed placing 100,000 bans writes one `sync` event (op, source,
-    count), not one per ban: the message says so in one line."""
+    count), not one per ban: the message says so in one line. A reason with a line feed
+    (another writer's) stays on its ban's line."""
 
     async def main() -> list[dict]:
         store = make_embedded_store(settings(), fakeredis.FakeServer())
@@ -292,16 +293,22 @@ def test_a_bulk_change_is_one_line_not_one_per_ban():
         events = store.keys.events
         await store.redis.xadd(events, {"op": "sync", "source": "feed:voipbl", "count": "100000"})
         await store.redis.xadd(events, {"op": "sync", "source": "feed:x", "count": "many"})
+        forged = "x\n• unban 198.51.100.9 (by pbx)"
+        await store.redis.xadd(
+            events, {"op": "ban", "ip": "198.51.100.8", "until": "1800000000000", "reason": forged}
+        )
         webhook._take(await store.events_after("0-0"))
         await store.close()
         return [json.loads(message(f, list(webhook.queue), 0, "p")) for f in ("generic", "slack")]
 
     generic, slack = asyncio.run(main())
-    assert [(e["op"], e["target"], e["count"]) for e in generic["events"]] == [
-        ("sync", "feed:voipbl", 100000)
+    assert [(e["op"], e["target"], e.get("count")) for e in generic["events"]] == [
+        ("sync", "feed:voipbl", 100000),
+        ("ban", "198.51.100.8", None),
     ]
     assert slack["text"].splitlines()[1:] == [
-        "• feed:voipbl: 100000 bans placed or renewed at once (not listed)"
+        "• feed:voipbl: 100000 bans placed or renewed at once (not listed)",
+        "• ban 198.51.100.8 until 2027-01-15 08:00:00 UTC (x\\n• unban 198.51.100.9 (by pbx), by )",
     ]
 
 
