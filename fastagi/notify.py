@@ -248,7 +248,7 @@ class Webhook:
         self.metrics = metrics
         self.block_ms = block_ms  # None: the store cannot block (embedded); poll
         self.hook = hook_id(config)
-        self.token = secrets.token_hex(8)
+        self.token = f"{secrets.token_hex(8)}@{store.pbx_id}"  # `check` names the sender
         self.name = config.name
         self.queue: collections.deque[Event] = collections.deque()
         self.first_at = 0.0  # monotonic time the oldest queued event arrived
@@ -464,6 +464,24 @@ class Webhook:
                 )
         except StoreError as error:  # sent already: at worst a takeover sends it again
             log.warning("notify %s: cursor not saved: %s", self.name, error)
+
+
+async def check_lines(hooks: tuple[WebhookConfig, ...], store: Store) -> list[str]:
+    """`fastagi-ctl check`: each webhook, who sends it now and when its receiver last
+    took an event (a warning when no process sends it)."""
+    lines = []
+    for hook in hooks:
+        owner = await store.notify_owner(hook_id(hook))
+        cursor = await store.notify_cursor(hook_id(hook))
+        what = f"notify {hook.name}: {where(hook.url)} ({hook.format}, batch {hook.batch:g}s)"
+        if owner is None:
+            lines.append(f"warn {what}: no process sends it now (no serve or agent with it runs)")
+            continue
+        last = ""
+        if cursor is not None and cursor != "0-0":
+            last = f", last event taken {max(0.0, store.now() - _id(cursor)[0] / 1000):.0f}s ago"
+        lines.append(f"ok   {what}: sent by {printable(owner.partition('@')[2])}{last}")
+    return lines
 
 
 def _id(text: str) -> tuple[int, int]:

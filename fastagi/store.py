@@ -750,6 +750,11 @@ class Store:
         args = [token, int(lease * 1000), int(keep * 1000)]
         return bool(await self._call("notify lease", self._notify_lease(keys=keys, args=args)))
 
+    async def notify_owner(self, hook: str) -> str | None:
+        """Who holds `hook`'s sender lease now (its token, `<random>@<pbx_id>`), or None."""
+        value = await self._call("notify read", self.redis.get(self.keys.notify_lease(hook)))
+        return None if value is None else _text(value)
+
     async def notify_cursor(self, hook: str) -> str | None:
         """The last event `hook`'s receiver got, or None (no sender yet, or long ago)."""
         value = await self._call("notify read", self.redis.get(self.keys.notify_cursor(hook)))

@@ -145,6 +145,7 @@ def test_one_message_per_batch_retried_after_a_500_nothing_lost(tmp_path, redis_
             asyncio.run(wave(["203.0.113.1", "203.0.113.2", "203.0.113.3"], []))
             assert wait_for(lambda: len(got.taken()) == 2)
             time.sleep(2.5)  # one more batch window: nothing else comes
+            checked = ctl("check", env=env).stdout
             scraped = _scrape(metrics_port)
         plain.close()
 
@@ -163,6 +164,8 @@ def test_one_message_per_batch_retried_after_a_500_nothing_lost(tmp_path, redis_
     assert 'fastagi_notify_sent_total{webhook="webhook-1"} 2.0' in scraped
     assert 'fastagi_notify_failed_total{webhook="webhook-1"} 1.0' in scraped
     assert 'fastagi_notify_sender{webhook="webhook-1"} 1.0' in scraped
+    said = f"ok   notify webhook-1: http://127.0.0.1:{got.port} (generic, batch 2s): sent by "
+    assert said in checked and "last event taken" in checked and "/hook" not in checked
 
 
 def _hook_env(hook: str) -> dict[str, str]:
