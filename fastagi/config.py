@@ -184,6 +184,18 @@ def _backend(value: Any) -> str:
     return name
 
 
+# Who writes the seed's NOTICE line into Asterisk's log: the shipped dialplan, from
+# SCREEN_NOTICE (no AGI round trip), or the server through `EXEC Log` (other dialplans).
+NOTICE_BY = ("dialplan", "agi")
+
+
+def _notice_by(value: Any) -> str:
+    name = _string(value)
+    if name not in NOTICE_BY:
+        raise ValueError(f"expected one of {', '.join(map(repr, NOTICE_BY))}, got {name!r}")
+    return name
+
+
 def _ports(value: Any) -> tuple[str, ...] | str:
     if value == "all":
         return "all"
@@ -407,6 +419,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Who writes that NOTICE: the shipped dialplan from SCREEN_NOTICE ("dialplan",
+        # no AGI round trip), or the server through EXEC Log ("agi": other dialplans).
+        "notice_by": (_notice_by, "dialplan"),
         # Never counted, banned or applied, on top of the built-in protected set (this
         # host, gateways, resolvers, Redis nodes, allowed_clients, ignore, special ranges):
         # addresses, networks and host names (trunks, dynamic-DNS offices).
@@ -501,6 +516,7 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    notice_by: str = "dialplan"
     protect: tuple[str, ...] = ()
     protect_refresh: float = 300.0
     ipv4_prefix: int = 32

@@ -132,7 +132,8 @@ class Metrics(Observer, StepObserver):
         self.redis_errors = Counter(
             "fastagi_redis_errors",
             "Store steps that failed (error) or exceeded the "
-            "Redis budget (timeout); the call got SCREEN_RESULT=ERROR",
+            "Redis budget (timeout); the call got SCREEN_RESULT=ERROR, SCREEN_COUNTED=unknown "
+            "(its NOTICE line is logged)",
             ["kind"],
             registry=r,
         )

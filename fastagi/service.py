@@ -188,6 +188,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         protected=store.protected,
         prefixes=screening.prefixes(),
         escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
+        notice_by=screening.notice_by,
     )
     return FastAGIServer(
         screener,
