@@ -232,6 +232,10 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             protected = await protected_set(config, store)
             if config.intel.feed:
                 _check_feeds(config, await store.feed_states(), store.now())
+            if config.notify.webhook:
+                from fastagi.notify import check_lines
+
+                print("\n".join(await check_lines(config.notify.webhook, store)))
     except StoreError as error:
         ok = False
         print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")

@@ -18,6 +18,7 @@ from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
+from fastagi.export import FORMATS, cmd_export
 from fastagi.feeds import cmd_import
 from fastagi.protect import ProtectedError
 from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--for", dest="duration", metavar="DURATION", help="how long to hold (default 1d)"
     )
     feed.set_defaults(func=cmd_import)
+
+    export = sub.add_parser(
+        "export", help="print the current ban list for another firewall, a SIP proxy or CrowdSec"
+    )
+    export.add_argument("--format", choices=FORMATS, default="txt")
+    export.set_defaults(func=cmd_export)
 
     check = sub.add_parser("check", help="config, Redis, firewall: what works and what not")
     check.set_defaults(func=cmd_check)

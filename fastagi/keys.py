@@ -120,3 +120,13 @@ class Keys:
         """String, expiring: the PBX refreshing this feed now, so a cluster fetches each
         feed once per refresh, not once per PBX."""
         return f"{self.base}feed-lock:{name}"
+
+    def notify_lease(self, hook: str) -> str:
+        """String: the token of the one process sending this webhook's messages
+        (notify.py), expiring unless renewed, so the cluster sends each message once."""
+        return f"{self.base}notify:{hook}:lease"
+
+    def notify_cursor(self, hook: str) -> str:
+        """String: the id of the last event this webhook's receiver got; the next
+        sender resumes after it."""
+        return f"{self.base}notify:{hook}:cursor"

@@ -322,6 +322,11 @@ Page = Callable[[], Awaitable[tuple[str, bytes]]]
 """A read-only page served beside /metrics: returns (content type, body)."""
 
 
+class PageError(Exception):
+    """A page that cannot be served now (the store is away): a 503 with this message,
+    never an empty 200 that a consumer would take for "nothing is banned"."""
+
+
 class MetricsEndpoint:
     """A small HTTP server for scrapes, on the service's loop.
 
@@ -367,8 +372,12 @@ class MetricsEndpoint:
             if method not in (b"GET", b"HEAD"):
                 status, body = b"405 Method Not Allowed", b"GET /metrics\n"
             elif page is not None:
-                content_type, body = await page()
-                status = b"200 OK"
+                try:
+                    content_type, body = await page()
+                    status = b"200 OK"
+                except PageError as error:
+                    status, body = b"503 Service Unavailable", f"{error}\n".encode()
+                    content_type = "text/plain; charset=utf-8"
             else:
                 loop = asyncio.get_running_loop()
                 body = await loop.run_in_executor(self._scraper, generate_latest, self.registry)
@@ -489,7 +498,12 @@ async def start(
     metrics = Metrics(store)
     host, _, port = config_listen.rpartition(":")
     where = await metrics.serve(host.strip("[]") or "127.0.0.1", int(port), pages)
-    log.info("metrics on http://%s:%d/metrics", where[0], where[1])
+    log.info(
+        "metrics on http://%s:%d/metrics%s",
+        where[0],
+        where[1],
+        "".join(f", {path}" for path in sorted(pages or {})),
+    )
     return metrics
 
 

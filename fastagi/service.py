@@ -24,6 +24,7 @@ from fastagi import metrics as service_metrics
 from fastagi.agent import Agent
 from fastagi.config import Config, redacted
 from fastagi.embedded import EmbeddedRedis, NativeScreen
+from fastagi.export import Exporter
 from fastagi.keys import Keys
 from fastagi.protect import Protected
 from fastagi.redis_link import SharedLink
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from fastagi.auth import AuthWatcher
     from fastagi.feeds import FeedRunner
     from fastagi.firewall import Firewall
+    from fastagi.notify import Notifier
     from fastagi.server import FastAGIServer
 
 log = logging.getLogger("fastagi")
@@ -260,8 +262,11 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
+    exporter = Exporter(store, config.export.max_entries, config.export.refresh)
     try:
-        pages = web.pages(store, config) if config.metrics.listen else None
+        pages = web.pages(store, config) if config.metrics.listen else {}
+        if config.export.pages:
+            pages.update(exporter.pages())
         metrics = await start_metrics("listen", config.metrics.listen, store, pages)
     except ServiceUsageError:
         await store.close()
@@ -273,7 +278,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     protected = store.protected
     assert protected is not None
     protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
-    agent = watcher = feeds = None
+    agent = watcher = feeds = notifier = None
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
@@ -283,6 +288,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
             feeds = start_feeds(config, store, protected, metrics, embedded is not None)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
+        notifier = start_notifier(config, store, protected, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
         log.info(
             "fastagi-screen listening on %s (store %s, firewall %s%s%s)",
@@ -295,6 +301,7 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await _until_signalled()
     finally:
         await server.stop()
+        await stop_notifier(notifier)
         if feeds is not None:
             await feeds.stop()
         await stop_watcher(watcher)
@@ -447,6 +454,48 @@ async def teardown_firewall(config: Config) -> int:
     return 0
 
 
+def _reader_timeout(config: Config) -> float:
+    """The client timeout of an event-stream reader: a blocking read, then Redis's own."""
+    return AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
+
+
+def reader_store(config: Config, protected: Protected) -> Store:
+    """A store of its own for a reader of the event stream (the agent, the notifier) on
+    a shared Redis: its blocking reads need a client timeout longer than the block, and
+    must not hold the screening steps' connections."""
+    client = redis_client(replace(config.redis, timeout=_reader_timeout(config)))
+    return make_store(config, client, protected=protected)
+
+
+def start_notifier(
+    config: Config, store: Store | None, protected: Protected, metrics: Any
+) -> tuple[Notifier, Store | None] | None:
+    """The webhooks (notify.py), when any is configured: on the embedded store (polled)
+    or on a Redis client of their own."""
+    from fastagi.notify import READ_BLOCK_MS, Notifier
+
+    if not config.notify.webhook:
+        return None
+    own_store = None
+    block_ms: int | None = None
+    if not config.redis.url.startswith("memory://"):
+        own_store = store = reader_store(config, protected)
+        block_ms = READ_BLOCK_MS
+    assert store is not None
+    registry = metrics.registry if metrics is not None else None
+    notifier = Notifier(config.notify.webhook, store, registry, block_ms)
+    notifier.start()
+    return notifier, own_store
+
+
+async def stop_notifier(running: tuple[Notifier, Store | None] | None) -> None:
+    if running is not None:
+        notifier, own_store = running
+        await notifier.stop()
+        if own_store is not None:
+            await own_store.close()
+
+
 async def _start_agent(
     config: Config,
     store: Store | None,
@@ -459,10 +508,9 @@ async def _start_agent(
     own_store = None
     block_ms = None  # the embedded store cannot block: the agent polls it
     if not config.redis.url.startswith("memory://"):
-        timeout = AGENT_BLOCK_MS / 1000 + max(1.0, 4 * config.redis.timeout)
-        client = redis_client(replace(config.redis, timeout=timeout))
-        own_store = store = make_store(config, client, protected=protected)
+        own_store = store = reader_store(config, protected)
         block_ms = AGENT_BLOCK_MS
+        timeout = _reader_timeout(config)
         if check:
             try:
                 async with asyncio.timeout(timeout):
@@ -516,9 +564,11 @@ async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
         if metrics is not None:
             metrics.close()
         raise
+    notifier = start_notifier(config, None, protected, metrics)
     try:
         await _until_signalled()
     finally:
+        await stop_notifier(notifier)
         await _stop_agent(agent)
         await protected.stop()
         if metrics is not None:
