@@ -20,8 +20,9 @@ sipp (in the attacker namespace, one source address per step, no SDP) sends gues
 INVITEs; every call is answered 403. Per mode:
 
 1. latency at low load: LOW_RATE calls/s, p50 of INVITE -> final response;
-2. a rate ladder: a fixed number of calls per rate (1,500; --quick 500), from 200
-   calls/s, doubling until a step fails, then bisecting to within 15% (--quick 30%).
+2. a rate ladder: a fixed number of calls per rate (1,500, or 10 s of calls but at
+   least 500 at a low rate; --quick 500), from 200 calls/s, doubling until a step
+   fails, then bisecting to within 15% (--quick 30%).
    A step is held when every call got its 403 and the p99 of INVITE -> final is
    <= 50 ms; a failed step runs once more (one stall of a shared box must not end the
    ladder). The highest rate held is reported;
@@ -73,6 +74,7 @@ P99_LIMIT_MS = 50.0
 FIRST_RATE = 200  # the ladder's first step; the CPU figures' rate unless --cpu-rate
 MIN_RATE, MAX_RATE = 50, 3200
 LOW_RATE = 20
+STEP_SECONDS = 10
 AGI_PORT, REDIS_PORT = 4573, 6390
 THRESHOLD = 1_000_000
 # One attacker address per step: every step's count and NOTICE lines are its own.
@@ -90,10 +92,15 @@ NOTICE_TEXT = "Incoming SIP connection from unknown peer failed for {ip} - Unkno
 class Plan:
     """How much one run does: --quick shrinks every count, not the criterion."""
 
-    step_calls: int  # calls per ladder step
+    step_calls: int  # calls per step, at most STEP_SECONDS of them at low rates
     low_calls: int  # calls of the low-load latency step
     resolution: float  # the ladder stops when the failed rate is this close above the held
     overload: tuple[float, ...]  # steps at these multiples of the highest rate held
+
+    def calls_at(self, rate: int) -> int:
+        """A step's calls: step_calls, but no longer than STEP_SECONDS at a low rate
+        (a slow mode must not stretch the run; p99 still over >= 500 calls)."""
+        return min(self.step_calls, max(500, rate * STEP_SECONDS))
 
 
 FULL = Plan(step_calls=1500, low_calls=100, resolution=0.15, overload=(1.5, 2.0))
@@ -524,7 +531,7 @@ class Ladder:
         overload = self.best is not None
         for attempt in range(1 if overload else 2):
             tag = f"r{rate}" + ("-again" if attempt else "")
-            step = self.rig.sipp(rate, self.plan.step_calls, next(self.sources), tag)
+            step = self.rig.sipp(rate, self.plan.calls_at(rate), next(self.sources), tag)
             self.steps.append(step)
             self.tried[rate] = step.held
             kind = " (overload)" if overload else " (again)" if attempt else ""
@@ -574,12 +581,12 @@ def side_by_side(rigs: list[Rig], plan: Plan, cpu_rate: int) -> dict[str, dict]:
     # CPU per call at one rate every mode held (the asked one, or lower), side by side
     rate = cpu_rate_for(cpu_rate, [ladder.best or 0 for ladder in ladders.values()])
     for r in rigs:
-        step = r.sipp(rate, plan.step_calls, next(ladders[r.mode].sources), f"cpu{rate}")
+        step = r.sipp(rate, plan.calls_at(rate), next(ladders[r.mode].sources), f"cpu{rate}")
         results[r.mode]["cpu"] = {"rate": rate, "held": step.held, **step.cpu_per_call_ms()}
         log(f"  {r.mode} CPU at {rate}/s: {summary(step)}")
     for r in rigs:
         if r.mode in SERVICE_MODES:
-            emulated = r.emulate(rate, plan.step_calls, next(ladders[r.mode].sources))
+            emulated = r.emulate(rate, plan.calls_at(rate), next(ladders[r.mode].sources))
             results[r.mode]["emulator"] = emulated
             log(f"  {r.mode} emulator at {rate}/s: {emulated}")
     return results

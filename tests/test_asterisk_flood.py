@@ -107,3 +107,10 @@ def test_the_targets_are_judged_side_by_side() -> None:
     assert redis["4 unseen = 0 up to 2x held"] == ("0-3", None)  # the bounds cannot tell
     assert embedded["emulator within 25%"][1] is False  # 2.0x
     assert redis["emulator within 25%"][1] is True
+
+
+def test_a_step_is_its_calls_but_at_most_ten_seconds_of_them() -> None:
+    assert flood.FULL.calls_at(400) == 1500
+    assert flood.FULL.calls_at(100) == 1000
+    assert flood.FULL.calls_at(20) == 500  # p99 still over 500 calls
+    assert flood.QUICK.calls_at(1000) == 500
