@@ -21,11 +21,11 @@ INVITEs; every call is answered 403. Per mode:
 
 1. latency at low load: LOW_RATE calls/s, p50 of INVITE -> final response;
 2. a rate ladder: a fixed number of calls per rate (1,500, or 10 s of calls but at
-   least 500 at a low rate; --quick 500), from 200 calls/s, doubling until a step
+   least 500 at a low rate; --quick 400), from 200 calls/s, doubling until a step
    fails, then bisecting to within 15% (--quick 30%).
    A step is held when every call got its 403 and the p99 of INVITE -> final is
    <= 50 ms; a failed step runs once more (one stall of a shared box must not end the
-   ladder). The highest rate held is reported;
+   ladder; not with --quick). The highest rate held is reported;
 3. overload: steps at 1.5x and 2x the highest rate held (--quick: 2x). On every step
    up to 2x, calls that neither the store counted (`fastagi-ctl status ADDR --json`)
    nor Asterisk logged (the seed's NOTICE line naming the step's address) are
@@ -93,18 +93,20 @@ class Plan:
     """How much one run does: --quick shrinks every count, not the criterion."""
 
     step_calls: int  # calls per step, at most STEP_SECONDS of them at low rates
+    min_calls: int  # ... but never fewer than this
     low_calls: int  # calls of the low-load latency step
     resolution: float  # the ladder stops when the failed rate is this close above the held
     overload: tuple[float, ...]  # steps at these multiples of the highest rate held
+    again: bool  # a failed ladder step runs once more
 
     def calls_at(self, rate: int) -> int:
         """A step's calls: step_calls, but no longer than STEP_SECONDS at a low rate
-        (a slow mode must not stretch the run; p99 still over >= 500 calls)."""
-        return min(self.step_calls, max(500, rate * STEP_SECONDS))
+        (a slow mode must not stretch the run; p99 still over >= min_calls)."""
+        return min(self.step_calls, max(self.min_calls, rate * STEP_SECONDS))
 
 
-FULL = Plan(step_calls=1500, low_calls=100, resolution=0.15, overload=(1.5, 2.0))
-QUICK = Plan(step_calls=500, low_calls=40, resolution=0.3, overload=(2.0,))
+FULL = Plan(1500, 500, low_calls=100, resolution=0.15, overload=(1.5, 2.0), again=True)
+QUICK = Plan(400, 400, low_calls=40, resolution=0.3, overload=(2.0,), again=False)
 
 
 @dataclass
@@ -450,7 +452,7 @@ class Rig:
         )
         self.settle()
         after = self.cpu()
-        time.sleep(1.0)  # Asterisk's logger writes from its own thread
+        time.sleep(0.5)  # Asterisk's logger writes from its own thread
         step = Step(rate=rate, source=source)
         stats = [parse_sipp_stat(p.read_text()) for p in sorted(out.glob("*_.csv"))]
         for key, value in (stats[-1] if stats else {}).items():
@@ -529,7 +531,7 @@ class Ladder:
         """One rate; a ladder step that fails runs once more (held if either run held):
         on a box shared with other work one stall must not end the ladder."""
         overload = self.best is not None
-        for attempt in range(1 if overload else 2):
+        for attempt in range(2 if self.plan.again and not overload else 1):
             tag = f"r{rate}" + ("-again" if attempt else "")
             step = self.rig.sipp(rate, self.plan.calls_at(rate), next(self.sources), tag)
             self.steps.append(step)

@@ -113,4 +113,4 @@ def test_a_step_is_its_calls_but_at_most_ten_seconds_of_them() -> None:
     assert flood.FULL.calls_at(400) == 1500
     assert flood.FULL.calls_at(100) == 1000
     assert flood.FULL.calls_at(20) == 500  # p99 still over 500 calls
-    assert flood.QUICK.calls_at(1000) == 500
+    assert flood.QUICK.calls_at(1000) == 400
