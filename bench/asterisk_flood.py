@@ -811,8 +811,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := set(modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}")
     plan = QUICK if args.quick else FULL
-    # SIGTERM as Ctrl-C: the finally blocks stop Asterisk and remove the namespaces
+    # SIGTERM as Ctrl-C (also when started with SIGINT ignored, e.g. `&` in a script):
+    # the finally blocks stop every Asterisk and server and remove the namespaces
     signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     started = time.monotonic()
     report: dict = {
         "date": time.strftime("%Y-%m-%d"),
