@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import configparser
 import contextlib
 import json
 import os
@@ -290,7 +291,16 @@ def seed_context(context: str, stack: str) -> str:
     )
 
 
-def quiet_config(work: Path, stacks: list, mode: str) -> None:
+def guest_context(etc: Path, stack: str) -> str:
+    """The context lab.write_config sends the stack's guests to: sip.conf's [general]
+    context, or that of pjsip.conf's [anonymous] endpoint."""
+    name, section = ("sip.conf", "general") if stack == "chan_sip" else ("pjsip.conf", "anonymous")
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.read_string((etc / name).read_text())
+    return parser.get(section, "context")
+
+
+def quiet_config(work: Path, stack: str, mode: str) -> None:
     """lab.write_config's files, trimmed for a flood: verbose 0, one log file with
     NOTICE and worse; the seed recipe instead of the shipped dialplan when `alone`."""
     etc = work / "etc"
@@ -298,10 +308,9 @@ def quiet_config(work: Path, stacks: list, mode: str) -> None:
     conf.write_text(conf.read_text().replace("verbose = 3", "verbose = 0"))
     (etc / "logger.conf").write_text("[general]\n[logfiles]\nmessages => notice,warning,error\n")
     if mode == "alone":
-        contexts = {"PJSIP": "from-sip-external", "chan_sip": "from-chansip-external"}
         (etc / "extensions.conf").write_text(
             "[general]\nstatic = yes\nwriteprotect = yes\n\n"
-            + "\n".join(seed_context(contexts[s.name], s.name) for s in stacks)
+            + seed_context(guest_context(etc, stack), stack)
             + "\n[from-internal]\nexten => _X.,1,Hangup()\n"
         )
 
@@ -337,7 +346,7 @@ class Rig:
         self.scenario.write_text(SCENARIO)
         stacks = lab.stacks_of(self.inst)
         conf = lab.write_config(self.work, self.inst, stacks)
-        quiet_config(self.work, stacks, self.mode)
+        quiet_config(self.work, self.stack.name, self.mode)
         log = (self.work / "server.log").open("ab")
         if self.mode == "floor":
             proc = self.pbx.spawn(

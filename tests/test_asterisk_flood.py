@@ -114,3 +114,20 @@ def test_a_step_is_its_calls_but_at_most_ten_seconds_of_them() -> None:
     assert flood.FULL.calls_at(100) == 1000
     assert flood.FULL.calls_at(20) == 500  # p99 still over 500 calls
     assert flood.QUICK.calls_at(1000) == 400
+
+
+def test_the_seed_goes_where_the_stack_sends_its_guests(tmp_path: Path) -> None:
+    (tmp_path / "sip.conf").write_text(
+        "[general]\ncontext = from-chansip-external\nallowguest = yes\n\n"
+        "[200]\ntype = friend\ncontext = from-internal\n"
+    )
+    (tmp_path / "pjsip.conf").write_text(
+        "[transport-udp]\ntype = transport\n\n[anonymous]\ntype = endpoint\n"
+        "context = from-sip-external\n\n[200]\ntype = endpoint\ncontext = from-internal\n"
+        "[200]\ntype = aor\nmax_contacts = 1\n"
+    )
+    assert flood.guest_context(tmp_path, "chan_sip") == "from-chansip-external"
+    assert flood.guest_context(tmp_path, "PJSIP") == "from-sip-external"
+    seed = flood.seed_context("from-sip-external", "PJSIP")
+    assert seed.startswith("[from-sip-external]\n") and "AGI" not in seed
+    assert "Hangup(21)" in seed and "exten => h,1,Hangup()" in seed
