@@ -25,9 +25,12 @@ from asterisk.agi import AGI, AGIAppError, AGIError, AGIResultHangup, re_code, r
 MAX_LINE = 8192  # bytes; Asterisk cuts a dialed number at 79, so real lines are short
 MAX_ENV_LINES = 256
 MAX_STRAY_LINES = 512
-# What MSet's argument parser passes through unchanged: no comma, '=', quote, backslash,
-# brace or blank (pbx_builtin_setvar_multiple splits pairs on ',' and each at '=').
-_MSET_SAFE = re.compile(r"[A-Za-z0-9_.:+-]+\Z")
+# What passes unchanged through res_agi's parse_args (inside our double quotes) and
+# MSet's argument parser (pbx_builtin_setvar_multiple: pairs split on ',' outside
+# quotes, parentheses and brackets, each at its first '='; '"' and '\\' removed):
+# no comma, '=', quote, backslash, bracket, parenthesis, brace or '$'. Blanks are kept.
+_MSET_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
+_MSET_VALUE = re.compile(r"[A-Za-z0-9_.:+/' -]*\Z")
 
 
 class AGIProtocolError(Exception):
@@ -292,10 +295,10 @@ class AGISession(AGI):
 
         `EXEC MSet "A=1,B=2"` (core Asterisk: pbx_variables.c) sets them all at once,
         one AGI round trip instead of one per variable, while Asterisk holds the call.
-        A value MSet would parse differently (commas, quotes, blanks) and an Asterisk
+        A value MSet would parse differently (commas, quotes, brackets) and an Asterisk
         that answers -2 (no such application) get one SET VARIABLE each."""
         pairs = [(name, str(value)) for name, value in variables.items()]
-        if len(pairs) > 1 and all(_MSET_SAFE.match(n) and _MSET_SAFE.match(v) for n, v in pairs):
+        if len(pairs) > 1 and all(_MSET_NAME.match(n) and _MSET_VALUE.match(v) for n, v in pairs):
             options = ",".join(f"{name}={value}" for name, value in pairs)
             if await self.exec_app("MSet", options) != "-2":
                 return

@@ -184,6 +184,18 @@ def _backend(value: Any) -> str:
     return name
 
 
+# Who writes the seed's NOTICE line into Asterisk's log: the shipped dialplan, from
+# SCREEN_NOTICE (no AGI round trip), or the server through `EXEC Log` (other dialplans).
+NOTICE_BY = ("dialplan", "agi")
+
+
+def _notice_by(value: Any) -> str:
+    name = _string(value)
+    if name not in NOTICE_BY:
+        raise ValueError(f"expected one of {', '.join(map(repr, NOTICE_BY))}, got {name!r}")
+    return name
+
+
 def _ports(value: Any) -> tuple[str, ...] | str:
     if value == "all":
         return "all"
@@ -193,6 +205,16 @@ def _ports(value: Any) -> tuple[str, ...] | str:
     except FirewallError as error:
         raise ValueError(str(error).removeprefix("firewall.ports: ")) from None
     return ports
+
+
+STATUS_PAGE = ("loopback", "on", "off")
+
+
+def _status_page(value: Any) -> str:
+    name = _string(value)
+    if name not in STATUS_PAGE:
+        raise ValueError(f"{name!r}: choose one of {', '.join(STATUS_PAGE)}")
+    return name
 
 
 def _listen_or_empty(value: Any) -> str:
@@ -308,6 +330,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "ignore": (_networks, ["127.0.0.0/8", "::1/128"]),
         "pbx_id": (_string, ""),
         "log_notice": (_bool, True),
+        # Who writes that NOTICE: the shipped dialplan from SCREEN_NOTICE ("dialplan",
+        # no AGI round trip), or the server through EXEC Log ("agi": other dialplans).
+        "notice_by": (_notice_by, "dialplan"),
         # Never counted, banned or applied, on top of the built-in protected set (this
         # host, gateways, resolvers, Redis nodes, allowed_clients, ignore, special ranges):
         # addresses, networks and host names (trunks, dynamic-DNS offices).
@@ -346,6 +371,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+        # The status page at / of that listener (web.py): "loopback" serves it only when
+        # `listen` is a loopback address, so exposing /metrics does not expose it.
+        "status_page": (_status_page, "loopback"),
     },
     # Password guessing: Asterisk's AMI security events, counted cluster-wide (auth.py).
     "auth": {
@@ -388,6 +416,7 @@ class ScreeningConfig:
     ignore: AddressSet
     pbx_id: str
     log_notice: bool
+    notice_by: str = "dialplan"
     protect: tuple[str, ...] = ()
     protect_refresh: float = 300.0
     ipv4_prefix: int = 32
@@ -426,6 +455,7 @@ class FirewallConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    status_page: str = "loopback"
 
 
 @dataclass(frozen=True)
@@ -639,7 +669,9 @@ def pbx_id(config: Config) -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and status."""
+    """The URL without its password (before the host, or redis-py's `?password=`), for
+    logs, status and the status page."""
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.IGNORECASE)
     try:
         parts = urlsplit(url)
     except ValueError:  # unbalanced brackets: no password to find

@@ -1,4 +1,5 @@
-"""A fake Asterisk 20: opens FastAGI sessions exactly as res_agi does.
+"""A fake Asterisk (20.20.1 chan_sip or PJSIP, 22.10.1 PJSIP): opens FastAGI sessions
+exactly as res_agi does. `FakeAsterisk(asterisk=...)` says which one it plays (ASTERISKS).
 
 Used by `fastagi-ctl simulate`, the tests and the bench, and importable by users'
 own tests. It writes the environment block byte for byte as captured from a real
@@ -14,6 +15,7 @@ misuse a real Asterisk punishes (pipelined commands, CRLF).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import itertools
 import re
@@ -22,7 +24,16 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 MAX_EXTEN = 79  # AST_MAX_EXTENSION - 1: chan_sip cuts the decoded user part here
+MAX_AGI_CONNECT = 2.0  # res_agi gives up connecting after this (AGISTATUS=FAILURE)
 _channel_ids = itertools.count(0x32)
+# The Asterisks of the captures: name -> (agi_version, its SIP channel driver's agi_type).
+# chan_sip is gone from 21 on; 22's PJSIP cuts agi_dnid at MAX_EXTEN as well as EXTEN.
+ASTERISKS = {
+    "20.20.1-chan_sip": ("20.20.1", "SIP"),
+    "20.20.1-pjsip": ("20.20.1", "PJSIP"),
+    "22.10.1-pjsip": ("22.10.1", "PJSIP"),
+}
+DEFAULT_VERSION = {"SIP": "20.20.1", "PJSIP": "22.10.1"}  # when no Asterisk is named
 
 
 @dataclass
@@ -43,13 +54,16 @@ class Call:
     uniqueid: str = ""
     threadid: str = "140459785762496"
     hangup_after: float | None = None  # the caller hangs up this many seconds in
-    dnid: str | None = None  # the dialed number uncut (only ${EXTEN} is cut at 79)
+    dnid: str | None = None  # the dialed number uncut (chan_sip cuts only ${EXTEN} at 79)
+    version: str = ""  # agi_version; "" = DEFAULT_VERSION of the channel type
 
     @classmethod
     def from_uri_user(cls, user: str, **kwargs: object) -> Call:
-        """A call whose Request-URI user part is `user`, percent-decoded and cut by chan_sip."""
+        """A call whose Request-URI user part is `user`, percent-decoded and cut as the
+        driver does: chan_sip cuts ${EXTEN} at 79, PJSIP agi_dnid too."""
         dialed = unquote(user)
-        return cls(exten=dialed[:MAX_EXTEN], dnid=dialed, **kwargs)  # type: ignore[arg-type]
+        dnid = dialed[:MAX_EXTEN] if kwargs.get("channel_type") == "PJSIP" else dialed
+        return cls(exten=dialed[:MAX_EXTEN], dnid=dnid, **kwargs)  # type: ignore[arg-type]
 
     def channel_name(self, serial: int) -> str:
         if self.channel_type == "Local":
@@ -74,6 +88,7 @@ class Call:
             "CHANNEL(recvport)": str(self.source_port) if sip else "",
             "CHANNEL(pjsip,remote_addr)": self.remote_addr() if pjsip else "",
             "SIPCHANINFO(recvip)": "",  # removed in Asterisk 13
+            "CHANNEL(channeltype)": self.channel_type,
             "EXTEN": self.exten,
         }
 
@@ -126,7 +141,7 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
         ("agi_language", "en"),
         ("agi_type", call.channel_type),
         ("agi_uniqueid", uniqueid),
-        ("agi_version", "22.10.1" if call.channel_type == "PJSIP" else "20.20.1"),
+        ("agi_version", call.version or DEFAULT_VERSION.get(call.channel_type, "20.20.1")),
         ("agi_callerid", call.callerid),
         ("agi_calleridname", call.calleridname),
         ("agi_callingpres", str(call.callingpres)),
@@ -202,20 +217,59 @@ class CallResult:
 
 
 class FakeAsterisk:
-    """Plays Asterisk's side of FastAGI sessions against a server."""
+    """Plays Asterisk's side of FastAGI sessions against a server.
 
-    def __init__(self, hold_limit: float = 30.0) -> None:
+    `asterisk` names the Asterisk it plays (a key of ASTERISKS): its agi_version, and
+    its SIP driver for calls that name none; "" plays the version of each call's driver
+    (20.20.1 for chan_sip, 22.10.1 for PJSIP)."""
+
+    def __init__(
+        self,
+        hold_limit: float = 30.0,
+        asterisk: str = "",
+        notice_step: bool = True,
+        connect_timeout: float = MAX_AGI_CONNECT,
+    ) -> None:
         self.hold_limit = hold_limit  # a real Asterisk waits forever; the emulator does not
+        self.connect_timeout = connect_timeout
+        # After AGI(): the shipped dialplan's [fastagi-notice] (False: a dialplan without it).
+        self.notice_step = notice_step
+        if asterisk and asterisk not in ASTERISKS:
+            raise ValueError(f"unknown Asterisk {asterisk!r} (one of {', '.join(ASTERISKS)})")
+        self.asterisk = asterisk
+
+    def prepare(self, call: Call | None = None) -> Call:
+        """`call` as this Asterisk would place it (its version, its SIP driver)."""
+        if not self.asterisk:
+            return call or Call()
+        version, driver = ASTERISKS[self.asterisk]
+        call = call or Call(channel_type=driver)
+        if call.channel_type in ("SIP", "PJSIP") and call.channel_type != driver:
+            raise ValueError(f"Asterisk {self.asterisk} has no {call.channel_type} channels")
+        return dataclasses.replace(call, version=call.version or version)
 
     async def call(self, target: str, call: Call | None = None) -> CallResult:
-        call = call or Call()
+        call = self.prepare(call)
         parts = urlsplit(target)
         host, port = parts.hostname or "127.0.0.1", parts.port or 4573
-        reader, writer = await asyncio.open_connection(host, port)
         try:
-            return await self._dialogue(reader, writer, target, call)
-        finally:
-            writer.close()
+            async with asyncio.timeout(self.connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):  # refused or timed out: AGISTATUS=FAILURE, dialplan goes on
+            result = CallResult(agistatus="FAILURE", callid=f"C-{next(_channel_ids):08x}")
+        else:
+            try:
+                result = await self._dialogue(reader, writer, target, call)
+            finally:
+                writer.close()
+        if self.notice_step and (line := notice_step(call, result.variables)):
+            # The shipped dialplan sends a dialed number or caller ID outside [0-9a-zA-Z+*#],
+            # and a dialed "h", to [fastagi-bad-exten], where the extension is "s".
+            guarded = _GUARDED.fullmatch(call.exten) and _GUARDED.fullmatch(call.callerid)
+            guarded = guarded and call.exten != "h"
+            logged = call if guarded else dataclasses.replace(call, exten="s")
+            result.log.append(log_line("NOTICE", logged, result.callid, line))
+        return result
 
     async def _dialogue(
         self,
@@ -341,18 +395,41 @@ def _exec(args, call, variables, result):
     if app != "log":
         return "200 result=-2\n"
     level, _, message = options.partition(",")
-    stamp = time.strftime("%b %e %T")
-    result.log.append(
-        f"[{stamp}] {level.upper()}[{call.threadid[-4:]}][{result.callid}] "
-        f"Ext. {call.exten}: {message}"
-    )
+    result.log.append(log_line(level, call, result.callid, message))
     return "200 result=0\n"
 
 
+def log_line(level: str, call: Call, callid: str, message: str) -> str:
+    """A Log() line as Asterisk's log file holds it (app_verbose: "Ext. <exten>: ")."""
+    stamp = time.strftime("%b %e %T")
+    return f"[{stamp}] {level.upper()}[{call.threadid[-4:]}][{callid}] Ext. {call.exten}: {message}"
+
+
+_GUARDED = re.compile(r"[0-9a-zA-Z+*#]*")  # what the shipped dialplan's guards let through
+# The shipped dialplan's Log() text (the seed's line).
+SEED_NOTICE = (
+    "Incoming SIP connection from unknown peer failed for {} - Unknown connection from peer"
+)
+
+
+def notice_step(call: Call, variables: dict[str, str]) -> str:
+    """What the shipped dialplan's [fastagi-notice] logs after AGI() ("" for nothing): the
+    NOTICE for SCREEN_NOTICE when the server set it; when no server screened the call
+    (SCREEN_COUNTED unset), for the address the channel driver knows."""
+    address = variables.get("SCREEN_NOTICE", "")
+    if not address and not variables.get("SCREEN_COUNTED"):
+        if call.channel_type == "SIP":
+            address = call.source
+        elif call.channel_type == "PJSIP":
+            address = call.remote_addr().rpartition(":")[0].strip("[]")
+    return SEED_NOTICE.format(address) if address else ""
+
+
 def _mset(options, variables, result):
-    """pbx_builtin_setvar_multiple: up to 99 comma-separated pairs (the last takes the
-    rest), each split at its first '='; a pair without '=' is skipped with a warning."""
-    for pair in options.split(",", 98):
+    """pbx_builtin_setvar_multiple: up to 99 pairs split by the app parser (commas
+    outside quotes, parentheses and brackets; quotes and backslashes removed), each
+    split at its first '='; a pair without '=' is skipped with a warning."""
+    for pair in separate_args(options)[:99]:
         name, sep, value = pair.partition("=")
         if sep:
             variables[name] = result.variables[name] = value

@@ -63,6 +63,13 @@ class Keys:
         return f"{self.base}stats"
 
     @property
+    def bans_by_hour(self) -> str:
+        """Hash: hour (unix ms // 3,600,000) -> bans counted in it, for the status page's
+        chart (the events stream is capped and not saved, so it cannot tell). Hours older
+        than two days leave it when a new hour starts (lua.py)."""
+        return f"{self.base}bans-by-hour"
+
+    @property
     def agents(self) -> str:
         """Hash: pbx_id -> JSON heartbeat of that PBX's agent."""
         return f"{self.base}agents"
@@ -84,12 +91,14 @@ class Keys:
         """What the embedded store saves to disk, (name, Redis type); a trailing `*`:
         every key so named. The ban list, each ban's holds (so a fail2ban jail's unban
         still lifts only its own after a restart), the records (history, escalation) and
-        the totals; counting windows, events and heartbeats are short-lived, start afresh."""
+        the totals and bans per hour; counting windows, events and heartbeats are
+        short-lived, start afresh."""
         return (
             (self.banned, "zset"),
             (self.holds("*"), "hash"),
             (self.record("*"), "hash"),
             (self.stats, "hash"),
+            (self.bans_by_hour, "hash"),
         )
 
     def auth_count(self, ip: str) -> str:

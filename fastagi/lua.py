@@ -88,6 +88,17 @@ local function ban_end(k, duration, ban_time, factor, ban_max)
   return now + math.floor(math.min(ban_time * (factor ^ previous), ban_max))
 end
 
+-- One more ban in this hour (the status page's chart); a new hour drops those over two
+-- days old, so the hash keeps at most 49 fields.
+local function count_hour(k)
+  local hour = math.floor(now / 3600000)
+  if redis.call('HINCRBY', k.by_hour, int(hour), 1) == 1 then
+    for _, field in ipairs(redis.call('HKEYS', k.by_hour)) do
+      if (tonumber(field) or 0) < hour - 48 then redis.call('HDEL', k.by_hour, field) end
+    end
+  end
+end
+
 -- Place (or lengthen: never shorten) `source`'s hold on `target` until `hold_end`.
 -- `counts`: a new ban, recorded as such (previous bans + 1, stats); a restore is not.
 -- Returns {the target's ban end, this source's hold end, 1 if the hold was placed}.
@@ -108,6 +119,7 @@ local function place_hold(k, target, source, hold_end, reason, pbx, counts, coun
     redis.call('HSET', k.record, 'since', int(now), 'pbx_id', pbx, 'bans', int(previous + 1),
                'count', int(count), 'last_seen', int(now))
     redis.call('HINCRBY', k.stats, 'bans', 1)
+    count_hour(k)
   else
     redis.call('HSETNX', k.record, 'pbx_id', pbx)
   end
@@ -122,7 +134,7 @@ end
 # The clock and the holds' functions: what every script but the screening step begins with.
 _COMMON = _CLOCK + _HOLDS
 
-# KEYS: count, record, banned, counted, events, stats, holds
+# KEYS: count, record, banned, counted, events, stats, holds, bans_by_hour
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source (the
 #       threshold's hold, also its reason), member (unique per call), events_maxlen,
 #       history_ms, injected (1: the session had stray lines, counted in stats for
@@ -159,7 +171,7 @@ if count >= threshold then
     + _HOLDS
     + """
   local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
-             holds = KEYS[7]}
+             holds = KEYS[7], by_hour = KEYS[8]}
   local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
   ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, count, ARGV[10],
                          tonumber(ARGV[11]))[1]
@@ -172,7 +184,7 @@ return {'COUNTED', count, 0, 0}
 """
 )
 
-# KEYS: count, record, banned, counted, events, stats, holds
+# KEYS: count, record, banned, counted, events, stats, holds, bans_by_hour
 # ARGV: ip, source, duration_ms (0 = escalate), until_ms (0: now + duration), ban_time_ms,
 #       factor, ban_max_ms, pbx_id, reason, events_maxlen, history_ms, counts (1: a new
 #       ban; 0: a restored one, leaving the previous-ban count and stats alone)
@@ -181,7 +193,7 @@ BAN = (
     _COMMON
     + """
 local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
-           holds = KEYS[7]}
+           holds = KEYS[7], by_hour = KEYS[8]}
 local ip = ARGV[1]
 local hold_end = tonumber(ARGV[4])
 if hold_end <= 0 then
@@ -280,7 +292,7 @@ return {redis.call('GET', KEYS[3]), written}
 # under the [auth] rules in counts of its own; at the threshold the hold `auth` (source
 # and reason) is placed through the same place_hold as the screening step's (same ban
 # list, history, escalation and events).
-# KEYS: auth_count, record, banned, auth_counted, events, stats, holds
+# KEYS: auth_count, record, banned, auth_counted, events, stats, holds, bans_by_hour
 # ARGV: target, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source,
 #       member (unique per failure), events_maxlen, history_ms
 # Returns {result, count, ban_until_ms, new_ban}, as SCREEN
@@ -302,7 +314,7 @@ if failures < tonumber(ARGV[2]) then
   return {'COUNTED', failures, 0, 0}
 end
 local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
-           holds = KEYS[7]}
+           holds = KEYS[7], by_hour = KEYS[8]}
 local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, failures, ARGV[10],
                        tonumber(ARGV[11]))[1]

@@ -132,7 +132,8 @@ class Metrics(Observer, StepObserver):
         self.redis_errors = Counter(
             "fastagi_redis_errors",
             "Store steps that failed (error) or exceeded the "
-            "Redis budget (timeout); the call got SCREEN_RESULT=ERROR",
+            "Redis budget (timeout); the call got SCREEN_RESULT=ERROR, SCREEN_COUNTED=unknown "
+            "(its NOTICE line is logged)",
             ["kind"],
             registry=r,
         )
@@ -438,13 +439,16 @@ def _agent_families(agents: dict[str, dict], now: float) -> Iterator:
     yield stale
 
 
-async def start(config_listen: str, store: Store | None) -> Metrics | None:
-    """This service's metrics served on `listen` ("host:port"); None when it is empty."""
+async def start(
+    config_listen: str, store: Store | None, pages: Mapping[str, Page] | None = None
+) -> Metrics | None:
+    """This service's metrics (and `pages`) served on `listen` ("host:port"); None when
+    it is empty."""
     if not config_listen:
         return None
     metrics = Metrics(store)
     host, _, port = config_listen.rpartition(":")
-    where = await metrics.serve(host.strip("[]") or "127.0.0.1", int(port))
+    where = await metrics.serve(host.strip("[]") or "127.0.0.1", int(port), pages)
     log.info("metrics on http://%s:%d/metrics", where[0], where[1])
     return metrics
 

@@ -58,6 +58,12 @@ class Outcome:
     new_ban: bool = False  # this call hit the threshold: the ban was issued here
     reason: str = ""  # why IGNORED: "ignore" or "protected" (SCREEN_REASON)
     target: str = ""  # what was counted and banned: the caller's prefix ("2001:db8::/64")
+    # SCREEN_COUNTED: "yes", "no" (certainly not: ignored, or no address), or "unknown"
+    # (the store step failed or ran out of time: its script may still run in Redis).
+    counted: str = "no"
+    # SCREEN_NOTICE: the address the dialplan logs the seed's NOTICE line for ("": none).
+    notice: str = ""
+    detail: str = ""  # why the count is unknown, for the server's log (not for Asterisk)
 
 
 class StepObserver:
@@ -119,10 +125,12 @@ class Screener:
         protected: Protected | None = None,
         prefixes: Prefixes | None = None,
         escalation: Escalation | None = None,
+        notice_by: str = "dialplan",
     ) -> None:
         self.store = store
         self.ignore = ignore
         self.log_notice = log_notice
+        self.notice_by = notice_by
         self.redis_budget = redis_budget
         self.observer = observer or StepObserver()
         self.protected = protected
@@ -159,11 +167,12 @@ class Screener:
             return Outcome("IGNORED", address=address, reason="protected")
         notice = NOTICE.format(ip=ip)
         log.info("Ext. %s: %s", exten, notice)
-        # The NOTICE goes out first; the store step runs while Asterisk executes it, and
-        # its answer is read afterwards (one command in flight, no extra task). The call
-        # is counted even if Asterisk went away meanwhile.
+        # notice_by = "agi": the NOTICE goes out first; the store step runs while Asterisk
+        # executes it, and its answer is read afterwards (one command in flight, no extra
+        # task). The call is counted even if Asterisk went away meanwhile.
         lost: Exception | None = None
-        if self.log_notice:
+        logged = self.log_notice and self.notice_by == "agi"
+        if logged:
             try:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
@@ -174,8 +183,14 @@ class Screener:
             await self._escalate(parse_target(target), outcome.ban_until or 0.0)
         if lost is not None:
             raise lost
-        if self.log_notice:
+        if logged:
             await session.answer()
+        # A call not surely counted is always seen in Asterisk's log, whatever log_notice.
+        elif self.log_notice or outcome.counted != "yes":
+            if self.notice_by == "agi":
+                await session.exec_app("Log", f"NOTICE,{notice}")
+            else:
+                outcome.notice = ip
         outcome.address = address
         outcome.target = target
         return outcome
@@ -200,8 +215,11 @@ class Screener:
                 time.perf_counter() - started,
                 "timeout" if isinstance(error, TimeoutError) else "error",
             )
-            log.error("call from %s not counted: %s", ip, reason)
-            return Outcome("ERROR", error="store unavailable")
+            # Not "not counted": a script sent before the stall or the reset may still
+            # run (a paused Redis runs it when it resumes). Logged by the server, summarised.
+            return Outcome("ERROR", error="store unavailable", counted="unknown", detail=reason)
         if verdict.result == "BANNED":
-            return Outcome("BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban)
-        return Outcome("COUNTED", verdict.count)
+            return Outcome(
+                "BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban, counted="yes"
+            )
+        return Outcome("COUNTED", verdict.count, counted="yes")

@@ -26,6 +26,9 @@ log = logging.getLogger("fastagi.server")
 ANSWER_RESERVE = 0.25
 CLIENT_CACHE = 1024  # distinct FastAGI client addresses remembered (a handful of PBXs)
 
+# One command, no round trip: what a call refused at max_sessions is told.
+BUSY_ANSWER = b'EXEC MSet "SCREEN_RESULT=ERROR,SCREEN_ERROR=busy"\n'
+
 Route = Callable[[AGISession, Environment], Awaitable[Outcome]]
 
 
@@ -53,6 +56,9 @@ class RefusalLog:
     SUMMARY_EVERY seconds, by reason, while they go on."""
 
     SUMMARY_EVERY = 10.0
+    LEVEL = logging.WARNING
+    FIRST = "refused FastAGI connection from %s (further refusals: one line every %.0fs)"
+    MORE = "refused %d FastAGI connections more: %s"
     REASONS = {
         "busy": "busy (max_sessions)",
         "client": "not in allowed_clients",
@@ -68,11 +74,7 @@ class RefusalLog:
 
     def refused(self, reason: str, text: str) -> None:
         if self._timer is None:
-            log.warning(
-                "refused FastAGI connection from %s (further refusals: one line every %.0fs)",
-                text,
-                self.SUMMARY_EVERY,
-            )
+            log.log(self.LEVEL, self.FIRST, text, self.SUMMARY_EVERY)
             self._timer = asyncio.get_running_loop().call_later(self.SUMMARY_EVERY, self._summary)
             return
         self.counts[reason] = self.counts.get(reason, 0) + 1
@@ -90,9 +92,7 @@ class RefusalLog:
             f"{n} {self.REASONS.get(reason, reason)} (last from {self.last[reason]})"
             for reason, n in sorted(self.counts.items())
         ]
-        log.warning(
-            "refused %d FastAGI connections more: %s", sum(self.counts.values()), "; ".join(parts)
-        )
+        log.log(self.LEVEL, self.MORE, sum(self.counts.values()), "; ".join(parts))
         self.counts.clear()
         self.last.clear()
 
@@ -103,6 +103,16 @@ class RefusalLog:
             self._timer = None
         if self.counts:
             self._log()
+
+
+class UncountedLog(RefusalLog):
+    """Calls whose store step failed (SCREEN_COUNTED=unknown, the NOTICE logged) as a
+    few lines too: a Redis outage under a flood is hundreds of them a second."""
+
+    LEVEL = logging.ERROR
+    FIRST = "count unknown for a call from %s; the NOTICE is logged (more: one line every %.0fs)"
+    MORE = "%d more calls with their count unknown: %s"
+    REASONS = {"store": "store step failed or ran out of time"}
 
 
 class Observer:
@@ -150,6 +160,7 @@ class FastAGIServer:
         self._tasks: set[asyncio.Task] = set()
         self._clients: dict[str, bool] = {}  # peer host -> allowed, so each is parsed once
         self.refusals = RefusalLog()
+        self.uncounted = UncountedLog()
         # Sessions still waiting for their environment block, oldest first: peer text.
         self._waiting: dict[asyncio.StreamWriter, str] = {}
 
@@ -167,6 +178,7 @@ class FastAGIServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.refusals.close()
+        self.uncounted.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -213,9 +225,10 @@ class FastAGIServer:
             return
         if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
+            # No SCREEN_COUNTED: the shipped dialplan logs the NOTICE for such a call.
             self.stats.refused_busy += 1
             self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
-            writer.write(b"SET VARIABLE SCREEN_RESULT ERROR\n")
+            writer.write(BUSY_ANSWER)
             writer.transport.close()
             return
         _quickack(writer)
@@ -255,6 +268,8 @@ class FastAGIServer:
                 stats.injections += 1
             if outcome is not None:
                 stats.results[outcome.result] = stats.results.get(outcome.result, 0) + 1
+                if outcome.counted == "unknown":
+                    self.uncounted.refused("store", f"{outcome.target}: {outcome.detail}")
             self.observer.session_done(route, outcome, time.monotonic() - started, injected, ended)
             with contextlib.suppress(Exception):
                 await session.close()
@@ -290,7 +305,11 @@ class FastAGIServer:
         return route, outcome
 
     async def _answer(self, session: AGISession, outcome: Outcome) -> None:
-        variables: dict[str, object] = {"SCREEN_RESULT": outcome.result}
+        """Every SCREEN_* variable in one command (one MSet: one round trip)."""
+        variables: dict[str, object] = {
+            "SCREEN_RESULT": outcome.result,
+            "SCREEN_COUNTED": outcome.counted,
+        }
         if outcome.count is not None:
             variables["SCREEN_COUNT"] = outcome.count
         if outcome.ban_until:
@@ -299,6 +318,8 @@ class FastAGIServer:
             variables["SCREEN_ERROR"] = outcome.error
         if outcome.reason:
             variables["SCREEN_REASON"] = outcome.reason
+        if outcome.notice:
+            variables["SCREEN_NOTICE"] = outcome.notice
         await session.set_variables(variables)
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).

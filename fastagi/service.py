@@ -186,6 +186,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         protected=store.protected,
         prefixes=screening.prefixes(),
         escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
+        notice_by=screening.notice_by,
     )
     return FastAGIServer(
         screener,
@@ -248,11 +249,14 @@ async def open_service_store(config: Config) -> tuple[Store, EmbeddedRedis | Non
 
 
 async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
+    from fastagi import web  # imports status and admin, which import us
+
     _setup_logging()
     firewall = None if args.no_agent else await _claimed_firewall(config)
     store, embedded = await open_service_store(config)
     try:
-        metrics = await service_metrics.start(config.metrics.listen, store)
+        pages = web.pages(store, config) if config.metrics.listen else None
+        metrics = await service_metrics.start(config.metrics.listen, store, pages)
     except OSError as error:
         await store.close()
         if embedded is not None:

@@ -63,6 +63,8 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
                     "pbx_id": record.get("pbx_id", ""),
                     "reason": record.get("reason", ""),
                     "bans": _whole(record.get("bans", "1")),
+                    # calls seen from it: those counted up to the ban and those since
+                    "calls": _whole(record.get("count", "0")),
                     "protected": _protected(protected, ip),
                 }
                 for (ip, until), record in zip(banned.items(), records, strict=True)

@@ -202,6 +202,7 @@ class _ScreenParts:
     def __init__(self, encode: Callable[[Any], bytes], keys: Keys, policy: Policy, pbx_id: str):
         p = policy
         self.count_prefix, self.record_prefix, self.holds_prefix = keys.per_address_prefixes()
+        self.by_hour = encode(keys.bans_by_hour)
         self.shared_keys = tuple(
             encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
@@ -229,11 +230,12 @@ class _ScreenParts:
         return (
             "EVALSHA",
             sha,
-            7,
+            8,
             self.count_prefix + address,
             self.record_prefix + address,
             *self.shared_keys,
             self.holds_prefix + address,
+            self.by_hour,
             address,
             *self.rules,
             b"%s%x" % (self.member_prefix, step),
@@ -333,7 +335,10 @@ class Store:
 
     def _step_keys(self, ip: str) -> list[str]:
         k = self.keys
-        return [k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats, k.holds(ip)]
+        return [
+            *(k.count(ip), k.record(ip), k.banned, k.counted, k.events, k.stats, k.holds(ip)),
+            k.bans_by_hour,
+        ]
 
     async def screen(self, ip: str, injected: bool = False) -> Verdict:
         """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
@@ -595,7 +600,7 @@ class Store:
         escalation as screened calls, in counts of its own, atomically, cluster-wide."""
         k = self.keys
         keys = [k.auth_count(ip), k.record(ip), k.banned, k.auth_counted, k.events, k.stats]
-        keys.append(k.holds(ip))
+        keys += [k.holds(ip), k.bans_by_hour]
         args = [
             ip,
             rules.threshold,
@@ -634,6 +639,18 @@ class Store:
                 "auth read", self.redis.zcount(self.keys.auth_count(ip), since, "+inf")
             )
         )
+
+    async def bans_by_hour(self, hours: int = 24) -> list[tuple[float, int]]:
+        """(start of the hour, unix s; bans counted in it), for the last `hours` hours,
+        oldest first, this hour last; hours without a ban are there with 0."""
+        raw = await self._call("bans per hour read", self.redis.hgetall(self.keys.bans_by_hour))
+        counts = {_text(k): _text(v) for k, v in raw.items()}
+        this_hour = self.now_ms() // 3_600_000
+        out = []
+        for hour in range(this_hour - hours + 1, this_hour + 1):
+            text = counts.get(str(hour), "0")
+            out.append((hour * 3600.0, int(text) if text.isascii() and text.isdigit() else 0))
+        return out
 
     async def record(self, ip: str) -> dict[str, str]:
         """Everything we know of one address: its ban record (possibly empty)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -52,6 +54,31 @@ async def redis_nodes_protected(config: configuration.Config) -> tuple[list[str]
         return await store.nodes(), {part["source"]: part["entries"] for part in summary["parts"]}
     finally:
         await store.close()
+
+
+def need_program(name: str, package: str) -> str:
+    """The path of the program `name`. Without it a test skips on a developer's machine
+    but fails in CI (CI=true), whose .ci/run installs the Debian `package`."""
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} is not installed (apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why}, and CI must run this test: add it to .ci/run")
+        pytest.skip(why)
+    return path
+
+
+def place_calls(target: str, calls: list[Call]) -> list[CallResult]:
+    """Screened calls to a running service (a real process), one after the other, as
+    Asterisk places them."""
+
+    async def main() -> list[CallResult]:
+        asterisk = FakeAsterisk(hold_limit=10)
+        return [await asterisk.call(target, call) for call in calls]
+
+    return asyncio.run(main())
 
 
 def free_port() -> int:

@@ -52,6 +52,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ignore": BAD_NETS,
     "screening.pbx_id": ["5", "true", '["a"]'],
     "screening.log_notice": ['"maybe"', "5", "[true]"],
+    "screening.notice_by": ['"asterisk"', "1", '""'],
     "screening.protect": ["5", '["bad name!"]', '["10.0.0.0/33"]', '["-x.example"]', '[""]'],
     "screening.protect_refresh": BAD_DURATION,
     "screening.ipv4_prefix": ['"wide"', "8", "33", "true", "24.5", '"/24"'],
@@ -86,6 +87,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "firewall.forward": ['"sometimes"', "2"],
     "firewall.sync_interval": BAD_DURATION,
     "metrics.listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
+    "metrics.status_page": ['"public"', "true", "5", '""'],
     "auth.enabled": ['"maybe"', "5"],
     "auth.host": ["5", '""', '"a b"', '"user@host"'],
     "auth.port": ['"ami"', "0", "70000", "true"],
@@ -463,7 +465,9 @@ def test_refusals_are_logged_as_a_few_summary_lines_and_counted(caplog):
             return refused, srv.server.stats
 
     refused, stats = asyncio.run(main())
-    assert [r.variables for r in refused] == [{"SCREEN_RESULT": "ERROR"}] * 30
+    assert [r.variables for r in refused] == [
+        {"SCREEN_RESULT": "ERROR", "SCREEN_ERROR": "busy"}
+    ] * 30
     assert stats.refused_busy == 30
     lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2, lines

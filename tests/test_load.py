@@ -124,7 +124,7 @@ async def _load(service: Service, pid: int) -> dict:
             state["max_call"] = max(state["max_call"], time.monotonic() - started)
             state["calls"] += 1
             verdict = result.variables.get("SCREEN_RESULT", "none")
-            if verdict == "ERROR" and "SCREEN_ERROR" not in result.variables:
+            if verdict == "ERROR" and result.variables.get("SCREEN_ERROR") == "busy":
                 state["refused"] += 1  # max_sessions: answered and closed at once
                 await asyncio.sleep(0.25)  # the next INVITE, not a busy loop
                 continue

@@ -260,7 +260,8 @@ def test_calls_from_protected_sources_are_never_counted_never_banned_logged_once
     with caplog.at_level(logging.INFO, logger="fastagi.screening"):
         results, attacker, counted, banned = asyncio.run(main())
     for source, variables in results.items():
-        assert variables == [{"SCREEN_RESULT": "IGNORED", "SCREEN_REASON": "protected"}] * 4
+        ignored = {"SCREEN_RESULT": "IGNORED", "SCREEN_COUNTED": "no", "SCREEN_REASON": "protected"}
+        assert variables == [ignored] * 4
         address = (
             str(ipaddress.ip_address(source).ipv4_mapped or source) if ":" in source else source
         )

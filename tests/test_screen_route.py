@@ -43,13 +43,24 @@ def test_captured_call_gets_the_seed_notice_and_is_counted():
     # same call from a public address
     async def main():
         async with running_server() as srv:
-            call = Call(source="198.51.100.6", agi_args=SEED_ARGS, uniqueid="1795557632.50")
+            # a From user the shipped dialplan's caller-ID guard lets through ("anonymous-
+            # scanner" has a '-': its NOTICE would say "Ext. s", from [fastagi-bad-exten])
+            call = Call(
+                source="198.51.100.6", agi_args=SEED_ARGS, uniqueid="1795557632.50", callerid="x"
+            )
             return await srv.call(call)
 
     result = asyncio.run(main())
-    assert result.variables == {"SCREEN_RESULT": "COUNTED", "SCREEN_COUNT": "1"}
+    assert result.variables == {
+        "SCREEN_RESULT": "COUNTED",
+        "SCREEN_COUNTED": "yes",
+        "SCREEN_COUNT": "1",
+        "SCREEN_NOTICE": "198.51.100.6",  # the shipped dialplan logs the NOTICE for it
+    }
     notice = SEED_NOTICE.replace("127.0.0.6", "198.51.100.6")
     assert [_shape(line) for line in result.log] == [_shape(notice)]
+    # two round trips: the resync that asks for the address, then every variable at once
+    assert [c.split()[:2] for c in result.commands] == [["GET", "FULL"], ["EXEC", "MSet"]]
     assert result.pipelined == 0 and result.crlf == 0
     assert result.agistatus == "SUCCESS"
 
@@ -110,8 +121,9 @@ def test_ignored_addresses_are_never_counted():
             return v4, v6, await srv.store.banned(), await srv.store.counted()
 
     v4, v6, banned, counted = asyncio.run(main())
-    assert v4.variables == {"SCREEN_RESULT": "IGNORED", "SCREEN_REASON": "ignore"}
-    assert v6.variables == {"SCREEN_RESULT": "IGNORED", "SCREEN_REASON": "ignore"}
+    ignored = {"SCREEN_RESULT": "IGNORED", "SCREEN_COUNTED": "no", "SCREEN_REASON": "ignore"}
+    assert v4.variables == ignored and v6.variables == ignored
+    assert v4.log == v6.log == []  # deliberately not counted: no NOTICE either
     assert banned == {} and counted == {}
 
 
@@ -156,7 +168,11 @@ def test_unknown_route_sets_error_and_counts_nothing():
             return result, await srv.store.counted()
 
     result, counted = asyncio.run(main())
-    assert result.variables == {"SCREEN_RESULT": "ERROR", "SCREEN_ERROR": "unknown route"}
+    assert result.variables == {
+        "SCREEN_RESULT": "ERROR",
+        "SCREEN_COUNTED": "no",
+        "SCREEN_ERROR": "unknown route",
+    }
     assert counted == {}
 
 
@@ -207,14 +223,18 @@ def test_sessions_over_max_sessions_are_answered_and_closed_at_once():
                 writer.write(b"".join(environment_block(Call(), srv.target, n)))
             await asyncio.sleep(0.1)
             started = time.monotonic()
-            result = await srv.call(Call(source="192.0.2.54"))
+            result = await srv.call(Call(source="192.0.2.54", callerid="scanner"))
             took = time.monotonic() - started
             for _, writer in idle:
                 writer.close()
             return result, took, srv.server.stats.refused_busy
 
     result, took, refused = asyncio.run(main())
-    assert result.variables == {"SCREEN_RESULT": "ERROR"}
+    # No SCREEN_COUNTED: the shipped dialplan logs the NOTICE with the channel's address.
+    assert result.variables == {"SCREEN_RESULT": "ERROR", "SCREEN_ERROR": "busy"}
+    assert [_shape(line) for line in result.log] == [
+        _shape(SEED_NOTICE.replace("127.0.0.6", "192.0.2.54"))
+    ]
     assert took < 0.5 and refused == 1
 
 
@@ -281,8 +301,8 @@ def test_emulator_answers_like_asterisk():
 
 
 def _answer_commands(result) -> list[str]:
-    """The commands after the NOTICE: how the server told Asterisk the result."""
-    return result.commands[[c.startswith("EXEC Log") for c in result.commands].index(True) + 1 :]
+    """The commands after the resync: how the server told Asterisk the result."""
+    return result.commands[1:]
 
 
 def test_variables_are_set_in_one_round_trip_and_an_error_text_unchanged():
@@ -298,14 +318,22 @@ def test_variables_are_set_in_one_round_trip_and_an_error_text_unchanged():
         return counted, banned, failed
 
     counted, banned, failed = asyncio.run(main())
-    assert _answer_commands(counted) == ['EXEC MSet "SCREEN_RESULT=COUNTED,SCREEN_COUNT=1"']
+    assert _answer_commands(counted) == [
+        'EXEC MSet "SCREEN_RESULT=COUNTED,SCREEN_COUNTED=yes,SCREEN_COUNT=1,'
+        'SCREEN_NOTICE=192.0.2.70"'
+    ]
     until = banned.variables["SCREEN_BAN_UNTIL"]
     assert _answer_commands(banned) == [
-        f'EXEC MSet "SCREEN_RESULT=BANNED,SCREEN_COUNT=2,SCREEN_BAN_UNTIL={until}"'
+        f'EXEC MSet "SCREEN_RESULT=BANNED,SCREEN_COUNTED=yes,SCREEN_COUNT=2,'
+        f'SCREEN_BAN_UNTIL={until},SCREEN_NOTICE=192.0.2.70"'
     ]
-    # A value with a blank would be cut by MSet's parser: one SET VARIABLE each.
-    assert failed.variables == {"SCREEN_RESULT": "ERROR", "SCREEN_ERROR": "store unavailable"}
-    assert [c.split()[:2] for c in failed.commands[-2:]] == [["SET", "VARIABLE"]] * 2
+    # A blank inside our double quotes reaches MSet unchanged (res_agi's parse_args).
+    assert _answer_commands(failed) == [
+        'EXEC MSet "SCREEN_RESULT=ERROR,SCREEN_COUNTED=unknown,'
+        'SCREEN_ERROR=store unavailable,SCREEN_NOTICE=192.0.2.71"'
+    ]
+    assert failed.variables["SCREEN_ERROR"] == "store unavailable"
+    assert failed.log[0].endswith("failed for 192.0.2.71 - Unknown connection from peer")
 
 
 def test_an_asterisk_without_mset_still_gets_every_variable(monkeypatch):
@@ -328,7 +356,5 @@ def test_an_asterisk_without_mset_still_gets_every_variable(monkeypatch):
     assert int(result.variables["SCREEN_BAN_UNTIL"]) > time.time()
     assert [c.split()[:2] for c in _answer_commands(result)] == [
         ["EXEC", "MSet"],
-        ["SET", "VARIABLE"],
-        ["SET", "VARIABLE"],
-        ["SET", "VARIABLE"],
+        *[["SET", "VARIABLE"]] * 5,
     ]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.netns import Namespace, Topology, make_topology  # noqa: E402
 
-HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16, 17, 18)), "pbx1": (21, ())}
+HOSTS = {"attacker": (10, (11, 12, 13, 14, 15, 16, 17, 18, 19)), "pbx1": (21, ())}
 # The IPv6 caller sits in a /64 of its own: the topology's shared /64 holds the PBX itself,
 # which the service never counts (it would count and ban per /64).
 ATTACKER6, NET6 = "2001:db8:1::10", "2001:db8:1::/64"
@@ -98,8 +98,8 @@ def stacks_of(inst: Path) -> list[Stack]:
 
 
 def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
-    """A private Asterisk config with guest access and the shipped dialplans verbatim
-    (chan_sip's context renamed when both stacks share one dialplan)."""
+    """A private Asterisk config with guest access and the shipped dialplan verbatim
+    (one file for chan_sip and PJSIP: both stacks send guests to its context)."""
     etc, var = work / "etc", work / "var"
     for d in (etc, var / "lib", var / "spool", var / "run", var / "log"):
         d.mkdir(parents=True, exist_ok=True)
@@ -124,21 +124,17 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
     )
     for name in ("cdr.conf", "cel.conf"):
         (etc / name).write_text("[general]\nenable = no\n")
-    dialplan = ["[general]\nstatic = yes\nwriteprotect = yes\n\n"]
-    shipped = ROOT / "dialplan"
+    shipped = ROOT / "dialplan" / "extensions-fastagi.conf"
+    dialplan = ["[general]\nstatic = yes\nwriteprotect = yes\n\n", shipped.read_text()]
     for stack in stacks:
         if stack.name == "chan_sip":
             (etc / "sip.conf").write_text(
-                "[general]\ncontext = from-chansip-external\nallowguest = yes\n"
+                "[general]\ncontext = from-sip-external\nallowguest = yes\n"
                 f"alwaysauthreject = yes\nudpbindaddr = 0.0.0.0:{stack.port}\n"
                 "tcpenable = no\nsrvlookup = no\nallow = !all,ulaw\n\n"
                 f"[{USER}]\ntype = friend\nhost = dynamic\nsecret = {PASSWORD}\n"
                 "context = from-internal\n"
             )
-            text = (shipped / "extensions-chan_sip.conf").read_text()
-            text = text.replace("[from-sip-external]", "[from-chansip-external]")
-            text = text.replace("fastagi-bad-exten", "fastagi-bad-exten-chansip")
-            dialplan.append(text)
         else:
             transports = []
             for proto in stack.transports:
@@ -156,7 +152,6 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
                 f"[{USER}-auth]\ntype = auth\nauth_type = userpass\nusername = {USER}\n"
                 f"password = {PASSWORD}\n[{USER}]\ntype = aor\nmax_contacts = 1\n"
             )
-            dialplan.append((shipped / "extensions-pjsip.conf").read_text())
     dialplan.append("[from-internal]\nexten => _X.,1,Hangup()\n")
     # The key as dialplan/README.md says: [globals] includes a file only Asterisk reads.
     (etc / "fastagi-key.conf").write_text(f"FASTAGI_KEY={KEY}\n")
@@ -167,13 +162,14 @@ def write_config(work: Path, inst: Path, stacks: list[Stack]) -> Path:
     # without a SOURCE argument.
     forged = f"${{URIDECODE({HOSTILE_FROM})}}"
     url = "agi://127.0.0.1:4573/screen?key=${FASTAGI_KEY}"
+    notice = " same => n,Gosub(fastagi-notice,${EXTEN},1)\n"  # as the shipped file does
     dialplan.append(
         "[fastagi-lab-local]\n"
         f"exten => forged,1,Set(CALLERID(num)={forged})\n same => n,AGI({url})\n"
-        " same => n,Hangup()\n"
+        f"{notice} same => n,Hangup()\n"
         f"exten => forged-source,1,Set(CALLERID(num)={forged})\n"
-        f" same => n,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
-        f"exten => clean-source,1,AGI({url},{LOCAL_SOURCE})\n same => n,Hangup()\n"
+        f" same => n,AGI({url},{LOCAL_SOURCE})\n{notice} same => n,Hangup()\n"
+        f"exten => clean-source,1,AGI({url},{LOCAL_SOURCE})\n{notice} same => n,Hangup()\n"
     )
     (etc / "extensions.conf").write_text("\n".join(dialplan))
     return etc / "asterisk.conf"
@@ -206,7 +202,11 @@ class Asterisk:
 # -- the service ----------------------------------------------------------------------
 
 
-def write_service_config(work: Path, stacks: list[Stack]) -> Path:
+def write_service_config(
+    work: Path, stacks: list[Stack], redis_url: str = "memory://", pbx_id: str = "lab"
+) -> Path:
+    """One PBX's service config: the embedded store, or (cluster.py) a Redis shared by
+    several PBXs, each with its own pbx_id."""
     ports = ", ".join(f'"{s.port}/udp", "{s.port}/tcp"' for s in stacks)
     runtime = work / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
@@ -216,10 +216,10 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
     path = work / "fastagi.toml"
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:4573"\nruntime_dir = "{runtime}"\n'
-        f'session_timeout = "5s"\nkey_file = "{key_file}"\n\n'
+        f'session_timeout = "5s"\nkey_file = "{key_file}"\nstate_dir = "{work / "state"}"\n\n'
         f'[screening]\nthreshold = {THRESHOLD}\nwindow = "10m"\nban_time = "1h"\n'
-        'pbx_id = "lab"\n\n'
-        '[redis]\nurl = "memory://"\n\n'
+        f'pbx_id = "{pbx_id}"\n\n'
+        f'[redis]\nurl = "{redis_url}"\n\n'
         f'[firewall]\nbackend = "nftables"\nports = [{ports}]\nsync_interval = "2s"\n\n'
         f'[auth]\nenabled = true\nusername = "{AMI_USER}"\nsecret = "{AMI_SECRET}"\n'
         f"threshold = {THRESHOLD}\n"
@@ -227,10 +227,12 @@ def write_service_config(work: Path, stacks: list[Stack]) -> Path:
     return path
 
 
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """fastagi-ctl from the host: the embedded store's control socket is a Unix socket."""
+def ctl(config: Path, *args: str, ns: Namespace | None = None) -> subprocess.CompletedProcess[str]:
+    """fastagi-ctl from the host (the embedded store's control socket is a Unix socket),
+    or inside `ns` (a PBX that reaches a shared Redis over the namespaces' network)."""
+    argv = [sys.executable, "-m", "fastagi.cli", "--config", str(config), *args]
     return subprocess.run(
-        [sys.executable, "-m", "fastagi.cli", "--config", str(config), *args],
+        ns.argv(argv) if ns is not None else argv,
         capture_output=True,
         text=True,
         timeout=30,
@@ -353,9 +355,12 @@ def invite(
     return final[0] if final else None
 
 
-def register_wrong_password(ns: Namespace, src: str, dst: str, port: int) -> int | None:
+def register_wrong_password(
+    ns: Namespace, src: str, dst: str, port: int, sent: list[float] | None = None
+) -> int | None:
     """REGISTER as the lab's endpoint with a wrong password (digest, RFC 2617): what a
-    password guesser does; the final code of the answered attempt."""
+    password guesser does; the final code of the answered attempt. `sent` gets the
+    monotonic time the wrong password left (cluster.py times the ban from it)."""
     dialog = Dialog(ns, src, dst, port, "udp", 3)
     try:
         challenge = dialog.request("REGISTER", USER, 1, "Expires: 60\r\n")
@@ -374,6 +379,8 @@ def register_wrong_password(ns: Namespace, src: str, dst: str, port: int) -> int
             f'nonce="{fields["nonce"]}", uri="{uri}", response="{answer}", {qop}'
             "algorithm=MD5\r\n"
         )
+        if sent is not None:
+            sent.append(time.monotonic())
         final = dialog.request("REGISTER", USER, 2, f"Expires: 60\r\n{auth}")
         return final[0] if final else None
     except OSError:
@@ -395,7 +402,7 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
     asterisk = Asterisk(inst, write_config(work, inst, stacks), pbx, work / "asterisk.out")
     config = write_service_config(work, stacks)
     with (work / "fastagi-serve.log").open("ab") as log:
-        pbx.spawn(
+        service = pbx.spawn(
             [sys.executable, "-m", "fastagi.cli", "--config", str(config), "serve"],
             stdout=log,
             stderr=log,
@@ -406,7 +413,7 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
         if time.monotonic() > deadline:
             raise RuntimeError(f"fastagi-ctl serve did not start (see {work}/fastagi-serve.log)")
         time.sleep(0.2)
-    results: list[Result] = []
+    results: list[Result] = [dialplan_loaded(work)]
     sources = iter(attacker.extra4)
     try:
         for stack in stacks:
@@ -419,6 +426,8 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
         if all((modules / m).exists() for m in ("res_clioriginate.so", "func_uri.so")):
             results.append(local_channel_caller_id(asterisk, config))
         results.append(wrong_key(asterisk, stacks[-1], pbx, attacker, config, work))
+        for stack in stacks:
+            results.append(odd_extensions(stack, pbx, attacker, config, attacker.extra4[8]))
         results.append(ban_on_the_wire(stacks[0], pbx, attacker, config))
         results.append(password_guesser(stacks[-1], pbx, attacker, config, attacker.extra4[7]))
         results.append(svcrack(stacks[0], pbx, attacker, config))
@@ -428,6 +437,10 @@ def run_checks(topo: Topology, work: Path, inst: Path) -> list[Result]:
             guessers[src] = f"{stack.name} REGISTER wrong password x3 -> {codes}"
         time.sleep(1)  # Asterisk's logger writes asynchronously
         results.append(filters(work / "var" / "log", guessers, callers=set(counted(config))))
+        service.terminate()
+        service.wait(10)
+        for stack in stacks:
+            results.append(server_down(stack, pbx, attacker, work, attacker.extra4[2]))
     finally:
         asterisk.stop()
         version = asterisk_version(inst)
@@ -521,18 +534,66 @@ def wrong_key(asterisk: Asterisk, stack, pbx, attacker, config, work: Path) -> R
     src = attacker.extra4[0]
     asterisk.cli(f"dialplan set global FASTAGI_KEY {secrets.token_hex(16)}")
     try:
-        before = counted(config).get(src, 0)
+        before, notices = counted(config).get(src, 0), notice_lines(work, src)
         code = invite(attacker, src, pbx.ipv4, stack.port, "7001", "udp")
         after = counted(config).get(src, 0)
     finally:
         asterisk.cli(f"dialplan set global FASTAGI_KEY {KEY}")
     log = (work / "fastagi-serve.log").read_text()
+    logged = notice_lines(work, src) - notices
     ok = code == 403 and after == before and "wrong or missing key" in log and KEY not in log
+    ok = ok and logged == 1
     return Result(
-        f"{stack.name} udp: wrong key in the AGI URL: closed, fails open, not counted",
+        f"{stack.name} udp: wrong key in the AGI URL: closed, fails open, not counted, NOTICE",
         ok,
-        f"{src} -> {code}, count {before} -> {after}; service log names the refusal, "
-        f"{'never' if KEY not in log else 'SHOWS'} the key",
+        f"{src} -> {code}, count {before} -> {after}, {logged} NOTICE line by the dialplan; "
+        f"service log names the refusal, {'never' if KEY not in log else 'SHOWS'} the key",
+    )
+
+
+def notice_lines(work: Path, src: str) -> int:
+    """The seed's NOTICE lines for `src` in Asterisk's messages log so far."""
+    time.sleep(0.5)  # Asterisk's logger writes asynchronously
+    text = (work / "var" / "log" / "messages").read_text(errors="replace")
+    return text.count(f"failed for {src} - Unknown connection from peer\n")
+
+
+def dialplan_loaded(work: Path) -> Result:
+    """The shipped dialplan loads without a WARNING (`_.` printed one per line)."""
+    text = (work / "var" / "log" / "messages").read_text(errors="replace")
+    warnings = [line for line in text.splitlines() if "WARNING" in line and "pbx_config" in line]
+    return Result(
+        "the shipped dialplan loads without WARNINGs",
+        not warnings,
+        f"{len(warnings)} pbx_config WARNING lines"
+        + (f", first: {warnings[0][-120:]}" if warnings else ""),
+    )
+
+
+def odd_extensions(stack, pbx, attacker, config, src) -> Result:
+    """A guest dialing `h` (the hangup extension's name) or a lone `-` (which `_.`
+    left unmatched: 484, no log line) is screened like any other."""
+    codes, before = [], counted(config).get(src, 0)
+    for user in ("h", "-"):
+        codes.append(invite(attacker, src, pbx.ipv4, stack.port, user, "udp"))
+    after = counted(config).get(src, 0)
+    return Result(
+        f"{stack.name}: a guest dialing 'h' or '-' is screened",
+        codes == [403, 403] and after == before + 2,
+        f"{src} -> {codes}, count {before} -> {after}",
+    )
+
+
+def server_down(stack, pbx, attacker, work: Path, src: str) -> Result:
+    """fastagi-ctl serve stopped: the call fails open and the dialplan logs the NOTICE
+    with the address from the channel driver."""
+    before = notice_lines(work, src)
+    code = invite(attacker, src, pbx.ipv4, stack.port, "7001", "udp")
+    logged = notice_lines(work, src) - before
+    return Result(
+        f"{stack.name}: server down: fails open, the dialplan logs the NOTICE",
+        code == 403 and logged == 1,
+        f"{src} -> {code}, {logged} NOTICE line for {src}",
     )
 
 
