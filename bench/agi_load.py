@@ -6,7 +6,8 @@
         [--addresses 1000] [--slowloris 200] [--hold 1000 --pid NAME=PID] [--json]
 
 Every session is `FakeAsterisk`'s dialogue: the environment block written as res_agi
-writes it (two segments, LF only, no TCP_NODELAY), commands answered like Asterisk 20
+writes it (one write per line, LF only, no TCP_NODELAY: `emulator.LineWriter`), each
+answer one write, commands answered like Asterisk 20
 (GET FULL VARIABLE with channel functions, EXEC Log, SET VARIABLE, HANGUP after the
 server's close). Modes:
 
@@ -48,7 +49,8 @@ from fastagi.emulator import (
     Call,
     CallResult,
     FakeAsterisk,
-    environment_block,
+    LineWriter,
+    environment_lines,
     expand,
     split_words,
 )
@@ -80,25 +82,24 @@ class _LeanSession(asyncio.Protocol):
         self.variables = call.functions()
         self.result = CallResult()
         self.buffer = b""
-        self.transport: asyncio.Transport | None = None
+        self.lines: LineWriter | None = None
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        self.transport = transport
-        first, second = environment_block(self.call, self.url, 1)
-        transport.write(first)  # two writes, as res_agi does (the second may wait for an ACK)
-        transport.write(second)
+        self.lines = LineWriter(transport)
+        for line in environment_lines(self.call, self.url, 1):
+            self.lines.write(line)  # one write per line, as res_agi does
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         lines = self.buffer.split(b"\n")
         self.buffer = lines.pop()
         for raw in lines[:64]:
-            self.transport.write(
+            self.lines.write_answer(
                 self.owner.answer(raw.decode(), self.call, self.variables, self.result)
             )
 
     def eof_received(self) -> bool:
-        self.transport.write(b"HANGUP\n")  # AGISIGHUP=yes: after the server's close
+        self.lines.write(b"HANGUP\n")  # AGISIGHUP=yes: after the server's close
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -109,7 +110,7 @@ class _LeanSession(asyncio.Protocol):
 class LeanAsterisk(FakeAsterisk):
     """FakeAsterisk's wire behaviour with a cheaper client (a bare Protocol), so one
     generator core outruns the server under test: the same env block
-    (`environment_block`, in two writes), the same answers for the commands a screening
+    (`environment_lines`, one write each), the same answers for the commands a screening
     dialogue uses (GET FULL VARIABLE / GET VARIABLE with channel functions, SET
     VARIABLE, EXEC Log), every other command through `FakeAsterisk._execute`, and HANGUP
     after the server's close. One command at a time, as the server under test sends."""
@@ -128,20 +129,20 @@ class LeanAsterisk(FakeAsterisk):
         finally:
             transport.close()
 
-    def answer(self, line: str, call: Call, variables: dict, result: CallResult) -> bytes:
+    def answer(self, line: str, call: Call, variables: dict, result: CallResult) -> str:
         if line.startswith("GET FULL VARIABLE "):
             words = split_words(line)
-            return f"200 result=1 ({expand(words[3], variables)})\n".encode()
+            return f"200 result=1 ({expand(words[3], variables)})\n"
         if line.startswith("SET VARIABLE "):
             words = split_words(line)
             result.variables[words[2]] = variables[words[2]] = words[3]
-            return b"200 result=1\n"
+            return "200 result=1\n"
         if line.startswith("EXEC Log "):
-            return b"200 result=0\n"
+            return "200 result=0\n"
         if line.startswith("GET VARIABLE "):
             value = variables.get(split_words(line)[2])
-            return f"200 result=1 ({value})\n".encode() if value else b"200 result=0\n"
-        return self._execute(line, call, variables, result, False).encode()
+            return f"200 result=1 ({value})\n" if value else "200 result=0\n"
+        return self._execute(line, call, variables, result, False)
 
 
 class Target:

@@ -66,7 +66,9 @@ class Processes:
         self.workdir = workdir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str], port: int, env: dict | None = None) -> int:
+    def start(
+        self, name: str, argv: list[str], port: int, env: dict | None = None, wait: float = 20
+    ) -> int:
         log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             argv,
@@ -76,7 +78,7 @@ class Processes:
             cwd=ROOT,
         )
         self.procs[name] = proc
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited: see {self.workdir / (name + '.log')}")

@@ -18,7 +18,9 @@ import functools
 import io
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from asterisk.agi import AGI, AGIAppError, AGIError, AGIResultHangup, re_code, re_kv
 
@@ -116,6 +118,56 @@ class Environment:
             return []
         first = self.keys.index("agi_threadid") + 1
         return [self.values[key] for key in self.keys[first:]]
+
+
+class SessionReader(asyncio.StreamReader):
+    """asyncio's StreamReader that wakes its session once per line or block it waits
+    for, not once per TCP segment.
+
+    res_agi writes every env line with a write(2) of its own and no TCP_NODELAY, so a
+    block arrives in 2-25 segments (asterisk22 captures; our TCP_QUICKACK makes it more,
+    as each line is acknowledged at once), and StreamReader wakes a waiting
+    `readuntil` for each: a task step and a new future per segment, a third of the
+    server's CPU per session in bench/session_profile.py. Here a segment that does not
+    complete the awaited separator is only buffered. Uses StreamReader's own buffer and
+    waiter (CPython 3.11-3.13 internals), in this one place."""
+
+    _awaiting: bytes | None = None  # the separator a readuntil() waits for, if any
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        self._awaiting = separator
+        try:
+            return await super().readuntil(separator)
+        finally:
+            self._awaiting = None
+
+    def feed_data(self, data: bytes) -> None:
+        separator, buffer = self._awaiting, self._buffer
+        if (
+            separator is not None
+            and self._waiter is not None
+            and len(buffer) + len(data) <= self._limit
+            and separator not in data
+            # the separator may straddle two segments (the block's empty line is a
+            # write of its own): only our two-byte b"\n\n" can
+            and not (len(separator) == 2 and buffer[-1:] == separator[:1] == data[:1])
+        ):
+            buffer.extend(data)
+            return
+        super().feed_data(data)
+
+
+class SessionProtocol(asyncio.StreamReaderProtocol):
+    """StreamReaderProtocol with its reader at hand: each of res_agi's segments goes
+    straight to SessionReader.feed_data (asyncio's own looks the reader up through a
+    weak reference on every segment)."""
+
+    def __init__(self, reader: SessionReader, connected: Callable[..., Any]) -> None:
+        super().__init__(reader, connected)
+        self._reader = reader
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed_data(data)
 
 
 async def _readline(reader: asyncio.StreamReader) -> str:

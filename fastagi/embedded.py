@@ -11,16 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
+import re
 import socket
 import socketserver
 import stat
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import fakeredis.aioredis
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
+from fakeredis._core._database import Database, Item
+from fakeredis.model import Hash, ZSet
 
 from fastagi.keys import Keys
 from fastagi.persist import Persister, StateError
@@ -228,3 +234,188 @@ def reachable(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+# -- the screening step in Python --------------------------------------------------------
+
+_INTEGER = re.compile(rb"-?(0|[1-9][0-9]{0,17})\Z")  # what HINCRBY surely reads as one
+
+
+class _Fallback(Exception):
+    """The data is not what the common step expects: the Lua script decides instead."""
+
+
+class NativeScreen:
+    """lua.SCREEN for a call that does not ban, in Python on the embedded store's data.
+
+    fakeredis runs a script with lupa: it compiles the script anew, checks the Lua
+    globals before every `redis.call`, parses every command through its full command
+    table and collects Lua's garbage after each run, and the step goes through the
+    RESP encoding both ways: ~1.3 ms of the embedded service's ~1.8 ms per call
+    (bench/session_profile.py). Here the two common outcomes, COUNTED and already
+    BANNED, are the same writes made straight on fakeredis's data (its ZSet, Hash and
+    Database, under its server lock, with the time frozen for the step as fakeredis
+    does for a script), in the script's order. Whatever else, the call that reaches
+    the threshold (the holds, the ban list, the event) and data the script would trip
+    on (a key of another type, a count that is not a number), runs the script itself:
+    this code only decides that before it writes anything, so both paths are exactly
+    the script. `tests/test_store.py` runs the step both ways on random sequences and
+    compares every reply and every key.
+
+    Plugs into Store as its `link` (the EVALSHA of the screening step); every other
+    command goes to the client.
+    """
+
+    def __init__(self, server: fakeredis.FakeServer, client: Any) -> None:
+        self.server = server
+        self.client = client
+        self.clock = time.time
+
+    async def execute(self, *command: Any) -> Any:
+        """The screening step's EVALSHA (store._ScreenParts.command): natively if it can."""
+        keys = 3 + int(command[2])
+        try:
+            return self.step(command[3:keys], command[keys:])
+        except _Fallback:
+            return await self.client.execute_command(*command)
+
+    async def close(self) -> None:
+        """Nothing of its own to close (the client is the store's)."""
+
+    def step(self, keys: tuple, argv: tuple) -> list:
+        """KEYS and ARGV as lua.SCREEN takes them; its reply, or _Fallback."""
+        count_key, record_key, banned_key, counted_key, _, stats_key = keys[:6]
+        ip, member = argv[0], argv[8]
+        try:
+            threshold, window = float(argv[1]), int(argv[2])
+        except ValueError:
+            raise _Fallback from None
+        injected, prune = argv[11] == b"1", argv[12] == b"1"
+        if window <= 0 or not math.isfinite(threshold):
+            raise _Fallback
+        server = self.server
+        with server.lock:
+            seconds = self.clock()
+            for db in server.dbs.values():
+                db.time = seconds  # as fakeredis does for each command (a script's: its start)
+            db = server.dbs[0]
+            now = round(seconds * 1_000_000) // 1000  # TIME, in ms, as the script reads it
+            banned = _zset(db, banned_key)
+            _zset(db, counted_key)  # of the right type (the script writes it on every path)
+            stats = _hash(db, stats_key)
+            _integer_field(stats, b"calls")
+            if injected:
+                _integer_field(stats, b"injections")
+            until = banned.get(ip) if banned is not None else None
+            if until is not None and not math.isfinite(until):
+                raise _Fallback  # Lua's tonumber reads no "inf"
+            if until is not None and until > now:
+                record = _hash(db, record_key)
+                _integer_field(record, b"count")
+                self._common(db, now, prune, injected, banned_key, counted_key, stats_key)
+                count = _hincrby(db, record_key, b"count")
+                _hset(db, record_key, b"last_seen", b"%d" % now)
+                return [b"BANNED", count, int(until), 0]
+            calls = _zset(db, count_key)
+            expired = _expired(calls, now - window)
+            count = (len(calls) - len(expired)) if calls is not None else 0
+            if calls is None or member not in calls or member in expired:
+                count += 1
+            if count >= threshold:
+                raise _Fallback  # the ban: holds, ban list, event, record
+            self._common(db, now, prune, injected, banned_key, counted_key, stats_key)
+            _zrem(db, count_key, expired)
+            _zadd(db, count_key, float(now), member)
+            item = db.get(count_key)
+            item.expireat = seconds + window / 1000.0  # PEXPIRE, on the frozen time
+            db.schedule_expiry(count_key, item.expireat)
+            db.notify_watch(count_key)
+            _zadd(db, counted_key, float(now + window), ip)
+            return [b"COUNTED", count, 0, 0]
+
+    @staticmethod
+    def _common(db, now, prune, injected, banned_key, counted_key, stats_key) -> None:
+        """The script's first writes, on every path: the sweep (when asked), the counters."""
+        if prune:
+            for key in (banned_key, counted_key):
+                _zrem(db, key, _expired(_zset(db, key), now))
+        _hincrby(db, stats_key, b"calls")
+        if injected:
+            _hincrby(db, stats_key, b"injections")
+
+
+def _value(db: Database, key: bytes, model: type) -> Any:
+    item = db.get(key)  # an expired key reads as missing (and goes), as in fakeredis
+    if item is None:
+        return None
+    if type(item.value) is not model:
+        raise _Fallback  # WRONGTYPE, or a fakeredis variant of the type: the script's answer
+    return item.value
+
+
+def _zset(db: Database, key: bytes) -> ZSet | None:
+    return _value(db, key, ZSet)
+
+
+def _hash(db: Database, key: bytes) -> Hash | None:
+    return _value(db, key, Hash)
+
+
+def _integer_field(values: Hash | None, field: bytes) -> None:
+    text = values.get(field) if values is not None else None
+    if text is not None and not _INTEGER.match(text):
+        raise _Fallback  # HINCRBY's "hash value is not an integer", or a near miss
+
+
+def _expired(values: ZSet | None, upto: int) -> list[bytes]:
+    """ZREMRANGEBYSCORE key -inf upto: the members it removes, lowest first."""
+    if values is None:
+        return []
+    out = []
+    for score, member in values.islice_score(0, len(values)):
+        if score > upto:
+            break
+        out.append(member)
+    return out
+
+
+def _zrem(db: Database, key: bytes, members: list[bytes]) -> None:
+    """Remove these members; an emptied key goes, with its expiry (fakeredis's writeback)."""
+    if not members:
+        return
+    values = db[key].value
+    for member in members:
+        values.discard(member)
+    db.notify_watch(key)
+    if not len(values):
+        db.pop(key, None)
+
+
+def _zadd(db: Database, key: bytes, score: float, member: bytes) -> None:
+    item = db.get(key)
+    if item is None:
+        item = Item(ZSet())
+        db[key] = item
+    if item.value.add(member, score):
+        db.notify_watch(key)
+
+
+def _hash_item(db: Database, key: bytes) -> Item:
+    item = db.get(key)
+    if item is None:
+        item = Item(Hash())
+        db[key] = item
+    return item
+
+
+def _hincrby(db: Database, key: bytes, field: bytes) -> int:
+    values = _hash_item(db, key).value
+    count = int(values.get(field, b"0")) + 1
+    values.update({field: b"%d" % count}, clear_expiration=False)
+    db.notify_watch(key)
+    return count
+
+
+def _hset(db: Database, key: bytes, field: bytes, value: bytes) -> None:
+    _hash_item(db, key).value.update({field: value}, clear_expiration=True)
+    db.notify_watch(key)

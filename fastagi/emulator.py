@@ -4,7 +4,10 @@ exactly as res_agi does. `FakeAsterisk(asterisk=...)` says which one it plays (A
 Used by `fastagi-ctl simulate`, the tests and the bench, and importable by users'
 own tests. It writes the environment block byte for byte as captured from a real
 Asterisk 20.20.1 (shared/asterisk/agi-env-chan_sip.txt; PJSIP calls as Asterisk
-22.10.1 wrote them, asterisk22/agi-env-pjsip.raw.txt), decodes the dialed number
+22.10.1 wrote them, asterisk22/agi-env-pjsip.raw.txt), and writes it as res_agi
+does: one write(2) per `agi_xxx: value` line, then one for the empty line, on a
+socket without TCP_NODELAY, and one write per answer (a 520 block: three), so a
+server meets the same segments and Nagle waits as on a real PBX. It decodes the dialed number
 the way chan_sip does (so `%0A` becomes a raw LF in `agi_dnid`), splits AGI()
 arguments as Asterisk's app parser does, and answers commands like res_agi: GET
 (FULL) VARIABLE with channel functions, SET VARIABLE, EXEC Log and MSet, 510/511/520,
@@ -15,10 +18,13 @@ misuse a real Asterisk punishes (pipelined commands, CRLF).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
+import os
 import re
+import socket
 import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -128,8 +134,9 @@ def expand(text: str, variables: dict[str, str]) -> str:
     return re.sub(r"\$\{([^{}]*)\}", lambda m: variables.get(m.group(1), ""), text)
 
 
-def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
-    """The env block as res_agi writes it, in the two segments seen on the wire."""
+def environment_lines(call: Call, url: str, serial: int) -> list[bytes]:
+    """The env block as res_agi writes it: one `ast_agi_send` per line (launch_netscript
+    writes `agi_network` and `agi_network_script`, setup_env the rest), the empty line last."""
     script = url.split("/", 3)[3] if url.count("/") >= 3 else ""
     lines = [("agi_network", "yes")]
     if script:
@@ -151,9 +158,6 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
         ("agi_dnid", call.exten if call.dnid is None else call.dnid),
         ("agi_rdnis", call.rdnis),
         ("agi_context", call.context),
-    ]
-    first = "".join(f"{k}: {v}\n" for k, v in lines)
-    tail = [
         ("agi_extension", call.exten),
         ("agi_priority", str(call.priority)),
         ("agi_enhanced", "0.0"),
@@ -163,9 +167,58 @@ def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
     if call.agi_args:
         expanded = expand(call.agi_args, call.functions())
         for n, arg in enumerate(separate_args(expanded), start=1):
-            tail.append((f"agi_arg_{n}", arg))
-    second = "".join(f"{k}: {v}\n" for k, v in tail) + "\n"
-    return first.encode(), second.encode()
+            lines.append((f"agi_arg_{n}", arg))
+    return [f"{k}: {v}\n".encode() for k, v in lines] + [b"\n"]
+
+
+def environment_block(call: Call, url: str, serial: int) -> tuple[bytes, bytes]:
+    """The env block in the two TCP segments of the chan_sip capture (Nagle cut it after
+    `agi_context`; `environment_lines` is how it is written)."""
+    lines = environment_lines(call, url, serial)
+    cut = next(n for n, line in enumerate(lines) if line.startswith(b"agi_context: ")) + 1
+    return b"".join(lines[:cut]), b"".join(lines[cut:])
+
+
+class LineWriter:
+    """Writes to a connection as res_agi does (ast_agi_send -> ast_carefulwrite): one
+    write(2) per call, Nagle left on (Asterisk never sets TCP_NODELAY; asyncio and
+    uvloop set it on every TCP transport, and uvloop merges the writes of one loop turn
+    into one writev). Straight to the socket while the transport holds nothing back;
+    once the kernel's buffer was full, through the transport, so the order stays."""
+
+    def __init__(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self.fd = -1
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+                self.fd = sock.fileno()
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if self.fd >= 0 and not transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            try:
+                data = data[os.write(self.fd, data) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # reset or closed by the server: the read side sees it
+            if not data:
+                return
+        transport.write(data)  # type: ignore[attr-defined]
+
+    def write_answer(self, answer: str) -> None:
+        """One AGI answer: one write, a 520 block three (its head, the usage text, its end)."""
+        if answer.startswith("520-"):
+            head, rest = answer.split("\n", 1)
+            usage, end = rest[:-1].rsplit("\n", 1)
+            for part in (head, usage, end):
+                self.write(f"{part}\n".encode())
+        else:
+            self.write(answer.encode())
 
 
 def split_words(line: str) -> list[str]:
@@ -281,10 +334,9 @@ class FakeAsterisk:
         started = time.monotonic()
         serial = next(_channel_ids)
         result = CallResult(callid=f"C-{serial:08x}")
-        first, second = environment_block(call, url, serial)
-        writer.write(first)
-        await writer.drain()
-        writer.write(second)
+        lines = LineWriter(writer.transport)
+        for line in environment_lines(call, url, serial):
+            lines.write(line)
         await writer.drain()
         variables = dict(call.functions())
         dead = False
@@ -299,12 +351,12 @@ class FakeAsterisk:
                 if hangup_at is not None and not dead and time.monotonic() >= hangup_at:
                     dead = True
                     result.agistatus = "HANGUP"
-                    await self._write(writer, "HANGUP\n")
+                    await self._write(lines, "HANGUP\n")
                     continue
                 break
             except (asyncio.IncompleteReadError, ConnectionError):
                 # The server closed: AGISIGHUP=yes makes Asterisk write HANGUP, then close.
-                await self._write(writer, "HANGUP\n")
+                await self._write(lines, "HANGUP\n")
                 break
             if reader._buffer:  # a real Asterisk would not read these until the next write
                 result.pipelined += 1
@@ -314,26 +366,22 @@ class FakeAsterisk:
             result.commands.append(line)
             if line.lower().startswith("failure"):
                 result.agistatus = "FAILURE"
-                await self._write(writer, "HANGUP\n")
+                await self._write(lines, "HANGUP\n")
                 break
             answer = self._execute(line, call, variables, result, dead)
             if answer == "HANGUP-COMMAND":
                 dead = True
                 result.agistatus = "HANGUP"
-                await self._write(writer, "200 result=1\n")
-                await self._write(writer, "HANGUP\n")
+                await self._write(lines, "200 result=1\n")
+                await self._write(lines, "HANGUP\n")
                 continue
-            await self._write(writer, answer)
+            await self._write(lines, answer)
         result.seconds = time.monotonic() - started
         return result
 
     @staticmethod
-    async def _write(writer: asyncio.StreamWriter, text: str) -> None:
-        try:
-            writer.write(text.encode())
-            await writer.drain()
-        except (ConnectionError, RuntimeError):
-            pass
+    async def _write(lines: LineWriter, text: str) -> None:
+        lines.write_answer(text)
 
     def _execute(
         self, line: str, call: Call, variables: dict[str, str], result: CallResult, dead: bool

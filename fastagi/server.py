@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 from fastagi.access import key_matches
 from fastagi.addresses import AddressError, AddressSet, parse_address
-from fastagi.agi import MAX_LINE, AGIProtocolError, AGISession, Environment
+from fastagi.agi import (
+    MAX_LINE,
+    AGIProtocolError,
+    AGISession,
+    Environment,
+    SessionProtocol,
+    SessionReader,
+)
 from fastagi.screening import Outcome, Screener
 
 log = logging.getLogger("fastagi.server")
@@ -165,8 +172,12 @@ class FastAGIServer:
         self._waiting: dict[asyncio.StreamWriter, str] = {}
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
-        self._server = await asyncio.start_server(
-            self._accept, host, port, limit=MAX_LINE, backlog=1024, reuse_address=True
+        # asyncio.start_server, with a reader that wakes a session per line, not per segment.
+        def protocol() -> SessionProtocol:
+            return SessionProtocol(SessionReader(limit=MAX_LINE), self._accept)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, host, port, backlog=1024, reuse_address=True
         )
         return [s.getsockname()[:2] for s in self._server.sockets]
 

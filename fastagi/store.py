@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry  # the asyncio one: the sync Retry never retries a coroutine
@@ -31,7 +31,6 @@ from fastagi.config import RedisConfig, ScreeningConfig
 from fastagi.keys import Keys
 from fastagi.protect import Protected
 from fastagi.redis_cluster import ClusterClient, cluster_client
-from fastagi.redis_link import SharedLink
 
 log = logging.getLogger("fastagi.store")
 
@@ -54,6 +53,16 @@ RESTORED_HOLD = "restored"
 AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
+
+
+class Link(Protocol):
+    """Where the screening step's EVALSHA goes instead of the client: one shared
+    connection (redis_link.SharedLink), or the embedded store's Python step
+    (embedded.NativeScreen)."""
+
+    async def execute(self, *args: Any) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
 class StoreError(Exception):
@@ -296,7 +305,7 @@ class Store:
         policy: Policy,
         pbx_id: str,
         wait: tuple[int, float] | None = None,
-        link: SharedLink | None = None,
+        link: Link | None = None,
         clock: Callable[[], float] = time.time,
         protected: Protected | None = None,
     ) -> None:

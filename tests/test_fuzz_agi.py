@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastagi.addresses import parse_address
-from fastagi.agi import MAX_LINE
-from fastagi.emulator import Call, environment_block
+from fastagi.agi import MAX_LINE, SessionReader
+from fastagi.emulator import Call, environment_block, environment_lines
 from fuzz.harness import (
     CALLERS,
     FORGED,
@@ -356,6 +356,45 @@ def test_emulator_blocks_with_forged_lines_over_sockets():
     assert {r.variables.get("SCREEN_RESULT") for r in results} <= {"COUNTED", "BANNED"}
     assert all("203.0.113.9" not in k for k in keys)
     assert environment_block(Call(), "agi://h/screen", 1)[1].endswith(b"\n\n")
+
+
+class _CountingReader(SessionReader):
+    """Counts how often a waiting read was woken."""
+
+    wakeups = 0
+
+    async def _wait_for_data(self, func_name: str) -> None:
+        await super()._wait_for_data(func_name)
+        self.wakeups += 1
+
+
+@given(cuts=st.lists(st.integers(1, 40), min_size=1, max_size=200))
+def test_session_reader_takes_the_block_in_any_segments_waking_once(cuts):
+    """However Nagle cuts the line-by-line env block (a segment per line, per byte, the
+    empty line alone), the reader returns exactly the block and the next line, and
+    wakes the session once for each, not once per segment."""
+    lines = environment_lines(Call(agi_args="a,b"), "agi://h/screen", 1)
+    block = b"".join(lines)
+    wire = block + b"200 result=1 (x)\n"
+
+    async def main():
+        reader = _CountingReader(limit=MAX_LINE)
+        got = asyncio.ensure_future(reader.readuntil(b"\n\n"))
+        position, n = 0, 0
+        while position < len(wire):
+            size = cuts[n % len(cuts)]
+            await asyncio.sleep(0)
+            reader.feed_data(wire[position : position + size])
+            position, n = position + size, n + 1
+        first = await got
+        woken = reader.wakeups
+        second = await reader.readuntil(b"\n")
+        return first, woken, second, reader.wakeups - woken
+
+    first, woken, second, woken_after = asyncio.run(main())
+    assert first == block
+    assert second == b"200 result=1 (x)\n"
+    assert woken <= 1 and woken_after <= 1
 
 
 # -- atheris (coverage-guided) ----------------------------------------------------------

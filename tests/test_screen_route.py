@@ -358,3 +358,57 @@ def test_an_asterisk_without_mset_still_gets_every_variable(monkeypatch):
         ["EXEC", "MSet"],
         *[["SET", "VARIABLE"]] * 5,
     ]
+
+
+def test_emulator_writes_like_res_agi_one_write_per_line_and_answer_nagle_on(monkeypatch):
+    """res_agi's ast_agi_send: one write(2) per env line, per answer, per part of a 520
+    block, on a socket without TCP_NODELAY (Asterisk never sets it)."""
+    writes: list[bytes] = []
+    nodelay: list[int] = []
+    real_write = emulator.os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        if fd == sockets[0]:
+            writes.append(bytes(data))
+        return real_write(fd, data)
+
+    sockets: list[int] = []
+    real_init = emulator.LineWriter.__init__
+
+    def init(self, transport):
+        real_init(self, transport)
+        sockets.append(self.fd)
+        sock = transport.get_extra_info("socket")
+        nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(emulator.os, "write", spy)
+    monkeypatch.setattr(emulator.LineWriter, "__init__", init)
+
+    async def main():
+        async def server(reader, writer):
+            await reader.readuntil(b"\n\n")
+            writer.write(b"GET VARIABLE\n")  # no name: a 520 usage block
+            await reader.readuntil(b"520 End of proper usage.\n")
+            writer.write(b"NOOP\n")
+            await reader.readuntil(b"\n")
+            writer.close()
+
+        listener = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener:
+            return await FakeAsterisk(hold_limit=5).call(f"agi://127.0.0.1:{port}/screen", call)
+
+    call = Call(source="198.51.100.6", agi_args=SEED_ARGS, uniqueid="1795557632.50")
+    asyncio.run(main())
+    env = emulator.environment_lines(call, "agi://127.0.0.1:0/screen", 0)
+    assert nodelay == [0]
+    assert len(writes) == len(env) + 5
+    assert [w.split(b":")[0] for w in writes[: len(env)]] == [w.split(b":")[0] for w in env]
+    assert writes[len(env) - 1] == b"\n"
+    assert writes[len(env) :] == [
+        b"520-Invalid command syntax.  Proper usage follows:\n",
+        b"\n".join(line.encode() for line in emulator.USAGE["GET VARIABLE"]) + b"\n",
+        b"520 End of proper usage.\n",
+        b"200 result=0\n",
+        b"HANGUP\n",
+    ]
