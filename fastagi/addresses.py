@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -83,6 +84,10 @@ def parse_target(text: str) -> IPNetwork:
     IPv4-mapped target is folded to IPv4, as `parse_address` folds addresses."""
     candidate = text.strip()
     if "/" not in candidate:
+        try:  # the common case (an agent reads 100,000 at a reconcile): 3x faster
+            return ipaddress.IPv4Network(socket.inet_pton(socket.AF_INET, candidate))
+        except (OSError, ValueError):  # not dotted IPv4 (a NUL or non-ASCII: ValueError)
+            pass
         return ipaddress.ip_network(parse_address(candidate))
     try:
         network = ipaddress.ip_network(candidate, strict=True)
@@ -170,7 +175,10 @@ class AddressSet:
     def overlaps_range(self, version: int, first: int, last: int) -> bool:
         """Does any network overlap the addresses first..last (as integers)? The
         per-call form of `network in self`, without building a network."""
-        return any(v == version and lo <= last and first <= hi for v, lo, hi in self._ranges)
+        for v, lo, hi in self._ranges:  # noqa: SIM110 - no generator per question: faster
+            if v == version and lo <= last and first <= hi:
+                return True
+        return False
 
     @classmethod
     def parse(cls, entries: Iterable[str]) -> AddressSet:
@@ -180,8 +188,10 @@ class AddressSet:
         """An address inside one of the networks; a network (a ban target) that overlaps
         one: banning it would also cut off the listed addresses."""
         if isinstance(item, ipaddress.IPv4Network | ipaddress.IPv6Network):
-            item = _unmapped(item)
-            return any(overlaps(item, network) for network in self._match)
+            item = _unmapped(item)  # then as integers: an agent asks for each of 100,000
+            first = int(item.network_address)
+            last = first | (1 << item.max_prefixlen - item.prefixlen) - 1
+            return self.overlaps_range(item.version, first, last)
         if isinstance(item, ipaddress.IPv6Address) and item.ipv4_mapped is not None:
             item = item.ipv4_mapped
         return any(item in network for network in self._match)

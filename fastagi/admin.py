@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,8 +44,9 @@ class UsageError(Exception):
 
 
 @contextlib.asynccontextmanager
-async def client_store(config: Config):
-    """The store as seen by ban/unban/status: Redis, or a running embedded service."""
+async def client_store(config: Config, timeout: float | None = None):
+    """The store as seen by ban/unban/status: Redis, or a running embedded service.
+    `timeout`: seconds per command instead of `redis.timeout` (a big import's)."""
     if config.redis.url.startswith("memory://"):
         try:
             path = client_socket(config.runtime_dir())
@@ -56,9 +58,10 @@ async def client_store(config: Config):
             ) from None
         import redis.asyncio as aioredis
 
-        client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=2)
+        client = aioredis.Redis(unix_socket_path=str(path), socket_timeout=timeout or 2)
     else:
-        client = redis_client(config.redis)
+        redis = replace(config.redis, timeout=timeout) if timeout else config.redis
+        client = redis_client(redis)
     store = make_store(config, client)
     try:
         yield store
@@ -227,6 +230,8 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             else:
                 ok = await _check_shared_redis(store) and ok
             protected = await protected_set(config, store)
+            if config.intel.feed:
+                _check_feeds(config, await store.feed_states(), store.now())
     except StoreError as error:
         ok = False
         print(f"FAIL store: {too_old(error, redacted(config.redis.url)) or error}")
@@ -247,6 +252,8 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             print(
                 f"{'ok  ' if result.ok else 'FAIL'} firewall {firewall.name}: {result.what}{detail}"
             )
+    if config.screening.geoip_db:
+        ok = _check_geoip(config) and ok
     if config.auth.enabled:
         from fastagi.auth import check_ami
 
@@ -254,6 +261,45 @@ async def cmd_check(args: argparse.Namespace, config: Config) -> int:
             ok = ok and passed
             print(f"{'ok  ' if passed else 'FAIL'} auth: {line}")
     return 0 if ok else 1
+
+
+def _check_feeds(config: Config, states: dict[str, dict[str, Any]], now: float) -> None:
+    """Each configured feed and its last refresh (a failing one is a warning: its last
+    list stays held until its holds end)."""
+    for spec in config.intel.feed:
+        state = states.get(spec.name, {})
+        every = f"{spec.where}, every {spec.refresh:g}s"
+        if state.get("error"):
+            print(f"warn feeds: {spec.name} ({every}): last refresh failed: {state['error']}")
+        elif isinstance(state.get("time"), int | float):
+            entries, ago = state.get("entries", 0), now - state["time"]
+            print(f"ok   feeds: {spec.name} ({every}): {entries} entries, {ago:.0f}s ago")
+        else:
+            print(f"ok   feeds: {spec.name} ({every}): not refreshed yet")
+
+
+def _check_geoip(config: Config) -> bool:
+    """The country database opens: else one line, and screening runs without country
+    rules (the service says the same at start)."""
+    from fastagi.geo import CountryRules, GeoDB, GeoError
+
+    try:
+        db = GeoDB(config.screening.geoip_db)
+    except GeoError as error:
+        print(f"FAIL geoip: {error}: screening runs without country rules")
+        return False
+    rules = CountryRules.from_config(config.screening)
+    parts = [
+        f"deny {' '.join(sorted(rules.deny))}" if rules.deny else "",
+        f"allow {' '.join(sorted(rules.allow))} (others: threshold {rules.other_threshold})"
+        if rules.allow
+        else "",
+        " ".join(f"{code}={n}" for code, n in sorted(rules.thresholds.items())),
+    ]
+    shown = "; ".join(part for part in parts if part) or "no country rules"
+    print(f"ok   geoip: {db.describe()}: {shown}")
+    db.close()
+    return True
 
 
 def _check_embedded_state(state: dict[str, str]) -> None:

@@ -310,6 +310,11 @@ class Agent:
         deletes: set[IPNetwork] = set()
         for event_id, fields in events:
             self.last_id = event_id
+            if fields.get("op") == "sync":
+                # a bulk change (a blocklist of 100,000) came without an event per ban:
+                # reconcile once, one firewall transaction, before the next events
+                self._full_due = True
+                continue
             try:
                 op, target, until = parse_event(fields)
             except BadEntry as error:

@@ -18,6 +18,7 @@ from fastagi.addresses import AddressError
 from fastagi.admin import UsageError, cmd_ban, cmd_check, cmd_simulate, cmd_unban
 from fastagi.config import Config, ConfigError
 from fastagi.embedded import EmbeddedError, UnsafeRuntimeDir
+from fastagi.feeds import cmd_import
 from fastagi.protect import ProtectedError
 from fastagi.service import ServiceUsageError, cmd_agent, cmd_serve, cmd_watch, run_service
 from fastagi.status import cmd_status
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="apply the shared ban list to this host's firewall")
     agent.add_argument("--redis", metavar="URL")
     agent.add_argument("--firewall", metavar="BACKEND")
+    agent.add_argument(
+        "--teardown",
+        action="store_true",
+        help="remove this host's fastagi firewall objects and their bans, then exit",
+    )
     agent.set_defaults(func=cmd_agent)
 
     watch = sub.add_parser(
@@ -76,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("ip", nargs="?")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+    feed = sub.add_parser(
+        "import", help="hold every address/CIDR of a blocklist (APIBan JSON, a text list)"
+    )
+    feed.add_argument("source", help="http(s):// URL or file")
+    feed.add_argument("--name", help="the feed's name (hold feed:NAME); a configured one's rules")
+    feed.add_argument("--format", choices=["apiban", "plain"], help="default: from the content")
+    feed.add_argument(
+        "--for", dest="duration", metavar="DURATION", help="how long to hold (default 1d)"
+    )
+    feed.set_defaults(func=cmd_import)
 
     check = sub.add_parser("check", help="config, Redis, firewall: what works and what not")
     check.set_defaults(func=cmd_check)

@@ -126,6 +126,29 @@ def _protect(value: Any) -> tuple[str, ...]:
     return entries
 
 
+def _countries(value: Any) -> tuple[str, ...]:
+    """Two-letter country codes (`["CN", "RU"]`), upper-cased."""
+    from fastagi.geo import country_code
+
+    return tuple(dict.fromkeys(country_code(code) for code in _string_list(value)))
+
+
+def _country_thresholds(value: Any) -> dict[str, int]:
+    """`{ CN = 2, US = 10 }`: a threshold of its own for each country named."""
+    from fastagi.geo import country_code
+
+    if not isinstance(value, dict):
+        raise ValueError("expected a table of country code = threshold ({ CN = 2 })")
+    parse = _whole(1, 1_000_000)
+    out: dict[str, int] = {}
+    for code, threshold in value.items():
+        try:
+            out[country_code(code)] = parse(threshold)
+        except ValueError as error:
+            raise ValueError(f"{code}: {error}") from None
+    return out
+
+
 def _string_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [part for part in value.split(",") if part.strip()]
@@ -306,6 +329,13 @@ def _auth_events(value: Any) -> tuple[str, ...]:
     return events
 
 
+def _feeds(value: Any) -> tuple[Any, ...]:
+    """`[[intel.feed]]` entries (feeds.py reads them)."""
+    from fastagi.feeds import parse_feeds
+
+    return parse_feeds(value)
+
+
 # section -> key -> (parser, default)
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "server": {
@@ -346,6 +376,13 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # prefixes inside it are banned at the same time (escalate.py).
         "escalate_prefix": (_escalate_prefix, 0),
         "escalate_after": (_whole(2, 1_000_000), 4),
+        # Countries (geo.py): a MaxMind-format .mmdb the admin provides (GeoLite2-Country,
+        # DB-IP Lite); empty: no country rules.
+        "geoip_db": (_string, ""),
+        "deny_countries": (_countries, []),  # banned at the first guest call
+        "allow_countries": (_countries, []),  # if set: every other country gets ...
+        "other_countries_threshold": (_whole(1, 1_000_000), 1),  # ... this (1: at once)
+        "country_thresholds": (_country_thresholds, {}),  # { CN = 2 }: a country's own
     },
     "redis": {
         "url": (_redis_url, "memory://"),
@@ -371,6 +408,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     },
     "metrics": {
         "listen": (_listen_or_empty, ""),
+        # `fastagi-ctl agent`'s own /metrics: serve and agent read one config on a PBX, so
+        # one address for both would leave the second unable to start.
+        "agent_listen": (_listen_or_empty, ""),
         # The status page at / of that listener (web.py): "loopback" serves it only when
         # `listen` is a loopback address, so exposing /metrics does not expose it.
         "status_page": (_status_page, "loopback"),
@@ -390,6 +430,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "threshold": (_whole(1, 1_000_000), 5),
         "window": (parse_duration, "10m"),
         "ban_time": (parse_duration, "1h"),
+    },
+    # Blocklists in (feeds.py): [[intel.feed]] name, url or file, format, refresh, timeout.
+    "intel": {
+        "feed": (_feeds, []),
     },
 }
 
@@ -423,6 +467,11 @@ class ScreeningConfig:
     ipv6_prefix: int = 64
     escalate_prefix: int = 0
     escalate_after: int = 4
+    geoip_db: str = ""
+    deny_countries: tuple[str, ...] = ()
+    allow_countries: tuple[str, ...] = ()
+    other_countries_threshold: int = 1
+    country_thresholds: dict[str, int] = field(default_factory=dict)
 
     def prefixes(self) -> Prefixes:
         return Prefixes(self.ipv4_prefix, self.ipv6_prefix)
@@ -455,6 +504,7 @@ class FirewallConfig:
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str
+    agent_listen: str = ""
     status_page: str = "loopback"
 
 
@@ -473,6 +523,11 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class IntelConfig:
+    feed: tuple[Any, ...] = ()  # feeds.FeedSpec, one per [[intel.feed]]
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     screening: ScreeningConfig
@@ -480,6 +535,7 @@ class Config:
     firewall: FirewallConfig
     metrics: MetricsConfig
     auth: AuthConfig = field(default_factory=AuthConfig)
+    intel: IntelConfig = field(default_factory=IntelConfig)
     source: str = field(default="built-in defaults")
 
     def runtime_dir(self) -> Path:
@@ -520,6 +576,7 @@ _SECTIONS = {
     "firewall": FirewallConfig,
     "metrics": MetricsConfig,
     "auth": AuthConfig,
+    "intel": IntelConfig,
 }
 
 
@@ -603,6 +660,7 @@ def _check_together(config: Config) -> None:
             "screening.escalate_prefix: must be shorter than screening.ipv6_prefix "
             f"({screening.escalate_prefix} >= {screening.ipv6_prefix})"
         )
+    _check_countries(screening)
     if config.redis.timeout >= config.server.session_timeout:
         raise ConfigError("redis.timeout: must be shorter than server.session_timeout")
     if config.redis.cluster:
@@ -611,6 +669,24 @@ def _check_together(config: Config) -> None:
         raise ConfigError("auth.ban_time: must not be longer than screening.ban_time_max")
     if config.auth.enabled:
         _check_auth(config.auth)
+
+
+def _check_countries(screening: ScreeningConfig) -> None:
+    """Country rules need a database, and a country in two rules is a contradiction."""
+    rules = {
+        "deny_countries": set(screening.deny_countries),
+        "allow_countries": set(screening.allow_countries),
+        "country_thresholds": set(screening.country_thresholds),
+    }
+    named = [name for name, codes in rules.items() if codes]
+    if named and not screening.geoip_db:
+        raise ConfigError(f"screening.{named[0]}: needs screening.geoip_db (a .mmdb file)")
+    for first, second in (
+        ("deny_countries", "allow_countries"),
+        ("deny_countries", "country_thresholds"),
+    ):
+        if both := sorted(rules[first] & rules[second]):
+            raise ConfigError(f"screening.{first}: {', '.join(both)} also in screening.{second}")
 
 
 def _check_auth(auth: AuthConfig) -> None:

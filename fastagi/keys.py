@@ -109,3 +109,14 @@ class Keys:
     def auth_counted(self) -> str:
         """Sorted set: ip -> end of its current `[auth]` window (ms), for `status`."""
         return f"{self.base}auth:counted"
+
+    @property
+    def feeds(self) -> str:
+        """Hash: feed name -> JSON of its last refresh (when, entries, held until, the
+        last error), for `status` (feeds.py)."""
+        return f"{self.base}feeds"
+
+    def feed_lock(self, name: str) -> str:
+        """String, expiring: the PBX refreshing this feed now, so a cluster fetches each
+        feed once per refresh, not once per PBX."""
+        return f"{self.base}feed-lock:{name}"

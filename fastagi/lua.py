@@ -65,6 +65,7 @@ local function keep_record(k, top, history)
 end
 
 -- The ban list, the hash's expiry and the event follow the longest hold, when it changed.
+-- No `k.events`: no event (a bulk import sends one `sync` event for the whole batch).
 local function publish(k, target, old_top, top, why, pbx, maxlen)
   if top == old_top then return end
   if top == 0 then
@@ -77,8 +78,10 @@ local function publish(k, target, old_top, top, why, pbx, maxlen)
   end
   redis.call('ZADD', k.banned, int(top), target)
   redis.call('PEXPIREAT', k.holds, int(top))
-  redis.call('XADD', k.events, 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', target,
-             'until', int(top), 'pbx_id', pbx, 'reason', why)
+  if k.events then
+    redis.call('XADD', k.events, 'MAXLEN', '~', maxlen, '*', 'op', 'ban', 'ip', target,
+               'until', int(top), 'pbx_id', pbx, 'reason', why)
+  end
 end
 
 -- duration 0 means "escalate": ban_time * factor ^ previous bans, capped at ban_max.
@@ -101,14 +104,15 @@ end
 
 -- Place (or lengthen: never shorten) `source`'s hold on `target` until `hold_end`.
 -- `counts`: a new ban, recorded as such (previous bans + 1, stats); a restore is not.
--- Returns {the target's ban end, this source's hold end, 1 if the hold was placed}.
+-- Returns {the target's ban end, this source's hold end, 1 if the hold was placed, the
+-- ban end before (0: not banned)}.
 local function place_hold(k, target, source, hold_end, reason, pbx, counts, count, maxlen,
                           history)
   local holds = read_holds(k, target)
   local old_top = longest(holds)
   local mine = holds[source]
   if hold_end <= now or (mine and mine[1] >= hold_end) then
-    return {old_top, mine and mine[1] or 0, 0}
+    return {old_top, mine and mine[1] or 0, 0, old_top}
   end
   holds[source] = {hold_end, reason}
   redis.call('HSET', k.holds, source, int(hold_end) .. ' ' .. reason)
@@ -127,7 +131,7 @@ local function place_hold(k, target, source, hold_end, reason, pbx, counts, coun
   redis.call('HSETNX', k.record, 'first_seen', int(now))
   redis.call('HDEL', k.record, 'unbanned_at')
   keep_record(k, top, history)
-  return {top, hold_end, 1}
+  return {top, hold_end, 1, old_top}
 end
 """
 
@@ -140,7 +144,8 @@ _COMMON = _CLOCK + _HOLDS
 #       history_ms, injected (1: the session had stray lines, counted in stats for
 #       `status`), prune (1: drop expired entries from the ban and counted lists; every
 #       reader skips them, so this is housekeeping the caller asks for on some steps only,
-#       keeping the common step short)
+#       keeping the common step short), country (the caller's, '' unknown: written to the
+#       record when this call bans)
 # Returns {result, count, ban_until_ms, new_ban (1 when this call made the ban)}
 SCREEN = (
     _CLOCK
@@ -177,6 +182,7 @@ if count >= threshold then
                          tonumber(ARGV[11]))[1]
   redis.call('DEL', KEYS[1])
   redis.call('ZREM', KEYS[4], ip)
+  if ARGV[14] and ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 'country', ARGV[14]) end
   return {'BANNED', count, ban_until, 1}
 end
 redis.call('ZADD', KEYS[4], int(now + window), ip)
@@ -321,5 +327,37 @@ ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, failure
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[4], ip)
 return {'BANNED', failures, ban_until, 1}
+"""
+)
+
+# A chunk of a blocklist feed (feeds.py): each target gets the feed's hold (source
+# `feed:<name>`) until one refresh later, through the same place_hold as every ban (never
+# shortening, the ban list and records following the longest hold). Not a new ban for
+# escalation or the totals. `publish` 0: no event per target; the caller sends one `sync`
+# event after the whole batch, and agents reconcile once (one firewall transaction)
+# instead of applying 100,000 events.
+# KEYS: banned, events, stats, then record_1, holds_1, record_2, holds_2, ...
+# ARGV: pbx_id, events_maxlen, history_ms, source, reason, until_ms, publish, target_1, ...
+# Returns {holds placed or lengthened, bans started (targets not banned before)}
+FEED = (
+    _COMMON
+    + """
+local events = nil
+if ARGV[7] == '1' then events = KEYS[2] end
+local placed, started, n = 0, 0, 3
+local hold_end = tonumber(ARGV[6])
+local history = tonumber(ARGV[3])
+for i = 8, #ARGV do
+  local k = {banned = KEYS[1], events = events, stats = KEYS[3], record = KEYS[n + 1],
+             holds = KEYS[n + 2]}
+  n = n + 2
+  local done = place_hold(k, ARGV[i], ARGV[4], hold_end, ARGV[5], ARGV[1], false, 0, ARGV[2],
+                          history)
+  if done[3] == 1 then
+    placed = placed + 1
+    if done[4] == 0 then started = started + 1 end
+  end
+end
+return {placed, started}
 """
 )

@@ -173,6 +173,33 @@ class Metrics(Observer, StepObserver):
             ["pbx_id", "reason"],
             registry=r,
         )
+        self.country_calls = Counter(
+            "fastagi_country_calls",
+            "Screened calls by the caller's country (screening.geoip_db; 'unknown': not in "
+            "the database) and whether the call made a ban (banned: 'yes' or 'no'); "
+            "two-letter codes only, so at most a few hundred series",
+            ["country", "banned"],
+            registry=r,
+        )
+        self.feed_entries = Gauge(
+            "fastagi_feed_entries",
+            "Entries of each blocklist feed held by its last refresh (feeds.py)",
+            ["feed"],
+            registry=r,
+        )
+        self.feed_skipped = Counter(
+            "fastagi_feed_entries_skipped",
+            "Feed entries not held, by feed and why (protected, junk, too wide, duplicate, "
+            "comment, blank)",
+            ["feed", "reason"],
+            registry=r,
+        )
+        self.feed_failures = Counter(
+            "fastagi_feed_failures",
+            "Feed refreshes that failed (the last good list stays held until it ends)",
+            ["feed"],
+            registry=r,
+        )
         self.agent_restarts = Counter(
             "fastagi_agent_restarts",
             "Times the agent task ended with an error and was started again",
@@ -227,6 +254,9 @@ class Metrics(Observer, StepObserver):
             self.bans_issued.inc()
         if outcome is not None and outcome.reason == "protected":
             self.protected_calls.inc()
+        if outcome is not None and outcome.country is not None:
+            banned = "yes" if outcome.new_ban else "no"
+            self.country_calls.labels(outcome.country or "unknown", banned).inc()
 
     def refused(self, why: str) -> None:
         self.refused_total.labels(why).inc()
@@ -255,6 +285,16 @@ class Metrics(Observer, StepObserver):
 
     def agent_restarted(self, pbx_id: str) -> None:
         self.agent_restarts.labels(pbx_id).inc()
+
+    # -- hooks for the feeds (feeds.py) ---------------------------------------------------
+
+    def feed_refreshed(self, feed: str, entries: int, skipped: Mapping[str, int]) -> None:
+        self.feed_entries.labels(feed).set(entries)
+        for reason, count in skipped.items():
+            self.feed_skipped.labels(feed, reason).inc(count)
+
+    def feed_failed(self, feed: str) -> None:
+        self.feed_failures.labels(feed).inc()
 
     # -- the endpoint ----------------------------------------------------------------
 

@@ -419,6 +419,8 @@ class Persister:
             events = self.client.xrange(stream, start, event, count=CATCH_UP_MAX + 1)
             if len(events) > CATCH_UP_MAX:
                 return False
+        if any(fields.get(b"op") == b"sync" for _, fields in events):
+            return False  # a bulk change (a blocklist, feeds.py) names no address
         targets = sorted({_text(fields[b"ip"]) for _, fields in events if b"ip" in fields})
         names = [
             ((pattern[:-1] + target if pattern.endswith("*") else pattern).encode(), kind)

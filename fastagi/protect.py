@@ -107,7 +107,8 @@ def _span(target: IPAddress | IPNetwork) -> tuple[int, int, int]:
     if isinstance(target, ipaddress.IPv4Address | ipaddress.IPv6Address):
         number = int(target)
         return target.version, number, number
-    return target.version, int(target.network_address), int(target.broadcast_address)
+    first = int(target.network_address)  # the last by arithmetic: broadcast_address makes
+    return target.version, first, first | (1 << target.max_prefixlen - target.prefixlen) - 1
 
 
 class _Index:

@@ -29,6 +29,7 @@ from fastagi.addresses import (
 )
 from fastagi.agi import AGISession, Environment
 from fastagi.escalate import Escalation
+from fastagi.geo import Countries
 from fastagi.protect import OnceLog, Protected, counted_as
 from fastagi.store import Store, StoreError
 
@@ -58,6 +59,7 @@ class Outcome:
     new_ban: bool = False  # this call hit the threshold: the ban was issued here
     reason: str = ""  # why IGNORED: "ignore" or "protected" (SCREEN_REASON)
     target: str = ""  # what was counted and banned: the caller's prefix ("2001:db8::/64")
+    country: str | None = None  # the caller's (geo.py; "" unknown), None: no database
     # SCREEN_COUNTED: "yes", "no" (certainly not: ignored, or no address), or "unknown"
     # (the store step failed or ran out of time: its script may still run in Redis).
     counted: str = "no"
@@ -125,6 +127,7 @@ class Screener:
         protected: Protected | None = None,
         prefixes: Prefixes | None = None,
         escalation: Escalation | None = None,
+        countries: Countries | None = None,
         notice_by: str = "dialplan",
     ) -> None:
         self.store = store
@@ -137,6 +140,7 @@ class Screener:
         self._protected_logged = OnceLog()
         self.prefixes = prefixes or Prefixes()
         self.escalation = escalation or Escalation()
+        self.countries = countries
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         try:
@@ -178,7 +182,10 @@ class Screener:
             except (ConnectionError, OSError) as error:
                 lost = error
         target = counted_as(address, self.prefixes, self.ignore, self.protected)
-        outcome = await self._count(target, session.injected)
+        country, threshold = None, None
+        if self.countries is not None:
+            country, threshold = self.countries.rule(address)
+        outcome = await self._count(target, session.injected, threshold, country or "")
         if outcome.new_ban and self.escalation.prefix:
             await self._escalate(parse_target(target), outcome.ban_until or 0.0)
         if lost is not None:
@@ -193,6 +200,7 @@ class Screener:
                 outcome.notice = ip
         outcome.address = address
         outcome.target = target
+        outcome.country = country
         return outcome
 
     async def _escalate(self, network: IPNetwork, until: float) -> None:
@@ -203,11 +211,11 @@ class Screener:
         except (StoreError, TimeoutError) as error:
             log.error("escalation after the ban of %s failed: %s", target_text(network), error)
 
-    async def _count(self, ip: str, injected: bool) -> Outcome:
+    async def _count(self, ip: str, injected: bool, threshold: int | None, country: str) -> Outcome:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.redis_budget):
-                verdict = await self.store.screen(ip, injected=injected)
+                verdict = await self.store.screen(ip, injected, threshold, country)
                 self.observer.store_step(time.perf_counter() - started)
         except (StoreError, TimeoutError) as error:
             reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"

@@ -335,10 +335,11 @@ class FastAGIServer:
         if outcome.new_ban and outcome.address is not None:
             # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(
-                "%s banned until %d (count %s)",
+                "%s banned until %d (count %s%s)",
                 outcome.target or outcome.address,
                 int(outcome.ban_until or 0),
                 outcome.count,
+                f", country {outcome.country}" if outcome.country else "",
             )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from fastagi.store import (
 
 if TYPE_CHECKING:
     from fastagi.auth import AuthWatcher
+    from fastagi.feeds import FeedRunner
     from fastagi.firewall import Firewall
     from fastagi.server import FastAGIServer
 
@@ -173,6 +175,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
     The Redis step gets at most half of a session and three `redis.timeout`s, so a
     slow Redis still leaves time to answer Asterisk."""
     from fastagi.escalate import Escalation
+    from fastagi.geo import Countries
     from fastagi.screening import Screener
     from fastagi.server import FastAGIServer
 
@@ -188,6 +191,7 @@ def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGISer
         protected=store.protected,
         prefixes=screening.prefixes(),
         escalation=Escalation(screening.escalate_prefix, screening.escalate_after),
+        countries=Countries.from_config(screening),
         notice_by=screening.notice_by,
     )
     return FastAGIServer(
@@ -258,23 +262,25 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     store, embedded = await open_service_store(config)
     try:
         pages = web.pages(store, config) if config.metrics.listen else None
-        metrics = await service_metrics.start(config.metrics.listen, store, pages)
-    except OSError as error:
+        metrics = await start_metrics("listen", config.metrics.listen, store, pages)
+    except ServiceUsageError:
         await store.close()
         if embedded is not None:
             embedded.stop()
-        raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+        raise
     server_cfg = config.server
     server = make_server(config, store, metrics)
     protected = store.protected
     assert protected is not None
     protected.discover = store.nodes  # the nodes behind a Sentinel or Cluster, if any
-    agent = watcher = None
+    agent = watcher = feeds = None
     try:
         await protected.start()
         bound = await server.start(*server_cfg.listen)
         if firewall is not None:
             agent = await _start_agent(config, store, firewall, protected)
+        if config.intel.feed:
+            feeds = start_feeds(config, store, protected, metrics, embedded is not None)
         if config.auth.enabled:
             watcher = start_watcher(config, store, metrics)
         where = ", ".join(f"{h}:{p}" for h, p in bound)
@@ -289,6 +295,8 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         await _until_signalled()
     finally:
         await server.stop()
+        if feeds is not None:
+            await feeds.stop()
         await stop_watcher(watcher)
         await _stop_agent(agent)
         await protected.stop()
@@ -298,6 +306,36 @@ async def cmd_serve(args: argparse.Namespace, config: Config) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def start_feeds(
+    config: Config, store: Store, protected: Protected, metrics: Any, embedded: bool
+) -> FeedRunner:
+    """The `[[intel.feed]]` refreshes (feeds.py), as tasks of this loop on `store`."""
+    from fastagi.feeds import FeedRunner
+
+    runner = FeedRunner(store, protected, config.intel.feed, embedded, metrics)
+    runner.start()
+    return runner
+
+
+async def start_metrics(
+    key: str, listen: str, store: Store | None, pages: Mapping[str, Any] | None = None
+) -> Any:
+    """This role's /metrics on `[metrics] <key>` (None when empty). An address already
+    taken is a configuration error (exit 2, one line): restarting the unit cannot free
+    it, and on a PBX it is usually the other role's (serve: `listen`, agent:
+    `agent_listen`)."""
+    try:
+        return await service_metrics.start(listen, store, pages)
+    except OSError as error:
+        hint = ""
+        if error.errno == errno.EADDRINUSE:
+            hint = " (serve and agent on one host need one each: listen, agent_listen)"
+        # asyncio's strerror repeats the address: the C library's text is enough
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        message = f"metrics.{key}: cannot listen on {listen}: {reason}{hint}"
+        raise ServiceUsageError(message) from None
 
 
 def start_watcher(config: Config, store: Store, metrics: Any) -> tuple[AuthWatcher, asyncio.Task]:
@@ -319,7 +357,6 @@ async def stop_watcher(running: tuple[AuthWatcher, asyncio.Task] | None) -> None
 async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
     """The watcher alone, for a PBX whose FastAGI service runs elsewhere (or not at
     all): counts into the shared Redis, or into a running embedded service."""
-    from fastagi import metrics as service_metrics
     from fastagi.admin import client_store
     from fastagi.config import ConfigError
 
@@ -327,10 +364,7 @@ async def cmd_watch(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("auth.enabled: watch needs [auth] enabled = true and its AMI user")
     _setup_logging()
     async with client_store(config) as store:
-        try:
-            metrics = await service_metrics.start(config.metrics.listen, None)
-        except OSError as error:
-            raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+        metrics = await start_metrics("listen", config.metrics.listen, None)
         watcher = start_watcher(config, store, metrics)
         try:
             await _until_signalled()
@@ -395,6 +429,24 @@ async def _claimed_firewall(config: Config) -> Firewall:
     return firewall
 
 
+async def teardown_firewall(config: Config) -> int:
+    """`agent --teardown`: this host's chain/table/sets of `firewall.chain` and their bans
+    removed, for leaving for good (before the package is purged: the bans outlive a
+    stopped agent by design). Only objects fastagi-screen made: one of that name made by
+    someone else is refused (exit 2, one line), as at start; no store is needed."""
+    from fastagi.firewall import FirewallConflict, FirewallError, create
+
+    _setup_logging()
+    firewall = create(config.firewall.settings())
+    try:
+        await asyncio.to_thread(firewall.teardown)
+    except FirewallConflict as error:
+        raise ServiceUsageError(str(error)) from None
+    except FirewallError as error:
+        raise OSError(f"firewall {config.firewall.backend}: {error}") from None
+    return 0
+
+
 async def _start_agent(
     config: Config,
     store: Store | None,
@@ -445,16 +497,17 @@ async def _stop_agent(running: tuple[Agent, asyncio.Task, Store | None] | None) 
 
 
 async def cmd_agent(args: argparse.Namespace, config: Config) -> int:
+    if args.teardown:
+        return await teardown_firewall(config)
     if config.redis.url.startswith("memory://"):
         raise ServiceUsageError(
             "agent needs a shared Redis ([redis] url); with memory:// use serve"
         )
     _setup_logging()
     firewall = await _claimed_firewall(config)
-    try:
-        metrics = await service_metrics.start(config.metrics.listen, None)
-    except OSError as error:
-        raise OSError(f"[metrics] listen {config.metrics.listen}: {error.strerror}") from None
+    metrics = await start_metrics("agent_listen", config.metrics.agent_listen, None)
+    if metrics is None and config.metrics.listen:
+        log.info("agent: no /metrics of its own ([metrics] agent_listen empty, listen is serve's)")
     protected = Protected.from_config(config)
     await protected.start()
     try:

@@ -12,6 +12,7 @@ from typing import Any
 from fastagi.addresses import parse_target, target_text
 from fastagi.admin import cli_target, client_store, holding, printable, protected_set, when
 from fastagi.config import Config, redacted
+from fastagi.geo import open_db, target_country
 from fastagi.protect import Protected
 from fastagi.store import Store, heartbeat_age
 
@@ -33,6 +34,7 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         for pbx, info in sorted(agents.items())
         if "unreadable" in info
     ]
+    geo = open_db(config.screening.geoip_db)
     for ip, record in zip(banned, records, strict=True):
         if not _whole(record.get("bans", "1")):
             unreadable.append(f"record of {ip}: bans {record['bans'][:40]!r}")
@@ -44,7 +46,10 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         "injections": totals.get("injections", None if "injections" in bad_totals else 0),
         "counted": {
             "current": len(counted),
-            "list": [{"ip": ip, "count": n} for ip, n in sorted(counted.items())],
+            "list": [
+                _with_country({"ip": ip, "count": n}, target_country(geo, ip))
+                for ip, n in sorted(counted.items())
+            ],
         },
         # password guessing, from Asterisk's AMI security events (auth.py)
         "auth": {
@@ -57,16 +62,19 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
             "current": len(banned),
             "total": totals.get("bans", None if "bans" in bad_totals else 0),
             "list": [
-                {
-                    "ip": ip,
-                    "until": until,
-                    "pbx_id": record.get("pbx_id", ""),
-                    "reason": record.get("reason", ""),
-                    "bans": _whole(record.get("bans", "1")),
-                    # calls seen from it: those counted up to the ban and those since
-                    "calls": _whole(record.get("count", "0")),
-                    "protected": _protected(protected, ip),
-                }
+                _with_country(
+                    {
+                        "ip": ip,
+                        "until": until,
+                        "pbx_id": record.get("pbx_id", ""),
+                        "reason": record.get("reason", ""),
+                        "bans": _whole(record.get("bans", "1")),
+                        # calls seen from it: those counted up to the ban and those since
+                        "calls": _whole(record.get("count", "0")),
+                        "protected": _protected(protected, ip),
+                    },
+                    target_country(geo, ip, record.get("country", "")),
+                )
                 for (ip, until), record in zip(banned.items(), records, strict=True)
             ],
         },
@@ -79,6 +87,8 @@ async def gather_status(store: Store, config: Config) -> dict[str, Any]:
         # What another writer left in Redis that status could not read (skipped above).
         "unreadable": unreadable,
         "protected": protected.summary() if protected is not None else None,
+        # blocklists in (feeds.py): each feed's last refresh
+        "feeds": await store.feed_states(),
     }
 
 
@@ -97,6 +107,18 @@ def _agent(pbx: str, info: dict[str, Any], now: float) -> dict[str, Any]:
 def _whole(text: str) -> int | None:
     """A count from Redis, or None when it is not one."""
     return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _with_country(entry: dict[str, Any], country: str | None) -> dict[str, Any]:
+    """A list entry with its country ("" unknown) when there is a database to tell it."""
+    if country is not None:
+        entry["country"] = country
+    return entry
+
+
+def _in(country: str | None, before: str = " ") -> str:
+    """A country for a status line: nothing without a database, `??` when unknown."""
+    return "" if country is None else f"{before}{country or '??'}"
 
 
 def _shown(value: int | None) -> str:
@@ -125,7 +147,9 @@ def render_status(status: dict[str, Any]) -> str:
         f"|  |- Injection attempts: {_shown(status['injections'])}",
         (
             "|  `- Counted IP list:   "
-            + " ".join(f"{c['ip']}({c['count']})" for c in status["counted"]["list"])
+            + " ".join(
+                f"{c['ip']}({c['count']}{_in(c.get('country'))})" for c in status["counted"]["list"]
+            )
         ).rstrip(),
         f"|- Password guessing (AMI, {'on' if status['auth']['enabled'] else 'off here'})",
         f"|  |- Currently counted: {status['auth']['current']}",
@@ -143,7 +167,8 @@ def render_status(status: dict[str, Any]) -> str:
         aside = f" [protected here, not applied: {ban['protected']}]" if ban["protected"] else ""
         lines.append(
             f"|     {ban['ip']} until {when(ban['until'])} "
-            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}){aside}"
+            f"(by {ban['pbx_id'] or '?'}, {ban['reason']}, ban #{ban['bans'] or '?'}"
+            f"{_in(ban.get('country'), ', country ')}){aside}"
         )
     if status.get("protected"):
         summary = status["protected"]
@@ -153,6 +178,15 @@ def render_status(status: dict[str, Any]) -> str:
             mark = "`-" if n == len(parts) - 1 else "|-"
             entries = " ".join(part["entries"][:8]) + (" ..." if part["size"] > 8 else "")
             lines.append(f"|  {mark} {part['source']}: {part['size']} {entries}".rstrip())
+    feeds = status.get("feeds") or {}
+    if feeds:
+        lines.append(f"|- Blocklists: {len(feeds)}")
+    for n, (name, state) in enumerate(sorted(feeds.items())):
+        mark = "`-" if n == len(feeds) - 1 else "|-"
+        until = state.get("until")
+        held = f"held until {when(until)}" if isinstance(until, int | float) else "nothing held"
+        error = f"; last refresh failed: {state['error']}" if state.get("error") else ""
+        lines.append(f"|  {mark} {name}: {state.get('entries', 0)} entries, {held}{error}")
     lines.append("`- Agents seen")
     agents = status["agents"]
     for n, agent in enumerate(agents):
@@ -194,6 +228,8 @@ def render_address(report: dict[str, Any]) -> str:
         lines.append("|- Banned:          no")
     lines.append(f"|- Ignored:         {'yes' if report['ignored'] else 'no'}")
     lines.append(f"|- Protected:       {report['protected'] or 'no'}")
+    if report.get("country") is not None:
+        lines.append(f"|- Country:         {report['country'] or 'unknown'}")
     last = f" (last by {record['pbx_id']}, {record.get('reason')})" if record.get("pbx_id") else ""
     lines.append(f"`- Previous bans:   {record.get('bans', '0')}{last}")
     return _for_terminal(lines)
@@ -234,6 +270,10 @@ async def cmd_status(args: argparse.Namespace, config: Config) -> int:
                 "protected": protected.reason(given),
                 "history": record,
             }
+            country = target_country(
+                open_db(config.screening.geoip_db), target_text(given), record.get("country", "")
+            )
+            _with_country(report, country)
             print(json.dumps(report, indent=2) if args.json else render_address(report))
             return 0
         status = await gather_status(store, config)

@@ -51,6 +51,10 @@ THRESHOLD_HOLD = "threshold"
 ADMIN_HOLD = "admin"
 RESTORED_HOLD = "restored"
 AUTH_HOLD = "auth"  # password guessing counted from the AMI (auth.py)
+FEED_HOLD = "feed:"  # + the feed's name: a blocklist's entries (feeds.py)
+FEED_CHUNK = 250  # targets per feed script: a few ms of Redis each, others interleave
+FEED_GROUP = 8  # feed scripts per pipeline (one round trip each)
+FEED_EVENTS_MAX = 1000  # more targets than this in one import: one `sync` event instead
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
@@ -215,10 +219,11 @@ class _ScreenParts:
         self.shared_keys = tuple(
             encode(k) for k in (keys.banned, keys.counted, keys.events, keys.stats)
         )
+        self.encode = encode
+        self.threshold = encode(p.threshold)
         self.rules = tuple(
             encode(v)
             for v in (
-                p.threshold,
                 int(p.window * 1000),
                 int(p.ban_time * 1000),
                 p.ban_time_factor,
@@ -233,7 +238,11 @@ class _ScreenParts:
         self.member_prefix = secrets.token_hex(8).encode() + b"-"
         self.steps = itertools.count()
 
-    def command(self, sha: str, ip: str, injected: bool) -> tuple:
+    def command(
+        self, sha: str, ip: str, injected: bool, threshold: int | None = None, country: str = ""
+    ) -> tuple:
+        """`threshold`: this caller's own (a country rule), else the configured one;
+        `country` goes into the ban record when this call bans."""
         address = ip.encode()
         step = next(self.steps)
         return (
@@ -246,11 +255,13 @@ class _ScreenParts:
             self.holds_prefix + address,
             self.by_hour,
             address,
+            self.threshold if threshold is None else self.encode(threshold),
             *self.rules,
             b"%s%x" % (self.member_prefix, step),
             *self.tail,
             b"1" if injected else b"0",
             b"1" if step % PRUNE_EVERY == 0 else b"0",  # which steps sweep expired entries
+            country.encode(),
         )
 
 
@@ -335,6 +346,7 @@ class Store:
         self._unban = client.register_script(lua.UNBAN)
         self._restore = client.register_script(lua.RESTORE)
         self._auth_failure = client.register_script(lua.AUTH_FAILURE)
+        self._feed = client.register_script(lua.FEED)
 
     async def _call(self, what: str, awaitable: Any) -> Any:
         try:
@@ -349,10 +361,14 @@ class Store:
             k.bans_by_hour,
         ]
 
-    async def screen(self, ip: str, injected: bool = False) -> Verdict:
-        """Count one call from `ip` and ban it at the threshold, atomically, cluster-wide;
-        `injected` also counts an injection attempt, in the same round trip."""
-        command = self._screen_parts.command(self._screen.sha, ip, injected)
+    async def screen(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> Verdict:
+        """Count one call from `ip` and ban it at the threshold (`threshold`: a country
+        rule's instead of the configured one), atomically, cluster-wide; `injected` also
+        counts an injection attempt, in the same round trip; `country` is recorded with
+        the ban."""
+        command = self._screen_parts.command(self._screen.sha, ip, injected, threshold, country)
         if not self.wait_replicas:
             execute = self.link.execute if self.link else self.redis.execute_command
             return _verdict(await self._call("screening step", self._evalsha(execute, command)))
@@ -446,7 +462,7 @@ class Store:
             async with self._one_connection("ban") as conn:
                 reply = await self._call("ban", self._ban(keys=keys, args=args, client=conn))
                 await self._replicated(conn, target)
-        ban_until, hold_until, placed = (int(x) for x in reply)
+        ban_until, hold_until, placed = (int(x) for x in reply[:3])
         return Placed(ban_until / 1000.0, hold_until / 1000.0, bool(placed))
 
     async def note_inside(self, wider: str, target: str, until: float) -> tuple[int, bool]:
@@ -515,6 +531,89 @@ class Store:
             reply = await self._call("ban write-back", self._restore(keys=keys, args=args))
             epoch, written = _text(reply[0]), written + int(reply[1])
         return epoch, written
+
+    async def feed_holds(
+        self,
+        targets: list[str],
+        source: str,
+        reason: str,
+        until: float,
+        chunk: int = FEED_CHUNK,
+        pipelined: bool = True,
+    ) -> tuple[int, int]:
+        """Place `source`'s hold until `until` (unix s, Redis's clock) on every target, in
+        chunks of one script each: (holds placed or lengthened, bans started). The
+        caller filtered out protected targets. `pipelined`: every chunk in one round
+        trip per FEED_GROUP chunks (a real Redis runs each script alone and serves other
+        clients between them);
+        False awaits each chunk (the embedded store runs scripts on this loop). A batch
+        larger than FEED_EVENTS_MAX sends one `sync` event after it instead of one event
+        per ban: agents then reconcile once, in one firewall transaction."""
+        publish = len(targets) <= FEED_EVENTS_MAX
+        k = self.keys
+        calls = []
+        for start in range(0, len(targets), chunk):
+            part = targets[start : start + chunk]
+            keys = [k.banned, k.events, k.stats]
+            for target in part:
+                keys += [k.record(target), k.holds(target)]
+            args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, source]
+            args += [reason, int(until * 1000), 1 if publish else 0, *part]
+            calls.append((keys, args))
+        replies: list[Any] = []
+        if pipelined:
+            # a pipeline per few chunks: packing 100,000 entries at once would hold this
+            # loop (the FastAGI sessions' too) for a second; between groups it serves them
+            for start in range(0, len(calls), FEED_GROUP):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args in calls[start : start + FEED_GROUP]:
+                        await self._feed(keys=keys, args=args, client=pipe)
+                    replies += await self._call("feed import", pipe.execute())
+        else:
+            for keys, args in calls:
+                replies.append(await self._call("feed import", self._feed(keys=keys, args=args)))
+        placed = sum(int(reply[0]) for reply in replies)
+        started = sum(int(reply[1]) for reply in replies)
+        if placed and not publish:
+            await self._call(
+                "feed import",
+                self.redis.xadd(
+                    k.events,
+                    {"op": "sync", "source": source, "pbx_id": self.pbx_id, "count": placed},
+                    maxlen=EVENTS_MAXLEN,
+                    approximate=True,
+                ),
+            )
+        return placed, started
+
+    async def feed_claim(self, name: str, period: float) -> bool:
+        """Take this period's refresh of a feed for this PBX (SET NX, expiring after 90%
+        of the period): False when another PBX of the cluster has it."""
+        ttl_ms = max(1, int(period * 900))
+        lock = self.redis.set(self.keys.feed_lock(name), self.pbx_id, nx=True, px=ttl_ms)
+        return bool(await self._call("feed lock", lock))
+
+    async def feed_release(self, name: str) -> None:
+        """Let another PBX try this period's refresh (ours failed)."""
+        await self._call("feed lock", self.redis.delete(self.keys.feed_lock(name)))
+
+    async def set_feed_state(self, name: str, state: dict[str, Any]) -> None:
+        """A feed's last refresh (when, entries, held until, error), for `status`."""
+        await self._call("feed state", self.redis.hset(self.keys.feeds, name, json.dumps(state)))
+
+    async def feed_states(self) -> dict[str, dict[str, Any]]:
+        """Each feed's last refresh as recorded; an entry that is not a JSON object is
+        left out."""
+        raw = await self._call("feed state", self.redis.hgetall(self.keys.feeds))
+        out = {}
+        for name, value in raw.items():
+            try:
+                state = json.loads(_text(value))
+            except ValueError:
+                continue
+            if isinstance(state, dict):
+                out[_text(name)] = state
+        return out
 
     async def unban_all(self, hold: str | None = None) -> list[str]:
         return await self.unban(list(await self.banned()), hold)

@@ -113,7 +113,9 @@ class FakeStore:
         self.screened: list[str] = []
         self.counts: dict[str, int] = {}
 
-    async def screen(self, ip: str, injected: bool = False) -> Verdict:
+    async def screen(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> Verdict:
         self.screened.append(ip)
         n = self.counts[ip] = self.counts.get(ip, 0) + 1
         return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)

@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import fakeredis
 import fakeredis.aioredis
@@ -31,6 +32,16 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> boo
         if predicate():
             return True
         await asyncio.sleep(0.01)
+    return predicate()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    """Poll `predicate` from a thread that may block (another process does the work)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
     return predicate()
 
 
@@ -110,10 +121,14 @@ def settings(redis_url: str = "memory://", **overrides: str) -> configuration.Co
 
 @contextlib.asynccontextmanager
 async def running_server(
-    redis_url: str = "memory://", protected: Protected | None = None, **overrides: str
+    redis_url: str = "memory://",
+    protected: Protected | None = None,
+    metrics: Any = None,
+    **overrides: str,
 ) -> AsyncIterator[Running]:
     """A server on a free port; memory:// gives a private in-process fakeredis.
-    `protected`: a protected set of the test's own (default: this host's, from config)."""
+    `protected`: a protected set of the test's own (default: this host's, from config);
+    `metrics`: a metrics.Metrics observing it, as `serve` has one."""
     config = settings(redis_url, **overrides)
     if not redis_url.startswith("memory://"):
         store = make_service_store(config)  # as `serve` has it
@@ -121,7 +136,7 @@ async def running_server(
         store = make_embedded_store(config, fakeredis.FakeServer())
     if protected is not None:
         store.protected = protected
-    server = make_server(config, store)  # as `serve` builds it
+    server = make_server(config, store, metrics)  # as `serve` builds it
     host, port = (await server.start("127.0.0.1", 0))[0]
     try:
         yield Running(f"agi://{host}:{port}/screen", store, server, config)

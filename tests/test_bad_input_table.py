@@ -59,6 +59,11 @@ BAD_VALUES: dict[str, list[str]] = {
     "screening.ipv6_prefix": ["16", "129", "false", "64.0", '"/64"', "[64]"],
     "screening.escalate_prefix": ["16", "128", "64", "-1", "true", '"/48"'],
     "screening.escalate_after": ["1", "0", '"four"', "true"],
+    "screening.geoip_db": ["5", "true", '["/x.mmdb"]'],
+    "screening.deny_countries": ['["CHN"]', "5", '["C1"]', '[""]', '["CN"]'],  # no geoip_db
+    "screening.allow_countries": ['["usa"]', "true", '["D"]'],
+    "screening.other_countries_threshold": ['"one"', "0", "true", *BAD_COUNT],
+    "screening.country_thresholds": ['"US=3"', "{ US = 0 }", "{ USA = 2 }", "5", '{ US = "x" }'],
     "redis.url": [
         '"http://10.0.0.5"',
         "5",
@@ -87,6 +92,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "firewall.forward": ['"sometimes"', "2"],
     "firewall.sync_interval": BAD_DURATION,
     "metrics.listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
+    "metrics.agent_listen": ['"no-port"', "5", '"127.0.0.1:70000"'],
     "metrics.status_page": ['"public"', "true", "5", '""'],
     "auth.enabled": ['"maybe"', "5"],
     "auth.host": ["5", '""', '"a b"', '"user@host"'],
@@ -98,6 +104,17 @@ BAD_VALUES: dict[str, list[str]] = {
     "auth.threshold": ['"five"', "0", "false", *BAD_COUNT],
     "auth.window": BAD_DURATION,
     "auth.ban_time": BAD_DURATION,
+    "intel.feed": [
+        "5",
+        '"x"',
+        "[5]",
+        '[{ name = "x" }]',
+        '[{ name = "x", url = "ftp://x" }]',
+        '[{ name = "a b", file = "/x" }]',
+        '[{ name = "x", file = "/x", refresh = "soon" }]',
+        '[{ name = "x", file = "/x", format = "csv" }]',
+        '[{ name = "x", file = "/x" }, { name = "x", file = "/y" }]',
+    ],
 }
 
 
@@ -285,6 +302,10 @@ CLI_ROWS = [
     (["simulate", "--ip", "203.0.113.9", "--target", "agi://[fe80::1%eth0/s"], "--target"),
     (["serve", "--redis", "redis://127.0.0.1:notaport/0"], "--redis"),
     (["agent", "--redis", "redis://[::1:6379/0"], "--redis"),
+    (["import"], "source"),
+    (["import", "/x", "--name", "a b"], "feed name"),
+    (["import", "/x", "--format", "csv"], "--format"),
+    (["import", "/x", "--for", "forever"], "forever"),
     (["ban", "fe80::1%"], "fe80::1%"),
     (["ban", "203.0.113.9%eth0"], "203.0.113.9%eth0"),
 ]

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 UNITS = ["fastagi-screen.service", "fastagi-agent.service"]
-INSTALLED_CTL = "/usr/local/bin/fastagi-ctl"
+INSTALLED_CTL = "/opt/fastagi-screen/bin/fastagi-ctl"  # the Debian package's venv
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 
@@ -49,7 +49,7 @@ def read_unit(name: str) -> configparser.RawConfigParser:
 
 def _unit_copy_with_real_ctl(name: str, tmp_path: Path) -> Path:
     """The unit as shipped, with ExecStart pointing at the fastagi-ctl of this environment
-    when /usr/local/bin/fastagi-ctl does not exist (systemd-analyze checks the binary)."""
+    when the package's is not installed (systemd-analyze checks the binary)."""
     text = (DEPLOY / "systemd" / name).read_text(encoding="utf-8")
     if not Path(INSTALLED_CTL).exists():
         beside = Path(sys.executable).with_name("fastagi-ctl")  # the venv's, unactivated
@@ -116,7 +116,9 @@ def test_systemd_security_exposure_is_low(name, tmp_path):
 def test_server_unit_settings():
     svc = read_unit("fastagi-screen.service")["Service"]
     assert svc["ExecStart"] == f"{INSTALLED_CTL} serve --no-agent"
-    assert svc["DynamicUser"] == "yes"
+    # the package's system user: it may read the 0640 root:fastagi config
+    assert (svc["User"], svc["Group"]) == ("fastagi", "fastagi")
+    assert "DynamicUser" not in svc
     assert svc["ProtectSystem"] == "strict"
     assert svc["NoNewPrivileges"] == "yes"
     assert svc["PrivateTmp"] == "yes"
@@ -133,6 +135,7 @@ def test_server_unit_settings():
 def test_agent_unit_settings():
     svc = read_unit("fastagi-agent.service")["Service"]
     assert svc["ExecStart"] == f"{INSTALLED_CTL} agent"
+    assert (svc["User"], svc["Group"]) == ("fastagi", "fastagi")
     assert set(svc["CapabilityBoundingSet"].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
     assert set(svc["AmbientCapabilities"].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW"}
     assert svc["ProtectSystem"] == "strict"

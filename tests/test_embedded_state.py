@@ -349,3 +349,27 @@ def test_holds_survive_a_restart(tmp_path):
         embedded.stop()
     assert sorted(sources) == ["admin", "f2b-asterisk"]
     assert lifted == [] and banned["198.51.100.8"] > time.time() + 6 * 86400
+
+
+def test_a_bulk_feed_import_is_saved_like_single_bans(tmp_path):
+    """A blocklist of more than FEED_EVENTS_MAX entries sends one `sync` event naming no
+    address: the save after it reads everything instead of missing the feed's holds."""
+    from fastagi.store import FEED_EVENTS_MAX
+
+    targets = [f"10.1.{n >> 8}.{n & 255}" for n in range(FEED_EVENTS_MAX + 1)]
+
+    async def write(store: Store) -> None:
+        await store.ban("198.51.100.1", 600, "manual")
+        embedded.persister.save(full=True)  # the file as of this ban
+        await store.sync_clock()
+        await store.feed_holds(targets, "feed:x", "feed:x", store.now() + 600, pipelined=False)
+        embedded.persister.save(full=False)  # what the thread does after new events
+
+    embedded = _embedded(tmp_path)
+    try:
+        asyncio.run(write(_store(embedded)))
+        saved = json.loads((tmp_path / "state" / STATE_FILE).read_text())
+    finally:
+        embedded.stop()
+    banned = next(entry for entry in saved["keys"] if entry["key"] == KEYS.banned)
+    assert len(banned["value"]) == len(targets) + 1

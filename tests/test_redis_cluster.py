@@ -211,7 +211,7 @@ def test_service_on_a_cluster_counts_bans_and_the_agent_applies_and_lifts(clean,
         unban = ctl("unban", ip, env=env)
         assert unban.returncode == 0 and f"{ip} unbanned" in unban.stdout, unban.stderr
         _wait_for(log, f"dry-run: would lift the ban on {ip}")
-        assert asyncio.run(calls(1))[0] == {"SCREEN_RESULT": "COUNTED", "SCREEN_COUNT": "1"}
+        assert asyncio.run(calls(1))[0] == counted(1, ip)
         assert "Currently banned: 0" in ctl("status", env=env).stdout
     assert "Traceback" not in log.read_text()
 
@@ -231,7 +231,7 @@ def test_slot_moved_under_a_running_service_is_followed(clean):
             return first.variables, rest, events
 
     first, rest, events = asyncio.run(main())
-    assert first == {"SCREEN_RESULT": "COUNTED", "SCREEN_COUNT": "1"}
+    assert first == counted(1, "198.51.100.7")
     # the count went on where it was: the keys moved with the slot
     assert [v["SCREEN_RESULT"] for v in rest] == ["COUNTED", "BANNED"]
     assert [v["SCREEN_COUNT"] for v in rest] == ["2", "3"]
@@ -239,6 +239,16 @@ def test_slot_moved_under_a_running_service_is_followed(clean):
     assert clean.owner() is target
     assert target.client().zscore(KEYS.banned, "198.51.100.7") is not None
     assert [n.client().dbsize() for n in clean.others()] == [0, 0]
+
+
+def counted(count: int, ip: str) -> dict[str, str]:
+    """The variables a counted call gets."""
+    return {
+        "SCREEN_RESULT": "COUNTED",
+        "SCREEN_COUNT": str(count),
+        "SCREEN_COUNTED": "yes",
+        "SCREEN_NOTICE": ip,
+    }
 
 
 def test_without_cluster_true_a_seed_that_does_not_own_the_slot_fails_open(clean):
@@ -251,6 +261,8 @@ def test_without_cluster_true_a_seed_that_does_not_own_the_slot_fails_open(clean
     assert asyncio.run(main()) == {
         "SCREEN_RESULT": "ERROR",
         "SCREEN_ERROR": "store unavailable",
+        "SCREEN_COUNTED": "unknown",  # the dialplan logs the NOTICE
+        "SCREEN_NOTICE": "198.51.100.8",
     }
 
 
@@ -270,7 +282,7 @@ def test_a_master_down_elsewhere_does_not_stop_screening_or_check(clean, tmp_pat
                 await srv.store.ping()
                 return verdict
 
-        assert asyncio.run(main()) == {"SCREEN_RESULT": "COUNTED", "SCREEN_COUNT": "1"}
+        assert asyncio.run(main()) == counted(1, "198.51.100.9")
         check = ctl("check", env=env)
         assert check.returncode == 0 and "ok   store:" in check.stdout, check.stdout
     finally:

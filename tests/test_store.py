@@ -161,7 +161,7 @@ def _screen_args(ip: str, member: bytes, injected: bool, prune: bool, threshold:
         KEYS.bans_by_hour,
     )
     argv = (ip, threshold, WINDOW_MS, 60_000, 2.0, 600_000, "pbx-t", "threshold", member)
-    argv += (10_000, 600_000, int(injected), int(prune))
+    argv += (10_000, 600_000, int(injected), int(prune), "")  # "": no country (geo.py)
     encode = lambda value: str(value).encode()  # noqa: E731
     return tuple(encode(k) for k in keys), tuple(encode(a) for a in argv)
 
