@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Flood a real Asterisk with guest INVITEs: what screening costs the PBX (issue 14).
 
-    sudo .venv/bin/python bench/asterisk_flood.py --asterisk /work/lab22/inst \
-        --asterisk /work/lab20/inst [--quick] [--pjsip-too] [--work DIR]
+    sudo .venv/bin/python bench/asterisk_flood.py --asterisk PREFIX22/inst \
+        --asterisk PREFIX20/inst [--quick] [--pjsip-too] [--work DIR]
 
 Each --asterisk is the install prefix of an Asterisk built by lab/asterisk/build.sh.
 The stack flooded is chan_sip where the build has it (20), else PJSIP (22);
