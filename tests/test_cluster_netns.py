@@ -33,6 +33,7 @@ import pytest
 from fastagi.firewall import FirewallSettings
 from fastagi.keys import Keys
 from tests.fw_driver import FirewallDriver
+from tests.harness import wait_for
 from tests.netns import (  # noqa: F401
     NamespaceRedis,
     Topology,
@@ -79,15 +80,6 @@ TAMPER = {
 # iptables keeps one rule per address and commits whole tables: 1,000 keeps the test
 # quick (the bench holds 5,000); nftables and ipset take the full 10,000
 BULK = {"iptables": 1_000, "nftables": 10_000, "ipset": 10_000}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 def time_until(predicate: Callable[[], bool], timeout: float) -> float | None:

@@ -23,7 +23,7 @@ from fastagi.keys import Keys
 from fastagi.notify import NotifyMetrics, Webhook, hook_id, message
 from fastagi.service import make_embedded_store, make_store
 from fastagi.store import redis_client
-from tests.harness import free_port, settings
+from tests.harness import free_port, settings, wait_for
 from tests.procs import Service, _env, ctl
 
 
@@ -87,15 +87,6 @@ class Silent:
             conn.close()
 
 
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def config_file(tmp_path: Path, hook: str) -> str:
     path = tmp_path / "fastagi.toml"
     path.write_text(f"[[notify.webhook]]\n{hook}\n")
@@ -130,7 +121,7 @@ def test_one_message_per_batch_retried_after_a_500_nothing_lost(tmp_path, redis_
         )
         plain = redis.Redis.from_url(redis_url)
         with Service(env, "--no-agent", log=tmp_path / "serve.log"):
-            assert wait_for(lambda: plain.exists(lease))
+            assert wait_for(lambda: plain.exists(lease), 15)
 
             async def wave(targets: list[str], unban: list[str]) -> None:
                 store = make_store(config, redis_client(config.redis))
@@ -141,9 +132,9 @@ def test_one_message_per_batch_retried_after_a_500_nothing_lost(tmp_path, redis_
 
             first = [f"198.51.100.{n}" for n in range(1, 21)] + ["2001:db8:9::/48"]
             asyncio.run(wave(first, ["198.51.100.1", "198.51.100.2"]))
-            assert wait_for(lambda: len(got.taken()) == 1)
+            assert wait_for(lambda: len(got.taken()) == 1, 15)
             asyncio.run(wave(["203.0.113.1", "203.0.113.2", "203.0.113.3"], []))
-            assert wait_for(lambda: len(got.taken()) == 2)
+            assert wait_for(lambda: len(got.taken()) == 2, 15)
             time.sleep(2.5)  # one more batch window: nothing else comes
             checked = ctl("check", env=env).stdout
             scraped = _scrape(metrics_port)
@@ -193,7 +184,7 @@ def test_a_receiver_that_never_answers_delays_no_session(tmp_path):
         }
         with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
             assert ctl("ban", "192.0.2.200", env=service.env).returncode == 0
-            assert wait_for(lambda: len(silent.held) == 1)  # the webhook hangs from now on
+            assert wait_for(lambda: len(silent.held) == 1, 15)  # the webhook hangs from now on
 
             async def calls() -> list[str]:
                 asterisk = FakeAsterisk(hold_limit=5.0)  # server.session_timeout
@@ -442,16 +433,16 @@ def test_serve_and_an_agent_with_the_same_webhook_send_once_and_hand_over_at_sto
             stderr=open(tmp_path / "agent.log", "w"),  # noqa: SIM115
         )
         try:
-            assert wait_for(lambda: plain.exists(lease))
+            assert wait_for(lambda: plain.exists(lease), 15)
             with Service(env, "--no-agent", log=tmp_path / "serve.log") as service:
                 time.sleep(1.0)  # both running: one holds the lease
                 assert ctl("ban", "198.51.100.1", env=service.env).returncode == 0
-                assert wait_for(lambda: len(got.taken()) == 1)
+                assert wait_for(lambda: len(got.taken()) == 1, 15)
                 agent.terminate()
                 assert agent.wait(10) == 0
-                assert wait_for(lambda: plain.exists(lease))  # taken over by serve
+                assert wait_for(lambda: plain.exists(lease), 15)  # taken over by serve
                 assert ctl("ban", "198.51.100.2", env=service.env).returncode == 0
-                assert wait_for(lambda: len(got.taken()) == 2)
+                assert wait_for(lambda: len(got.taken()) == 2, 15)
                 time.sleep(1.0)  # a batch window more: no second copy
         finally:
             if agent.poll() is None:
