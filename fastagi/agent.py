@@ -17,8 +17,10 @@ host's clock (the store's measured offset) before the firewall sees them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -29,7 +31,13 @@ from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPNetwork, parse_target, target_text
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.protect import Protected
-from fastagi.store import HEARTBEAT_INTERVAL, Store, StoreError
+from fastagi.store import (
+    FEED_BATCH_KEEP,
+    HEARTBEAT_INTERVAL,
+    Store,
+    StoreError,
+    event_order,
+)
 
 log = logging.getLogger("fastagi.agent")
 
@@ -40,15 +48,12 @@ UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-appl
 EPOCH_EVERY = 1.0  # seconds between looks at the ban list's epoch token (one GET)
 
 
-def _event_id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
 # -- what the agent accepts from Redis ---------------------------------------------------
 
 MAX_SHOWN = 120  # characters of a skipped entry's text in its log line
 MAX_END_MS = 253_402_300_799_999  # 9999-12-31: a later ban end is garbage, not a ban
+SYNC_TOKEN = re.compile(r"[0-9a-f]{1,32}")  # a `sync` event's batch (store.feed_holds)
+EVENT_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 # (reason label, why) for an entry the agent leaves out; the label goes into the metric
 Skip = tuple[str, str]
 
@@ -80,8 +85,7 @@ def parse_end(ms: float) -> float:
 
 
 def parse_event(fields: dict[str, str]) -> tuple[str, IPNetwork, float]:
-    """(op, target, end in Redis's clock) of an event as lua.py writes it: `until` is
-    whole milliseconds, nothing else (`17e11` is some other writer's mistake)."""
+    """(op, target, end in Redis's clock) of an event as lua.py writes it."""
     op = fields.get("op")
     if op not in ("ban", "unban"):
         raise BadEntry("unknown op" if op is not None else "no op")
@@ -91,9 +95,15 @@ def parse_event(fields: dict[str, str]) -> tuple[str, IPNetwork, float]:
     until = fields.get("until")
     if until is None:
         raise BadEntry("no until")
-    if not (until.isascii() and until.isdigit()):
+    return op, target, parse_end(whole_ms(until))
+
+
+def whole_ms(text: str) -> float:
+    """A ban end as lua.py writes it: whole milliseconds, nothing else (`17e11` is some
+    other writer's mistake)."""
+    if not (text.isascii() and text.isdigit()):
         raise BadEntry("until is not whole milliseconds")
-    return op, target, parse_end(int(until) if len(until) <= 16 else math.inf)
+    return int(text) if len(text) <= 16 else math.inf
 
 
 def _event_text(event_id: str, fields: dict[str, str]) -> str:
@@ -302,19 +312,26 @@ class Agent:
         if self.last_id == "0-0":
             return False
         first = await self.store.first_event_id()
-        return first is not None and _event_id(first) > _event_id(self.last_id)
+        return first is not None and event_order(first) > event_order(self.last_id)
 
     async def apply(self, events: list[tuple[str, dict[str, str]]]) -> None:
-        """Apply a batch of events in order, collapsing them to one add and one delete."""
+        """Apply a batch of events in order: the ban/unban events between two `sync`
+        events collapsed to one add and one delete, each `sync` event's batch in one."""
+        run: list[tuple[str, dict[str, str]]] = []
+        for event in events:
+            if event[1].get("op") == "sync":
+                await self._apply_events(run)
+                run = []
+                await self._apply_sync(*event)
+            else:
+                run.append(event)
+        await self._apply_events(run)
+
+    async def _apply_events(self, events: list[tuple[str, dict[str, str]]]) -> None:
         adds: dict[IPNetwork, float] = {}
         deletes: set[IPNetwork] = set()
         for event_id, fields in events:
             self.last_id = event_id
-            if fields.get("op") == "sync":
-                # a bulk change (a blocklist of 100,000) came without an event per ban:
-                # reconcile once, one firewall transaction, before the next events
-                self._full_due = True
-                continue
             try:
                 op, target, until = parse_event(fields)
             except BadEntry as error:
@@ -332,6 +349,10 @@ class Agent:
             else:
                 adds[target] = self._local(until)
                 deletes.discard(target)
+        await self._change(adds, deletes)
+
+    async def _change(self, adds: dict[IPNetwork, float], deletes: set[IPNetwork]) -> None:
+        """One delete and one add call (one transaction each), and the books after them."""
         if deletes:
             await self._firewall("delete", list(deletes))
             for address in deletes:
@@ -343,6 +364,57 @@ class Agent:
             log.info("applied %d bans: %s", len(adds), " ".join(map(target_text, list(adds)[:10])))
         self._report(applied=len(adds), lifted=len(deletes))
         self._beat_due = self._beat_due or bool(adds or deletes)
+
+    async def _apply_sync(self, event_id: str, fields: dict[str, str]) -> None:
+        """A bulk change (a blocklist of 100,000) came as one `sync` event instead of an
+        event per ban. It names the batch of ban-list entries the write changed: those
+        are applied, checked as events are, in one firewall transaction. Without a
+        readable batch (an older writer, expired, the events since the write began
+        gone), the whole list is read at the next step instead."""
+        self.last_id = event_id
+        if self._full_due:
+            return  # the whole list is read next anyway
+        token, after = fields.get("batch", ""), fields.get("after", "")
+        batch = None
+        if SYNC_TOKEN.fullmatch(token) and EVENT_ID.fullmatch(after):
+            batch = await self.store.sync_batch(token, event_order(after), event_id)
+        if batch is None:
+            log.info("sync event %s: its batch cannot be read; reading the whole list", event_id)
+            self._full_due = True
+            return
+        written, current = batch
+        adds: dict[IPNetwork, float] = {}
+        deletes: set[IPNetwork] = set()
+        now = self.store.now()
+        for text, end in itertools.chain(written.items(), current.items()):
+            try:
+                target = parse_ban_target(text)
+                until = None if end is None else parse_end(whole_ms(end))
+            except BadEntry as error:
+                if self._newly_skipped(text):
+                    self._skip("sync batch entry", f"{text} until {end}", ("malformed", str(error)))
+                self.skipped[text] = now + FEED_BATCH_KEEP  # the next full read says more
+                continue
+            if until is None:  # read again: not banned now
+                deletes.add(target)
+                adds.pop(target, None)
+                self.skipped.pop(text, None)
+            elif until <= now:
+                continue  # ended already: as a read of the list leaves it out
+            elif (skip := self._refused(target)) is not None:
+                if self._newly_skipped(text):
+                    self._skip("sync batch entry", f"{text} until {end}", skip)
+                self.skipped[text] = until
+            else:
+                local = self._local(until)
+                held = self.applied.get(target)
+                # a written entry may be older than what another writer's event or batch
+                # gave this agent since: it never shortens a ban; an entry read again is
+                # the list as it is now, and wins
+                if text in current or held is None or local - held > UNTIL_TOLERANCE:
+                    adds[target] = local
+                    deletes.discard(target)
+        await self._change(adds, deletes)
 
     def _report(self, applied: int = 0, lifted: int = 0) -> None:
         """Feed /metrics (a no-op when metrics are off)."""

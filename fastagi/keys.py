@@ -121,6 +121,12 @@ class Keys:
         feed once per refresh, not once per PBX."""
         return f"{self.base}feed-lock:{name}"
 
+    def feed_batch(self, token: str) -> str:
+        """String, expiring (store.FEED_BATCH_KEEP): the ban-list entries one bulk write
+        changed, `<target> <end ms>` lines, named by its `sync` event, so an agent applies
+        just those instead of reading and checking the whole list (agent.py)."""
+        return f"{self.base}feed-batch:{token}"
+
     def notify_lease(self, hook: str) -> str:
         """String: the token of the one process sending this webhook's messages
         (notify.py), expiring unless renewed, so the cluster sends each message once."""

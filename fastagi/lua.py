@@ -333,18 +333,23 @@ return {'BANNED', failures, ban_until, 1}
 # A chunk of a blocklist feed (feeds.py): each target gets the feed's hold (source
 # `feed:<name>`) until one refresh later, through the same place_hold as every ban (never
 # shortening, the ban list and records following the longest hold). Not a new ban for
-# escalation or the totals. `publish` 0: no event per target; the caller sends one `sync`
-# event after the whole batch, and agents reconcile once (one firewall transaction)
-# instead of applying 100,000 events.
-# KEYS: banned, events, stats, then record_1, holds_1, record_2, holds_2, ...
-# ARGV: pbx_id, events_maxlen, history_ms, source, reason, until_ms, publish, target_1, ...
-# Returns {holds placed or lengthened, bans started (targets not banned before)}
+# escalation or the totals. `keep` 0: an event per changed target. Else no event per
+# target: each target whose ban-list end changed is appended to the batch, `<target>
+# <end ms>` lines (kept `keep` ms), and the caller sends one `sync` event naming the
+# batch after the whole import, so agents apply just those entries in one firewall
+# transaction instead of reading 100,000 events or the whole list.
+# KEYS: banned, events, stats, batch, then record_1, holds_1, record_2, holds_2, ...
+# ARGV: pbx_id, events_maxlen, history_ms, source, reason, until_ms, keep, target_1, ...
+# Returns {holds placed or lengthened, bans started (targets not banned before),
+#          entries appended to the batch}
 FEED = (
     _COMMON
     + """
+local keep = tonumber(ARGV[7])
 local events = nil
-if ARGV[7] == '1' then events = KEYS[2] end
-local placed, started, n = 0, 0, 3
+if keep == 0 then events = KEYS[2] end
+local placed, started, n = 0, 0, 4
+local changed = {}
 local hold_end = tonumber(ARGV[6])
 local history = tonumber(ARGV[3])
 for i = 8, #ARGV do
@@ -356,9 +361,16 @@ for i = 8, #ARGV do
   if done[3] == 1 then
     placed = placed + 1
     if done[4] == 0 then started = started + 1 end
+    if keep > 0 and done[1] ~= done[4] then
+      changed[#changed + 1] = ARGV[i] .. ' ' .. int(done[1]) .. '\\n'
+    end
   end
 end
-return {placed, started}
+if #changed > 0 then
+  redis.call('APPEND', KEYS[4], table.concat(changed))
+  redis.call('PEXPIRE', KEYS[4], int(keep))
+end
+return {placed, started, #changed}
 """
 )
 # Read only: each ban's record fields and holds, for the ban list out (export.py). One

@@ -56,6 +56,8 @@ FEED_HOLD = "feed:"  # + the feed's name: a blocklist's entries (feeds.py)
 FEED_CHUNK = 250  # targets per feed script: a few ms of Redis each, others interleave
 FEED_GROUP = 8  # feed scripts per pipeline (one round trip each)
 FEED_EVENTS_MAX = 1000  # more targets than this in one import: one `sync` event instead
+FEED_BATCH_KEEP = 300.0  # seconds a bulk write's batch stays readable; a later agent reads all
+SYNC_REREAD_MAX = 5000  # events during a bulk write re-checked by target; more: read all
 HEARTBEAT_INTERVAL = 5.0  # seconds between an agent's heartbeats (older ones carry none)
 STALE_BEATS = 3  # an agent silent for this many of its heartbeat intervals is stale
 
@@ -277,6 +279,12 @@ def heartbeat_age(info: dict[str, Any], now: float) -> tuple[float, bool]:
     if not (math.isfinite(age) and math.isfinite(interval)):
         return math.inf, True
     return age, age > STALE_BEATS * interval
+
+
+def event_order(text: str) -> tuple[int, int]:
+    """An event id (`<ms>-<seq>`) as something that sorts; ValueError when it is none."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value: Any) -> str:
@@ -570,14 +578,17 @@ class Store:
         per ban: agents then reconcile once, in one firewall transaction."""
         publish = len(targets) <= FEED_EVENTS_MAX
         k = self.keys
+        token = "" if publish else secrets.token_hex(8)
+        keep = 0 if publish else int(FEED_BATCH_KEEP * 1000)
+        after = "" if publish else await self.last_event_id()  # where the write began
         calls = []
         for start in range(0, len(targets), chunk):
             part = targets[start : start + chunk]
-            keys = [k.banned, k.events, k.stats]
+            keys = [k.banned, k.events, k.stats, k.feed_batch(token)]
             for target in part:
                 keys += [k.record(target), k.holds(target)]
             args: list[Any] = [self.pbx_id, EVENTS_MAXLEN, self.policy.history_ms, source]
-            args += [reason, int(until * 1000), 1 if publish else 0, *part]
+            args += [reason, int(until * 1000), keep, *part]
             calls.append((keys, args))
         replies: list[Any] = []
         if pipelined:
@@ -593,17 +604,52 @@ class Store:
                 replies.append(await self._call("feed import", self._feed(keys=keys, args=args)))
         placed = sum(int(reply[0]) for reply in replies)
         started = sum(int(reply[1]) for reply in replies)
-        if placed and not publish:
+        if not publish and any(int(reply[2]) for reply in replies):
+            fields = {"op": "sync", "source": source, "pbx_id": self.pbx_id, "count": placed}
+            fields.update({"batch": token, "after": after})
             await self._call(
                 "feed import",
-                self.redis.xadd(
-                    k.events,
-                    {"op": "sync", "source": source, "pbx_id": self.pbx_id, "count": placed},
-                    maxlen=EVENTS_MAXLEN,
-                    approximate=True,
-                ),
+                self.redis.xadd(k.events, fields, maxlen=EVENTS_MAXLEN, approximate=True),
             )
         return placed, started
+
+    async def sync_batch(
+        self, token: str, after: tuple[int, int], upto: str
+    ) -> tuple[dict[str, str], dict[str, str | None]] | None:
+        """The ban-list entries a bulk write changed, for the agent at that write's `sync`
+        event `upto`: (target -> end in ms as written, target -> end in ms now or None
+        when not banned now). None when they cannot be told (the batch expired or is
+        garbled, or the events since the write began, `after`, were trimmed away or are
+        too many): the agent reads the whole list then.
+
+        An entry that an event during the write also changed is read again from the ban
+        list (the second dict): that event may have come after the entry was written, and
+        the newer state must win. Events after `upto` the agent applies next, as always."""
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(k.feed_batch(token))
+            pipe.xrange(k.events, f"{after[0]}-{after[1]}", upto, count=SYNC_REREAD_MAX + 2)
+            pipe.xrange(k.events, count=1)
+            pipe.xlen(k.events)
+            raw, during, first, length = await self._call("sync batch read", pipe.execute())
+        if raw is None:
+            return None
+        parts = _text(raw).split()
+        # a stream shorter than its cap was never trimmed (trimming stops at the cap)
+        kept = length < EVENTS_MAXLEN or bool(first and event_order(_text(first[0][0])) <= after)
+        if len(parts) % 2 or not kept or len(during) > SYNC_REREAD_MAX + 1:
+            return None
+        written = dict(zip(parts[::2], parts[1::2], strict=True))
+        named = ({_text(key): value for key, value in fields.items()} for _, fields in during)
+        touched = {_text(fields["ip"]) for fields in named if "ip" in fields}
+        again = [target for target in touched if target in written]
+        current: dict[str, str | None] = {}
+        if again:
+            scores = await self._call("sync batch read", self.redis.zmscore(k.banned, again))
+            for target, score in zip(again, scores, strict=True):
+                del written[target]
+                current[target] = None if score is None else f"{int(score)}"
+        return written, current
 
     async def feed_claim(self, name: str, period: float) -> bool:
         """Take this period's refresh of a feed for this PBX (SET NX, expiring after 90%
