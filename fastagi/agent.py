@@ -17,13 +17,15 @@ host's clock (the store's measured offset) before the firewall sees them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import itertools
 import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,6 +106,20 @@ def whole_ms(text: str) -> float:
     if not (text.isascii() and text.isdigit()):
         raise BadEntry("until is not whole milliseconds")
     return int(text) if len(text) <= 16 else math.inf
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a sync batch is sorted: 100,000 new networks
+    made it walk every object again and again, half of the batch's 0.5 s; the loop
+    makes no cycles, and the collector catches up after."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _event_text(event_id: str, fields: dict[str, str]) -> str:
@@ -386,6 +402,19 @@ class Agent:
         adds: dict[IPNetwork, float] = {}
         deletes: set[IPNetwork] = set()
         now = self.store.now()
+        with _collector_paused():
+            self._sort_batch(written, current, now, adds, deletes)
+        await self._change(adds, deletes)
+
+    def _sort_batch(
+        self,
+        written: dict[str, str],
+        current: dict[str, str | None],
+        now: float,
+        adds: dict[IPNetwork, float],
+        deletes: set[IPNetwork],
+    ) -> None:
+        """A sync batch's entries into adds and deletes, each checked as an event is."""
         for text, end in itertools.chain(written.items(), current.items()):
             try:
                 target = parse_ban_target(text)
@@ -413,8 +442,8 @@ class Agent:
                 # the list as it is now, and wins
                 if text in current or held is None or local - held > UNTIL_TOLERANCE:
                     adds[target] = local
-                    deletes.discard(target)
-        await self._change(adds, deletes)
+                    if deletes:
+                        deletes.discard(target)
 
     def _report(self, applied: int = 0, lifted: int = 0) -> None:
         """Feed /metrics (a no-op when metrics are off)."""
