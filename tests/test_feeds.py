@@ -196,7 +196,7 @@ def test_a_big_list_is_one_batch_for_the_store_and_one_for_the_firewall(redis_ur
     ok, landed, calls, events = asyncio.run(main())
     assert ok and landed
     assert [fields["op"] for _, fields in events] == ["sync"]  # not 5,000 ban events
-    assert calls == [("set", count)]  # one firewall transaction
+    assert calls == [("add", count)]  # one firewall transaction, of just the batch
 
 
 def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_url, feeds, caplog):

@@ -288,7 +288,11 @@ class NftablesFirewall:
                 out.append(f"{source} {proto} dport {{ {ports} }}")
         return out
 
-    def _elements(self, bans: Mapping[IPNetwork, float], now: float, timeouts: bool) -> dict:
+    def _elements(
+        self, bans: Mapping[IPNetwork, float], now: float, timeouts: bool, expires: bool = False
+    ) -> dict:
+        """Element texts by set; `expires`: the expiry too, which is what makes a kernel
+        that can lengthen an existing element do it."""
         by_set: dict[str, list[str]] = {name: [] for name in SETS}
         durations: dict[float, str] = {}  # a feed's entries share one end: made once
         for network, until in bans.items():
@@ -301,7 +305,10 @@ class NftablesFirewall:
                 text = str(network.network_address)
             if timeouts and (timeout := durations.get(until)) is None:
                 ms = remaining_ms(until, now)
-                timeout = durations[until] = "" if ms is None else f" timeout {_duration(ms)}"
+                timeout = "" if ms is None else f" timeout {_duration(ms)}"
+                if expires and ms is not None:
+                    timeout += f" expires {_duration(ms)}"
+                durations[until] = timeout
             by_set[name].append(text + timeout if timeouts else text)
         return {name: elems for name, elems in by_set.items() if elems}
 
@@ -366,16 +373,18 @@ class NftablesFirewall:
         self._announced = True
 
     def _probe_timeout_update(self) -> bool:
-        """Does adding an element that exists, with a longer timeout, lengthen it? Newer
-        kernels do (6.18 here), older ones keep the old timeout, so a refresh there must
-        delete first. Tried once, on a scratch set of our table removed right after."""
+        """Does adding an element that exists, with its expiry given, lengthen it? Newer
+        kernels do (6.18 here; only when `expires` is given, or the timeout differs),
+        older ones keep the old expiry, so a refresh there must delete first. Tried
+        once, on a scratch set of our table removed right after."""
         t, probe = f"inet {self.table}", "timeout_probe"
         try:
             self._run(
                 f"add set {t} {probe} {{ type ipv4_addr; flags timeout; }}\n"
-                f"flush set {t} {probe}\nadd element {t} {probe} {{ 192.0.2.1 timeout 1s }}\n"
+                f"flush set {t} {probe}\n"
+                f"add element {t} {probe} {{ 192.0.2.1 timeout 1h expires 1m }}\n"
             )
-            self._run(f"add element {t} {probe} {{ 192.0.2.1 timeout 1h }}\n")
+            self._run(f"add element {t} {probe} {{ 192.0.2.1 timeout 1h expires 1h }}\n")
             shape = json.loads(self._run(f"list set {t} {probe}\n", json_output=True) or "{}")
         except FirewallError as exc:
             log.debug("nftables: timeout update probe failed (%s)", exc)
@@ -452,8 +461,9 @@ class NftablesFirewall:
                 elements = self._elements(refresh, now, False)
                 script += self._element_lines("add", elements)
                 script += self._element_lines("delete", elements)
+            lengthen = bool(refresh) and bool(self._updates_timeouts)
             new.update(refresh)
-            script += self._element_lines("add", self._elements(new, now, True))
+            script += self._element_lines("add", self._elements(new, now, True, lengthen))
             self._run("\n".join(script) + "\n")
             kernel.update(new)
 
