@@ -132,6 +132,23 @@ def test_backend_bans_with_real_packets(backend: str, topo: Topology, clean: dic
         assert reach(topo, 4)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_ban_lengthened_by_the_same_span_moves_its_end(
+    backend: str, topo: Topology, clean: dict
+) -> None:
+    """A feed's refresh lengthens every hold by the same span, so the backend is given
+    the same remaining time again: the ban must still end later (a kernel that lengthens
+    on a re-add ignores an unchanged timeout unless the expiry is given too)."""
+    with FirewallDriver(topo.pbx1, FirewallSettings(backend=backend)) as fw:
+        fw.setup()
+        fw.add({ATTACKER4: time.time() + 300})
+        time.sleep(2)
+        later = time.time() + 300
+        fw.add({ATTACKER4: later})
+        assert fw.list()[ATTACKER4] == pytest.approx(later, abs=1)
+        fw.teardown()
+
+
 @pytest.mark.parametrize("backend", ["nftables", "ipset"])
 def test_kernel_expires_bans_by_itself(backend: str, topo: Topology, clean: dict) -> None:
     with FirewallDriver(topo.pbx1, FirewallSettings(backend=backend)) as fw:
