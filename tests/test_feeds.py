@@ -199,6 +199,42 @@ def test_a_big_list_is_one_batch_for_the_store_and_one_for_the_firewall(redis_ur
     assert calls == [("add", count)]  # one firewall transaction, of just the batch
 
 
+def test_a_ban_lifted_while_a_big_list_is_written_stays_lifted(redis_url):
+    """An unban between a target's chunk and the write's `sync` event is newer than the
+    batch: the agent reads that target again and leaves it lifted, still without
+    reading the whole list."""
+    targets = [f"10.78.{n >> 8}.{n & 255}" for n in range(FEED_EVENTS_MAX + 1)]
+    lifted = targets[0]
+
+    async def main():
+        config = settings(redis_url)
+        writer, reader = (
+            make_store(config, redis_client(config.redis, caller_deadlines=True)) for _ in "ab"
+        )
+        firewall = RecordingFirewall()
+        agent = Agent(reader, firewall, 30, AddressSet([]), block_ms=50)
+        await agent.step()  # its start: the whole list, then events
+        xadd = writer.redis.xadd
+
+        async def unban_first(*args, **kwargs):  # the write's `sync` event: an admin was faster
+            await writer.unban([lifted])
+            return await xadd(*args, **kwargs)
+
+        writer.redis.xadd = unban_first
+        await writer.sync_clock()
+        await writer.feed_holds(targets, "feed:x", "feed:x", writer.now() + 600)
+        await agent.step()  # the unban event, then the sync event
+        listed = await writer.banned()
+        await writer.close()
+        await reader.close()
+        return {str(t.network_address) for t in firewall.bans}, listed, agent.full_reconciles
+
+    applied, listed, full = asyncio.run(main())
+    assert lifted not in listed and lifted not in applied
+    assert applied == set(targets[1:]) == set(listed)
+    assert full == 1
+
+
 def test_a_failing_feed_keeps_its_list_and_a_dropped_address_is_released(redis_url, feeds, caplog):
     feeds.text("/drops.txt", ["198.51.100.21", "198.51.100.22"])
     feeds.text("/fails.txt", ["198.51.100.31"])
