@@ -6,10 +6,11 @@ In a network namespace of its own (needs root): a redis-server on a Unix socket,
 list (one IPv4 address per line, plus --cidrs /24s) served over HTTP on the namespace's
 loopback, an agent with the nftables backend, and one feed refresh as `serve` runs it
 (fetch, then apply, as FeedRunner.refresh does). Measured: fetch and parse; the store's
-writes (chunks of one script each, pipelined, then one `sync` event); the agent's
-reconcile from that event (reading the list from Redis, one firewall transaction); and
-the firewall call itself. Then the same for a second refresh, which lengthens every
-hold. Also counts the firewall calls the agent made: one batch means one set().
+writes (chunks of one script each, pipelined, then one `sync` event naming the batch);
+from that event to the kernel holding the batch (the agent reads the batch, checks each
+entry, one firewall transaction); and the firewall call itself. Then the same for a
+second refresh, which lengthens every hold. Also counts the firewall calls the agent
+made: one batch means one add() (set() before the batch: the whole list rewritten).
 
 Everything runs inside the namespace and a temporary directory, both removed at the end.
 """

@@ -2,7 +2,9 @@
 
 It reconciles at start, every `sync_interval` and after any gap (Redis unreachable,
 events trimmed away), and applies ban/unban events as they arrive, so a ban reaches
-every connected PBX within milliseconds. Bans expire locally even while Redis is
+every connected PBX within milliseconds; a bulk write (a blocklist) comes as one `sync`
+event naming the batch of entries it changed, applied in one firewall transaction
+without reading the whole list. Bans expire locally even while Redis is
 unreachable (kernel timeouts where the backend has them, a local timer always).
 Firewall calls block (libiptc, nft, ipset), so they run in one worker thread, never
 on the loop that answers Asterisk. Stopping leaves the bans in place.

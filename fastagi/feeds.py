@@ -8,8 +8,8 @@ its last good list until then, and a longer hold (a threshold ban, an admin's) i
 shortened. Protected targets (protect.py) are refused and counted; networks wider than
 the project allows anywhere (addresses.WIDEST) too. Networks go to the firewall's
 prefix sets as any prefix ban does. A big list lands as one batch: chunks of one script
-each, pipelined, and one `sync` event, so every agent reconciles once, in one firewall
-transaction (store.feed_holds).
+each, pipelined, and one `sync` event naming the entries the write changed, which every
+agent applies in one firewall transaction (store.feed_holds, agent.py).
 
 `serve` refreshes the `[[intel.feed]]` entries on their schedule in a task of its own:
 the fetch and the parsing run in a thread, the store writes in chunks, so the FastAGI
