@@ -29,7 +29,7 @@ from fastagi import metrics
 from fastagi.addresses import AddressError, AddressSet, IPNetwork, parse_target, target_text
 from fastagi.firewall.base import Firewall, FirewallError
 from fastagi.protect import Protected
-from fastagi.store import HEARTBEAT_INTERVAL, Store, StoreError
+from fastagi.store import HEARTBEAT_INTERVAL, Store, StoreError, parse_event_id
 
 log = logging.getLogger("fastagi.agent")
 
@@ -38,11 +38,6 @@ FULL_EVERY = 10  # every 10th periodic sync rewrites the whole list anyway
 EXPIRE_TICK = 0.5  # seconds between local expiry checks while Redis is away
 UNTIL_TOLERANCE = 1.0  # seconds: a ban end that moved more than this is re-applied
 EPOCH_EVERY = 1.0  # seconds between looks at the ban list's epoch token (one GET)
-
-
-def _event_id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 # -- what the agent accepts from Redis ---------------------------------------------------
@@ -302,7 +297,7 @@ class Agent:
         if self.last_id == "0-0":
             return False
         first = await self.store.first_event_id()
-        return first is not None and _event_id(first) > _event_id(self.last_id)
+        return first is not None and parse_event_id(first) > parse_event_id(self.last_id)
 
     async def apply(self, events: list[tuple[str, dict[str, str]]]) -> None:
         """Apply a batch of events in order, collapsing them to one add and one delete."""
@@ -410,7 +405,10 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
-        if self._full_due or self._protected_changed() or await self._missed_events():
+        # the embedded store says at no cost whether anything came: no command then
+        quiet = self.block_ms is None and self.store.nothing_after(self.last_id)
+        missed = not quiet and await self._missed_events()
+        if self._full_due or self._protected_changed() or missed:
             await self.reconcile(full=True)
             self._full_due = False
         elif self._diff_due:
@@ -422,7 +420,7 @@ class Agent:
             self._next_sync = time.monotonic() + self.sync_interval
             self._check = asyncio.create_task(self._periodic_check())
         await self._epoch_check_due()
-        events = await self.store.events_after(self.last_id, block_ms=self.block_ms)
+        events = [] if quiet else await self.store.events_after(self.last_id, self.block_ms)
         if events:
             await self.apply(events)
         elif self.block_ms is None:

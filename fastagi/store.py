@@ -70,6 +70,12 @@ class Link(Protocol):
     async def close(self) -> None: ...
 
 
+def parse_event_id(text: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as a pair that sorts as Redis orders them."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class StoreError(Exception):
     """Redis is unreachable, slow or refused the step; the message says which."""
 
@@ -334,8 +340,11 @@ class Store:
         link: Link | None = None,
         clock: Callable[[], float] = time.time,
         protected: Protected | None = None,
+        newest_event: Callable[[str], str | None] | None = None,
     ) -> None:
         self.redis = client
+        # The embedded store's event stream, peeked at without a command (embedded.py).
+        self._newest_event = newest_event
         # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
         # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
         self.clock = clock
@@ -841,6 +850,14 @@ class Store:
             for event_id, fields in entries:
                 events.append((_text(event_id), {_text(k): _text(v) for k, v in fields.items()}))
         return events
+
+    def nothing_after(self, last_id: str) -> bool:
+        """True when surely no event came after `last_id`: the embedded store can tell
+        without a command (a shared Redis cannot: False, ask it)."""
+        if self._newest_event is None:
+            return False
+        newest = self._newest_event(self.keys.events)
+        return newest is not None and parse_event_id(newest) <= parse_event_id(last_id)
 
     async def first_event_id(self) -> str | None:
         """The oldest event still kept; an agent whose last id is older missed some."""
