@@ -11,15 +11,15 @@ store for [redis], firewall, metrics, auth, exchange for [intel] [export] [notif
 
 from __future__ import annotations
 
-from fastagi.config.auth import AuthConfig, ami_secret
-from fastagi.config.exchange import ExportConfig, IntelConfig, NotifyConfig, WebhookConfig
-from fastagi.config.firewall import FirewallConfig
-from fastagi.config.loader import SCHEMA, Config, load, pbx_id
-from fastagi.config.metrics import MetricsConfig
-from fastagi.config.screening import ScreeningConfig
-from fastagi.config.server import ServerConfig
-from fastagi.config.store import RedisConfig, redacted
-from fastagi.config.values import ConfigError, parse_duration
+from .auth import AuthConfig, ami_secret
+from .exchange import ExportConfig, IntelConfig, NotifyConfig, WebhookConfig
+from .firewall import FirewallConfig
+from .loader import SCHEMA, Config, load, pbx_id
+from .metrics import MetricsConfig
+from .screening import ScreeningConfig
+from .server import ServerConfig
+from .store import RedisConfig, redacted
+from .values import ConfigError, parse_duration
 
 __all__ = [
     "SCHEMA",

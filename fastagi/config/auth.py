@@ -8,15 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastagi.config.values import (
-    ConfigError,
-    Schema,
-    boolean,
-    parse_duration,
-    string,
-    string_list,
-    whole,
-)
+from .values import ConfigError, Schema, boolean, parse_duration, string, string_list, whole
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastagi.config.values import Schema, boolean, bounded_duration, choice, string, whole
+from .values import Schema, boolean, bounded_duration, choice, string, whole
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fastagi.config.values import Schema, boolean, parse_duration, string, string_list
 from fastagi.firewall import BACKENDS
 from fastagi.firewall._common import parse_ports
 from fastagi.firewall.base import SIP_PORTS, FirewallError, FirewallSettings
+
+from .values import Schema, boolean, choice, parse_duration, string, string_list
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,8 @@ class FirewallConfig:
 
 
 def _backend(value: Any) -> str:
-    name = string(value)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
-    return name
+    names = ", ".join(BACKENDS)
+    return choice(value, BACKENDS, lambda name: f"unknown backend {name!r} (choose one of {names})")
 
 
 def _chain(value: Any) -> str:

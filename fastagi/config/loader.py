@@ -11,21 +11,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fastagi.config.auth import AUTH, AuthConfig, check_auth
-from fastagi.config.exchange import (
-    EXPORT,
-    INTEL,
-    NOTIFY,
-    ExportConfig,
-    IntelConfig,
-    NotifyConfig,
-)
-from fastagi.config.firewall import FIREWALL, FirewallConfig
-from fastagi.config.metrics import METRICS, MetricsConfig
-from fastagi.config.screening import SCREENING, ScreeningConfig, check_screening
-from fastagi.config.server import SERVER, ServerConfig, parse_key, with_key_file
-from fastagi.config.store import REDIS, RedisConfig, check_cluster
-from fastagi.config.values import ConfigError, Schema
+from .auth import AUTH, AuthConfig, check_auth
+from .exchange import EXPORT, INTEL, NOTIFY, ExportConfig, IntelConfig, NotifyConfig
+from .firewall import FIREWALL, FirewallConfig
+from .metrics import METRICS, MetricsConfig
+from .screening import SCREENING, ScreeningConfig, check_screening
+from .server import SERVER, ServerConfig, parse_key, with_key_file
+from .store import REDIS, RedisConfig, check_cluster
+from .values import ConfigError, Schema
 
 SYSTEM_CONFIG = Path("/etc/fastagi/fastagi.toml")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fastagi.config.values import Schema, host_port, string
+from .values import Schema, choice, host_port, string
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,8 @@ STATUS_PAGE = ("loopback", "on", "off")
 
 
 def _status_page(value: Any) -> str:
-    name = string(value)
-    if name not in STATUS_PAGE:
-        raise ValueError(f"{name!r}: choose one of {', '.join(STATUS_PAGE)}")
-    return name
+    names = ", ".join(STATUS_PAGE)
+    return choice(value, STATUS_PAGE, lambda name: f"{name!r}: choose one of {names}")
 
 
 def _listen_or_empty(value: Any) -> str:

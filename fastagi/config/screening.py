@@ -7,17 +7,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastagi.addresses import WIDEST, AddressSet, Prefixes
-from fastagi.config.values import (
+from fastagi.protect import parse_entry
+
+from .values import (
     ConfigError,
     Schema,
     boolean,
+    choice,
     networks,
     parse_duration,
     string,
     string_list,
     whole,
 )
-from fastagi.protect import parse_entry
 
 
 @dataclass(frozen=True)
@@ -104,10 +106,8 @@ NOTICE_BY = ("dialplan", "agi")
 
 
 def _notice_by(value: Any) -> str:
-    name = string(value)
-    if name not in NOTICE_BY:
-        raise ValueError(f"expected one of {', '.join(map(repr, NOTICE_BY))}, got {name!r}")
-    return name
+    quoted = ", ".join(map(repr, NOTICE_BY))
+    return choice(value, NOTICE_BY, lambda name: f"expected one of {quoted}, got {name!r}")
 
 
 SCREENING: Schema = {

@@ -11,15 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fastagi.addresses import AddressSet
-from fastagi.config.values import (
-    ConfigError,
-    Schema,
-    host_port,
-    networks,
-    parse_duration,
-    string,
-    whole,
-)
+
+from .values import ConfigError, Schema, host_port, networks, parse_duration, string, whole
 
 
 @dataclass(frozen=True)

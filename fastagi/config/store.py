@@ -10,15 +10,7 @@ from urllib.parse import urlsplit
 
 from redis.connection import parse_url
 
-from fastagi.config.values import (
-    ConfigError,
-    Schema,
-    boolean,
-    parse_duration,
-    string,
-    string_list,
-    whole,
-)
+from .values import ConfigError, Schema, boolean, parse_duration, string, string_list, whole
 
 
 @dataclass(frozen=True)

@@ -90,10 +90,13 @@ def string(value: Any) -> str:
     return value
 
 
-def choice(value: Any, choices: tuple[str, ...]) -> str:
+def choice(
+    value: Any, choices: tuple[str, ...], problem: Callable[[str], str] | None = None
+) -> str:
+    """One of `choices`; `problem(text)` words the error where a key has its own wording."""
     text = string(value)
     if text not in choices:
-        raise ValueError(f"{text!r}: one of {', '.join(choices)}")
+        raise ValueError(problem(text) if problem else f"{text!r}: one of {', '.join(choices)}")
     return text
 
 
