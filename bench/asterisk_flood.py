@@ -315,20 +315,14 @@ def quiet_config(work: Path, stack: str, mode: str) -> None:
         )
 
 
-def service_config(work: Path, redis_url: str) -> Path:
-    runtime = work / "run"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    key_file = work / "fastagi.key"
-    key_file.write_text(lab.KEY + "\n")
-    os.chmod(key_file, 0o600)
-    path = work / "fastagi.toml"
-    path.write_text(
-        f'[server]\nlisten = "127.0.0.1:{AGI_PORT}"\nruntime_dir = "{runtime}"\n'
-        f'key_file = "{key_file}"\nstate_dir = "{work / "state"}"\n\n'
-        f'[screening]\nthreshold = {THRESHOLD}\nwindow = "1h"\npbx_id = "flood"\n\n'
-        f'[redis]\nurl = "{redis_url}"\n\n[firewall]\nbackend = "dry-run"\n'
-    )
-    return path
+# lab.write_service_config's keys changed for a flood: our AGI port, a threshold no caller
+# reaches (nothing is banned), the dry-run firewall, no AMI watcher.
+FLOOD_CONFIG: dict[str, dict[str, object] | None] = {
+    "server": {"listen": f"127.0.0.1:{AGI_PORT}"},
+    "screening": {"threshold": THRESHOLD, "window": "1h"},
+    "firewall": {"backend": "dry-run", "ports": None, "sync_interval": None},
+    "auth": None,
+}
 
 
 class Rig:
@@ -361,7 +355,7 @@ class Rig:
                 assert redis.proc is not None
                 self.pids["redis"] = redis.proc.pid
                 url = redis.url()  # it listens on the namespace's own address
-            self.config = service_config(self.work, url)
+            self.config = lab.write_service_config(self.work, stacks, url, "flood", FLOOD_CONFIG)
             proc = self.pbx.spawn(
                 [sys.executable, "-m", "fastagi.cli", "--config", str(self.config), "serve"],
                 stdout=log,
