@@ -7,12 +7,15 @@
 Each --asterisk is the install prefix of an Asterisk built by lab/asterisk/build.sh.
 The stack flooded is chan_sip where the build has it (20), else PJSIP (22);
 --pjsip-too adds PJSIP on a build that has both. For every stack, side by side in one
-invocation, four modes, each on a freshly started Asterisk (lab/asterisk/lab.py's
+invocation, five modes, each on a freshly started Asterisk (lab/asterisk/lab.py's
 namespaces and private config, verbose 0, NOTICE and worse logged to one file):
 
 - alone:    the seed recipe, no AGI (Log the NOTICE, Hangup(21));
 - floor:    the shipped dialplan calling bench/peers/floor_agi.py, which reads the
             environment block and closes (the cost of res_agi itself);
+- trips:    the same peer with `--trips 2`: a screener's two round trips (the
+            caller's address, one MSet) with nothing behind them, counting nothing
+            (what the protocol itself costs; not a screening mode);
 - embedded: the shipped dialplan calling `fastagi-ctl serve` on the embedded store;
 - redis:    the same on a real redis-server.
 
@@ -37,7 +40,7 @@ INVITEs; every call is answered 403. Per mode:
 5. embedded and redis: the same service driven by the project's emulator
    (fastagi.emulator.FakeAsterisk) at that rate: server CPU per call, real vs emulator.
 
-The modes run side by side: four PBX namespaces, one Asterisk each, every phase
+The modes run side by side: five PBX namespaces, one Asterisk each, every phase
 interleaved round robin, so drifting load on a shared box hits all of them alike.
 
 The screening threshold is 1,000,000: nothing is banned during the flood. Root needed
@@ -69,7 +72,7 @@ sys.path.insert(0, str(ROOT / "lab" / "asterisk"))
 import lab  # noqa: E402  (lab/asterisk/lab.py: namespaces, configs, Asterisk)
 from tests.netns import NamespaceRedis, make_topology  # noqa: E402
 
-MODES = ("alone", "floor", "embedded", "redis")
+MODES = ("alone", "floor", "trips", "embedded", "redis")
 SERVICE_MODES = ("embedded", "redis")
 P99_LIMIT_MS = 50.0
 FIRST_RATE = 200  # the ladder's first step; the CPU figures' rate unless --cpu-rate
@@ -342,10 +345,10 @@ class Rig:
         conf = lab.write_config(self.work, self.inst, stacks)
         quiet_config(self.work, self.stack.name, self.mode)
         log = (self.work / "server.log").open("ab")
-        if self.mode == "floor":
-            proc = self.pbx.spawn(
-                [sys.executable, str(ROOT / "bench/peers/floor_agi.py")], stdout=log, stderr=log
-            )
+        if self.mode in ("floor", "trips"):
+            floor = [sys.executable, str(ROOT / "bench/peers/floor_agi.py")]
+            trips = ["--trips", "2"] if self.mode == "trips" else []
+            proc = self.pbx.spawn([*floor, *trips], stdout=log, stderr=log)
             self.pids["server"] = proc.pid
         elif self.mode in SERVICE_MODES:
             url = "memory://"
@@ -696,7 +699,7 @@ def markdown(report: dict) -> str:
             at = m.get("cpu", {})
             cpu += f" ({at.get('rate')}{'' if at.get('held') else ', not held'})"
             versus = "-"
-            if name in SERVICE_MODES:
+            if name in (*SERVICE_MODES, "trips"):
                 server = ratio(cpu_of(m, "server"), cpu_of(floor, "server"))
                 versus = f"{fmt(server, 1)}x, {fmt(ratio(cpu_of(m, 'all'), cpu_of(floor, 'all')))}x"
             added = "" if name == "alone" else f" ({fmt(added_latency(m, modes.get('alone', {})))})"
