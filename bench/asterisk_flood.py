@@ -7,12 +7,15 @@
 Each --asterisk is the install prefix of an Asterisk built by lab/asterisk/build.sh.
 The stack flooded is chan_sip where the build has it (20), else PJSIP (22);
 --pjsip-too adds PJSIP on a build that has both. For every stack, side by side in one
-invocation, four modes, each on a freshly started Asterisk (lab/asterisk/lab.py's
+invocation, five modes, each on a freshly started Asterisk (lab/asterisk/lab.py's
 namespaces and private config, verbose 0, NOTICE and worse logged to one file):
 
 - alone:    the seed recipe, no AGI (Log the NOTICE, Hangup(21));
 - floor:    the shipped dialplan calling bench/peers/floor_agi.py, which reads the
             environment block and closes (the cost of res_agi itself);
+- trips:    the same peer with `--trips 2`: a screener's two round trips (the
+            caller's address, one MSet) with nothing behind them, counting nothing
+            (what the protocol itself costs; not a screening mode);
 - embedded: the shipped dialplan calling `fastagi-ctl serve` on the embedded store;
 - redis:    the same on a real redis-server.
 
@@ -37,7 +40,7 @@ INVITEs; every call is answered 403. Per mode:
 5. embedded and redis: the same service driven by the project's emulator
    (fastagi.emulator.FakeAsterisk) at that rate: server CPU per call, real vs emulator.
 
-The modes run side by side: four PBX namespaces, one Asterisk each, every phase
+The modes run side by side: five PBX namespaces, one Asterisk each, every phase
 interleaved round robin, so drifting load on a shared box hits all of them alike.
 
 The screening threshold is 1,000,000: nothing is banned during the flood. Root needed
@@ -69,7 +72,7 @@ sys.path.insert(0, str(ROOT / "lab" / "asterisk"))
 import lab  # noqa: E402  (lab/asterisk/lab.py: namespaces, configs, Asterisk)
 from tests.netns import NamespaceRedis, make_topology  # noqa: E402
 
-MODES = ("alone", "floor", "embedded", "redis")
+MODES = ("alone", "floor", "trips", "embedded", "redis")
 SERVICE_MODES = ("embedded", "redis")
 P99_LIMIT_MS = 50.0
 FIRST_RATE = 200  # the ladder's first step; the CPU figures' rate unless --cpu-rate
@@ -315,20 +318,14 @@ def quiet_config(work: Path, stack: str, mode: str) -> None:
         )
 
 
-def service_config(work: Path, redis_url: str) -> Path:
-    runtime = work / "run"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    key_file = work / "fastagi.key"
-    key_file.write_text(lab.KEY + "\n")
-    os.chmod(key_file, 0o600)
-    path = work / "fastagi.toml"
-    path.write_text(
-        f'[server]\nlisten = "127.0.0.1:{AGI_PORT}"\nruntime_dir = "{runtime}"\n'
-        f'key_file = "{key_file}"\nstate_dir = "{work / "state"}"\n\n'
-        f'[screening]\nthreshold = {THRESHOLD}\nwindow = "1h"\npbx_id = "flood"\n\n'
-        f'[redis]\nurl = "{redis_url}"\n\n[firewall]\nbackend = "dry-run"\n'
-    )
-    return path
+# lab.write_service_config's keys changed for a flood: our AGI port, a threshold no caller
+# reaches (nothing is banned), the dry-run firewall, no AMI watcher.
+FLOOD_CONFIG: dict[str, dict[str, object] | None] = {
+    "server": {"listen": f"127.0.0.1:{AGI_PORT}"},
+    "screening": {"threshold": THRESHOLD, "window": "1h"},
+    "firewall": {"backend": "dry-run", "ports": None, "sync_interval": None},
+    "auth": None,
+}
 
 
 class Rig:
@@ -348,10 +345,10 @@ class Rig:
         conf = lab.write_config(self.work, self.inst, stacks)
         quiet_config(self.work, self.stack.name, self.mode)
         log = (self.work / "server.log").open("ab")
-        if self.mode == "floor":
-            proc = self.pbx.spawn(
-                [sys.executable, str(ROOT / "bench/peers/floor_agi.py")], stdout=log, stderr=log
-            )
+        if self.mode in ("floor", "trips"):
+            floor = [sys.executable, str(ROOT / "bench/peers/floor_agi.py")]
+            trips = ["--trips", "2"] if self.mode == "trips" else []
+            proc = self.pbx.spawn([*floor, *trips], stdout=log, stderr=log)
             self.pids["server"] = proc.pid
         elif self.mode in SERVICE_MODES:
             url = "memory://"
@@ -361,7 +358,7 @@ class Rig:
                 assert redis.proc is not None
                 self.pids["redis"] = redis.proc.pid
                 url = redis.url()  # it listens on the namespace's own address
-            self.config = service_config(self.work, url)
+            self.config = lab.write_service_config(self.work, stacks, url, "flood", FLOOD_CONFIG)
             proc = self.pbx.spawn(
                 [sys.executable, "-m", "fastagi.cli", "--config", str(self.config), "serve"],
                 stdout=log,
@@ -702,7 +699,7 @@ def markdown(report: dict) -> str:
             at = m.get("cpu", {})
             cpu += f" ({at.get('rate')}{'' if at.get('held') else ', not held'})"
             versus = "-"
-            if name in SERVICE_MODES:
+            if name in (*SERVICE_MODES, "trips"):
                 server = ratio(cpu_of(m, "server"), cpu_of(floor, "server"))
                 versus = f"{fmt(server, 1)}x, {fmt(ratio(cpu_of(m, 'all'), cpu_of(floor, 'all')))}x"
             added = "" if name == "alone" else f" ({fmt(added_latency(m, modes.get('alone', {})))})"

@@ -57,7 +57,12 @@ def start_service(
     if server_path:  # another checkout's service (A/B), the same generator
         env["PYTHONPATH"] = server_path
     ctl = shutil.which("fastagi-ctl")
-    argv = [ctl] if ctl else [sys.executable, "-m", "fastagi.cli"]
+    if ctl:
+        argv = [ctl]
+    elif prefix[:1] == [sys.executable]:  # under cProfile, which takes `-m module` itself
+        argv = ["-m", "fastagi.cli"]
+    else:
+        argv = [sys.executable, "-m", "fastagi.cli"]
     argv = [*prefix, *argv, "serve", "--no-agent"]
     pid = procs.start(f"ours-{store}", pinned(SERVER_CORE, *argv), port, env, 300)
     return f"agi://127.0.0.1:{port}/screen", pid

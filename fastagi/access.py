@@ -10,6 +10,7 @@ so only the block's own second line is read (agi.py `Environment.script`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 
@@ -26,9 +27,13 @@ def key_matches(expected: str, script: str) -> bool:
     ]
     if len(given) != 1:
         return False
-    return hmac.compare_digest(
-        hashlib.sha256(given[0].encode()).digest(), hashlib.sha256(expected.encode()).digest()
-    )
+    return hmac.compare_digest(hashlib.sha256(given[0].encode()).digest(), _digest(expected))
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(key: str) -> bytes:
+    """The configured key's digest, made once, not once per session."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 def url_with_key(url: str, key: str) -> str:

@@ -10,6 +10,7 @@ a whole IPv6 /64 (often a /48), so callers are counted and banned per prefix
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -31,6 +32,7 @@ class AddressError(ValueError):
     """Text that is not one IP address."""
 
 
+@functools.lru_cache(maxsize=4096)  # a scan repeats its few addresses: parse each once
 def parse_address(text: str) -> IPAddress:
     """Parse `203.0.113.9`, `203.0.113.9:5060`, `2001:db8::9` or `[2001:db8::9]:5060`.
 

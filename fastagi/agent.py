@@ -40,7 +40,7 @@ from fastagi.store import (
     HEARTBEAT_INTERVAL,
     Store,
     StoreError,
-    event_order,
+    parse_event_id,
 )
 
 log = logging.getLogger("fastagi.agent")
@@ -330,7 +330,7 @@ class Agent:
         if self.last_id == "0-0":
             return False
         first = await self.store.first_event_id()
-        return first is not None and event_order(first) > event_order(self.last_id)
+        return first is not None and parse_event_id(first) > parse_event_id(self.last_id)
 
     async def apply(self, events: list[tuple[str, dict[str, str]]]) -> None:
         """Apply a batch of events in order: the ban/unban events between two `sync`
@@ -395,7 +395,7 @@ class Agent:
         token, after = fields.get("batch", ""), fields.get("after", "")
         batch = None
         if SYNC_TOKEN.fullmatch(token) and EVENT_ID.fullmatch(after):
-            batch = await self.store.sync_batch(token, event_order(after), event_id)
+            batch = await self.store.sync_batch(token, parse_event_id(after), event_id)
         if batch is None:
             log.info("sync event %s: its batch cannot be read; reading the whole list", event_id)
             self._full_due = True
@@ -513,7 +513,10 @@ class Agent:
 
     async def step(self) -> None:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
-        if self._full_due or self._protected_changed() or await self._missed_events():
+        # the embedded store says at no cost whether anything came: no command then
+        quiet = self.block_ms is None and self.store.nothing_after(self.last_id)
+        missed = not quiet and await self._missed_events()
+        if self._full_due or self._protected_changed() or missed:
             await self.reconcile(full=True)
             self._full_due = False
         elif self._diff_due:
@@ -525,7 +528,7 @@ class Agent:
             self._next_sync = time.monotonic() + self.sync_interval
             self._check = asyncio.create_task(self._periodic_check())
         await self._epoch_check_due()
-        events = await self.store.events_after(self.last_id, block_ms=self.block_ms)
+        events = [] if quiet else await self.store.events_after(self.last_id, self.block_ms)
         if events:
             await self.apply(events)
         elif self.block_ms is None:

@@ -18,7 +18,7 @@ import functools
 import io
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,57 +120,143 @@ class Environment:
         return [self.values[key] for key in self.keys[first:]]
 
 
-class SessionReader(asyncio.StreamReader):
-    """asyncio's StreamReader that wakes its session once per line or block it waits
-    for, not once per TCP segment.
+class SessionStream(asyncio.Protocol):
+    """One FastAGI connection: its reader and its writer in one small protocol object.
 
-    res_agi writes every env line with a write(2) of its own and no TCP_NODELAY, so a
-    block arrives in 2-25 segments (asterisk22 captures; our TCP_QUICKACK makes it more,
-    as each line is acknowledged at once), and StreamReader wakes a waiting
-    `readuntil` for each: a task step and a new future per segment, a third of the
-    server's CPU per session in bench/session_profile.py. Here a segment that does not
-    complete the awaited separator is only buffered. Uses StreamReader's own buffer and
-    waiter (CPython 3.11-3.13 internals), in this one place."""
+    asyncio's streams cost a StreamReader, a StreamWriter and a StreamReaderProtocol per
+    connection, with their weak references, checks and a future per segment read: about
+    180,000 of the ~860,000 instructions the server spent on a session (callgrind,
+    bench/session_profile.py). This keeps the part of their interface a session uses,
+    `readuntil()` (with StreamReader's IncompleteReadError and LimitOverrunError),
+    `write()`, `drain()`, `transport`, `get_extra_info()`, `is_closing()`, `close()`, and
+    wakes a waiting read once per line or block, however res_agi's line-by-line writes
+    were cut into segments (2-25 per block in the asterisk22 captures; our TCP_QUICKACK
+    makes more). `connected(stream, stream)` runs as the session's task."""
 
-    _awaiting: bytes | None = None  # the separator a readuntil() waits for, if any
+    def __init__(
+        self,
+        connected: Callable[[SessionStream, SessionStream], Awaitable[None]] | None = None,
+        limit: int = MAX_LINE,
+    ) -> None:
+        self._connected = connected
+        self._limit = limit
+        self._buffer = bytearray()
+        self._separator = b""  # what a waiting read looks for
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._error: Exception | None = None  # what ended the connection, if not a close
+        self._lost: Exception | None = None  # what a write after the end raises
+        self._reading_paused = False
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task | None = None
 
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        self._awaiting = separator
-        try:
-            return await super().readuntil(separator)
-        finally:
-            self._awaiting = None
+    # -- the protocol side (the event loop calls these) --
 
-    def feed_data(self, data: bytes) -> None:
-        separator, buffer = self._awaiting, self._buffer
-        if (
-            separator is not None
-            and self._waiter is not None
-            and len(buffer) + len(data) <= self._limit
-            and separator not in data
-            # the separator may straddle two segments (the block's empty line is a
-            # write of its own): only our two-byte b"\n\n" can
-            and not (len(separator) == 2 and buffer[-1:] == separator[:1] == data[:1])
-        ):
-            buffer.extend(data)
-            return
-        super().feed_data(data)
-
-
-class SessionProtocol(asyncio.StreamReaderProtocol):
-    """StreamReaderProtocol with its reader at hand: each of res_agi's segments goes
-    straight to SessionReader.feed_data (asyncio's own looks the reader up through a
-    weak reference on every segment)."""
-
-    def __init__(self, reader: SessionReader, connected: Callable[..., Any]) -> None:
-        super().__init__(reader, connected)
-        self._reader = reader
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._connected is not None:
+            self.task = asyncio.get_running_loop().create_task(self._connected(self, self))
 
     def data_received(self, data: bytes) -> None:
-        self._reader.feed_data(data)
+        buffer = self._buffer
+        buffer += data
+        if self._waiter is not None:
+            separator = self._separator
+            # the separator may straddle two segments: look from just before this one
+            start = max(0, len(buffer) - len(data) - len(separator) + 1)
+            if buffer.find(separator, start) >= 0 or len(buffer) > self._limit:
+                self._wake()
+        if len(buffer) > 2 * self._limit and not self._reading_paused and self.transport:
+            self._reading_paused = True  # a peer that writes without end waits for us
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # our side may still write (and close) on a half-closed connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._lost = exc or ConnectionResetError("Connection lost")
+        self._error = exc
+        self._wake()
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_exception(self._lost)
+
+    def pause_writing(self) -> None:
+        self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the reader side --
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        """Up to and including `separator`, as StreamReader.readuntil: LimitOverrunError
+        (the data left in the buffer) past the limit, IncompleteReadError at the end."""
+        buffer = self._buffer
+        while True:
+            index = buffer.find(separator)
+            if index >= 0:
+                end = index + len(separator)
+                if end > self._limit:
+                    raise asyncio.LimitOverrunError("separator found past the limit", index)
+                chunk = bytes(buffer[:end])
+                del buffer[:end]
+                if self._reading_paused and len(buffer) <= self._limit and self.transport:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if len(buffer) > self._limit:
+                raise asyncio.LimitOverrunError("separator not found within the limit", len(buffer))
+            if self._eof:
+                if self._error is not None:
+                    raise self._error
+                chunk = bytes(buffer)
+                buffer.clear()
+                raise asyncio.IncompleteReadError(chunk, None)
+            self._separator = separator
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    # -- the writer side --
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the transport's buffer is full (StreamWriter.drain)."""
+        if self._lost is not None:
+            raise self._lost
+        if self._writable is not None:
+            await self._writable
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        assert self.transport is not None
+        return self.transport.get_extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
-async def _readline(reader: asyncio.StreamReader) -> str:
+async def _readline(reader: SessionStream) -> str:
     try:
         raw = await reader.readuntil(b"\n")
     except asyncio.IncompleteReadError:
@@ -180,7 +266,7 @@ async def _readline(reader: asyncio.StreamReader) -> str:
     return raw[:-1].decode("utf-8", errors="replace")
 
 
-async def read_environment(reader: asyncio.StreamReader) -> Environment:
+async def read_environment(reader: SessionStream) -> Environment:
     """Read up to the first empty line, as Asterisk ends the block.
 
     One `readuntil(b"\\n\\n")` takes the whole block in the usual case (it ends at the
@@ -254,7 +340,7 @@ _DISCARD = _Discard()
 class AGISession(AGI):
     """pyst2's AGI bound to one asyncio connection, one command at a time."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: SessionStream, writer: SessionStream) -> None:
         # Deliberately not AGI.__init__ (signal handler, stdin): see the module docstring.
         self.reader = reader
         self.writer = writer
@@ -373,7 +459,7 @@ class AGISession(AGI):
         random nonce together with the expression; only Asterisk's answer to this
         command can contain the nonce, so every line before it is discarded.
         """
-        nonce = secrets.token_hex(12)
+        nonce = _nonce()
         await self.send("GET FULL VARIABLE", self._quote(f"{nonce} {expression}"))
         marker = f"200 result=1 ({nonce} "
         for _ in range(MAX_STRAY_LINES):
@@ -397,6 +483,26 @@ class AGISession(AGI):
         (waiting cost a task and a timer per session and told nobody anything)."""
         if not self.writer.is_closing():
             self.writer.close()
+
+
+class _Nonces:
+    """Resync nonces: 12 bytes of os.urandom each, drawn 4 KiB at a time (one syscall
+    per 341 sessions instead of one each; as unpredictable, never reused)."""
+
+    def __init__(self, size: int = 4092) -> None:
+        self._size = size
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = secrets.token_bytes(self._size), 0
+        nonce = self._pool[self._at : self._at + 12]
+        self._at += 12
+        return nonce.hex()
+
+
+_nonce = _Nonces()
 
 
 def _parse_200(line: str) -> dict[str, tuple[str, str]]:

@@ -138,6 +138,36 @@ end
 # The clock and the holds' functions: what every script but the screening step begins with.
 _COMMON = _CLOCK + _HOLDS
 
+# The tail of both counting steps (a screened call, an authentication failure): the
+# event joins the caller's sliding window (KEYS[1], one member each); at the threshold
+# the caller is banned through the counting source's hold (the helpers are defined only
+# then: the common call does not pay for them) and the window starts afresh.
+# Needs the locals ip, threshold, window, ban_until, country; the KEYS and ARGV as SCREEN.
+_WINDOW = (
+    """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
+redis.call('ZADD', KEYS[1], int(now), ARGV[9])
+redis.call('PEXPIRE', KEYS[1], int(window))
+local count = redis.call('ZCARD', KEYS[1])
+if count >= threshold then
+"""
+    + _HOLDS
+    + """
+  local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
+             holds = KEYS[7], by_hour = KEYS[8]}
+  local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
+  ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, count, ARGV[10],
+                         tonumber(ARGV[11]))[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[4], ip)
+  if country ~= '' then redis.call('HSET', KEYS[2], 'country', country) end
+  return {'BANNED', count, ban_until, 1}
+end
+redis.call('ZADD', KEYS[4], int(now + window), ip)
+return {'COUNTED', count, 0, 0}
+"""
+)
+
 # KEYS: count, record, banned, counted, events, stats, holds, bans_by_hour
 # ARGV: ip, threshold, window_ms, ban_time_ms, factor, ban_max_ms, pbx_id, source (the
 #       threshold's hold, also its reason), member (unique per call), events_maxlen,
@@ -167,27 +197,9 @@ if ban_until and ban_until > now then
   redis.call('HSET', KEYS[2], 'last_seen', int(now))
   return {'BANNED', count, ban_until, 0}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
-redis.call('ZADD', KEYS[1], int(now), ARGV[9])
-redis.call('PEXPIRE', KEYS[1], int(window))
-local count = redis.call('ZCARD', KEYS[1])
-if count >= threshold then
+local country = ARGV[14] or ''
 """
-    + _HOLDS
-    + """
-  local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
-             holds = KEYS[7], by_hour = KEYS[8]}
-  local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-  ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, count, ARGV[10],
-                         tonumber(ARGV[11]))[1]
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[4], ip)
-  if ARGV[14] and ARGV[14] ~= '' then redis.call('HSET', KEYS[2], 'country', ARGV[14]) end
-  return {'BANNED', count, ban_until, 1}
-end
-redis.call('ZADD', KEYS[4], int(now + window), ip)
-return {'COUNTED', count, 0, 0}
-"""
+    + _WINDOW
 )
 
 # KEYS: count, record, banned, counted, events, stats, holds, bans_by_hour
@@ -303,31 +315,17 @@ return {redis.call('GET', KEYS[3]), written}
 #       member (unique per failure), events_maxlen, history_ms
 # Returns {result, count, ban_until_ms, new_ban}, as SCREEN
 AUTH_FAILURE = (
-    _COMMON
+    _CLOCK
     + """
-local ip, window = ARGV[1], tonumber(ARGV[3])
+local ip, threshold, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('HINCRBY', KEYS[6], 'auth_failures', 1)
 local ban_until = tonumber(redis.call('ZSCORE', KEYS[3], ip))
 if ban_until and ban_until > now then
   return {'BANNED', redis.call('HINCRBY', KEYS[2], 'count', 1), ban_until, 0}
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - window))
-redis.call('ZADD', KEYS[1], int(now), ARGV[9])
-redis.call('PEXPIRE', KEYS[1], int(window))
-local failures = redis.call('ZCARD', KEYS[1])
-if failures < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[4], int(now + window), ip)
-  return {'COUNTED', failures, 0, 0}
-end
-local k = {record = KEYS[2], banned = KEYS[3], events = KEYS[5], stats = KEYS[6],
-           holds = KEYS[7], by_hour = KEYS[8]}
-local hold_end = ban_end(k, 0, tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-ban_until = place_hold(k, ip, ARGV[8], hold_end, ARGV[8], ARGV[7], true, failures, ARGV[10],
-                       tonumber(ARGV[11]))[1]
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[4], ip)
-return {'BANNED', failures, ban_until, 1}
+local country = ''
 """
+    + _WINDOW
 )
 
 # A chunk of a blocklist feed (feeds.py): each target gets the feed's hold (source

@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from fastagi.admin import printable
 from fastagi.agent import BadEntry, parse_event
 from fastagi.config import WebhookConfig
-from fastagi.store import Store, StoreError
+from fastagi.store import Store, StoreError, parse_event_id
 
 log = logging.getLogger("fastagi.notify")
 
@@ -333,7 +333,8 @@ class Webhook:
             await self.store.notify_advance(self.hook, self.token, cursor, KEEP_CURSOR)
         else:
             first = await self.store.first_event_id()
-            if first is not None and _id(first) > _id(cursor) and cursor != "0-0":
+            trimmed = first is not None and parse_event_id(first) > parse_event_id(cursor)
+            if trimmed and cursor != "0-0":
                 log.warning(
                     "notify %s: events after %s were trimmed from the stream before they were sent",
                     self.name,
@@ -479,14 +480,10 @@ async def check_lines(hooks: tuple[WebhookConfig, ...], store: Store) -> list[st
             continue
         last = ""
         if cursor is not None and cursor != "0-0":
-            last = f", last event taken {max(0.0, store.now() - _id(cursor)[0] / 1000):.0f}s ago"
+            age = max(0.0, store.now() - parse_event_id(cursor)[0] / 1000)
+            last = f", last event taken {age:.0f}s ago"
         lines.append(f"ok   {what}: sent by {printable(owner.partition('@')[2])}{last}")
     return lines
-
-
-def _id(text: str) -> tuple[int, int]:
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class Notifier:

@@ -22,8 +22,7 @@ from fastagi.agi import (
     AGIProtocolError,
     AGISession,
     Environment,
-    SessionProtocol,
-    SessionReader,
+    SessionStream,
 )
 from fastagi.screening import Outcome, Screener
 
@@ -169,12 +168,12 @@ class FastAGIServer:
         self.refusals = RefusalLog()
         self.uncounted = UncountedLog()
         # Sessions still waiting for their environment block, oldest first: peer text.
-        self._waiting: dict[asyncio.StreamWriter, str] = {}
+        self._waiting: dict[SessionStream, str] = {}
 
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
-        # asyncio.start_server, with a reader that wakes a session per line, not per segment.
-        def protocol() -> SessionProtocol:
-            return SessionProtocol(SessionReader(limit=MAX_LINE), self._accept)
+        # asyncio.start_server's job, with agi.SessionStream in place of asyncio's streams
+        def protocol() -> SessionStream:
+            return SessionStream(self._accept, MAX_LINE)
 
         self._server = await asyncio.get_running_loop().create_server(
             protocol, host, port, backlog=1024, reuse_address=True
@@ -191,8 +190,8 @@ class FastAGIServer:
         self.refusals.close()
         self.uncounted.close()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
+    async def _accept(self, reader: SessionStream, writer: SessionStream) -> None:
+        task = reader.task  # this coroutine's own task (SessionStream made it)
         if task is not None:
             self._tasks.add(task)
         try:
@@ -217,7 +216,7 @@ class FastAGIServer:
             self._clients[host] = allowed
         return allowed
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, reader: SessionStream, writer: SessionStream) -> None:
         peer = writer.get_extra_info("peername")
         if not peer:
             # The peer reset the connection before this task ran (its address went
@@ -347,7 +346,7 @@ class _KeyRefused(Exception):
     """The AGI URL did not carry `server.key`."""
 
 
-def _quickack(writer: asyncio.StreamWriter) -> None:
+def _quickack(writer: SessionStream) -> None:
     """Ack Asterisk's line-by-line writes at once: without it a 520 answer or the
     HANGUP after our own command waits ~40 ms for a delayed ACK (agi-timing.txt)."""
     sock = writer.get_extra_info("socket")

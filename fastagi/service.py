@@ -10,8 +10,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import fakeredis
@@ -23,7 +24,7 @@ from fastagi import logs
 from fastagi import metrics as service_metrics
 from fastagi.agent import Agent
 from fastagi.config import Config, redacted
-from fastagi.embedded import EmbeddedRedis, NativeScreen
+from fastagi.embedded import EmbeddedRedis, NativeScreen, newest_event
 from fastagi.export import Exporter
 from fastagi.keys import Keys
 from fastagi.protect import Protected
@@ -126,7 +127,11 @@ async def check_shared_redis(store: Store, config: Config) -> None:
 
 
 def make_store(
-    config: Config, client: Any, link: Link | None = None, protected: Protected | None = None
+    config: Config,
+    client: Any,
+    link: Link | None = None,
+    protected: Protected | None = None,
+    newest_event: Callable[[str], str | None] | None = None,
 ) -> Store:
     """The store with its guard: `protected` (default: this host's set, names not yet
     resolved) is never written to the ban list."""
@@ -138,6 +143,7 @@ def make_store(
         wait=(config.redis.wait_replicas, config.redis.wait_timeout),
         link=link,
         protected=protected or Protected.from_config(config),
+        newest_event=newest_event,
     )
 
 
@@ -168,7 +174,9 @@ def make_embedded_store(config: Config, server: fakeredis.FakeServer) -> Store:
         connection_pool_class=BlockingConnectionPool,
         max_connections=config.server.max_sessions + EMBEDDED_SPARE_CONNECTIONS,
     )
-    return make_store(config, client, NativeScreen(server, client))
+    return make_store(
+        config, client, NativeScreen(server, client), newest_event=partial(newest_event, server)
+    )
 
 
 def make_server(config: Config, store: Store, metrics: Any = None) -> FastAGIServer:

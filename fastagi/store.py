@@ -72,6 +72,12 @@ class Link(Protocol):
     async def close(self) -> None: ...
 
 
+def parse_event_id(text: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as a pair that sorts as Redis orders them."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class StoreError(Exception):
     """Redis is unreachable, slow or refused the step; the message says which."""
 
@@ -281,12 +287,6 @@ def heartbeat_age(info: dict[str, Any], now: float) -> tuple[float, bool]:
     return age, age > STALE_BEATS * interval
 
 
-def event_order(text: str) -> tuple[int, int]:
-    """An event id (`<ms>-<seq>`) as something that sorts; ValueError when it is none."""
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _text(value: Any) -> str:
     """Redis bytes as text; bytes that are not UTF-8 (another host's garbage) show as
     escapes instead of raising, so a reader can reject the entry and go on."""
@@ -342,8 +342,11 @@ class Store:
         link: Link | None = None,
         clock: Callable[[], float] = time.time,
         protected: Protected | None = None,
+        newest_event: Callable[[str], str | None] | None = None,
     ) -> None:
         self.redis = client
+        # The embedded store's event stream, peeked at without a command (embedded.py).
+        self._newest_event = newest_event
         # This host's clock (injectable for tests) and how far Redis's TIME is ahead of
         # it (sync_clock): ban ends come from Redis's clock, remaining times must too.
         self.clock = clock
@@ -636,7 +639,7 @@ class Store:
             return None
         parts = _text(raw).split()
         # a stream shorter than its cap was never trimmed (trimming stops at the cap)
-        kept = length < EVENTS_MAXLEN or bool(first and event_order(_text(first[0][0])) <= after)
+        kept = length < EVENTS_MAXLEN or bool(first and parse_event_id(_text(first[0][0])) <= after)
         if len(parts) % 2 or not kept or len(during) > SYNC_REREAD_MAX + 1:
             return None
         written = dict(zip(parts[::2], parts[1::2], strict=True))
@@ -887,6 +890,14 @@ class Store:
             for event_id, fields in entries:
                 events.append((_text(event_id), {_text(k): _text(v) for k, v in fields.items()}))
         return events
+
+    def nothing_after(self, last_id: str) -> bool:
+        """True when surely no event came after `last_id`: the embedded store can tell
+        without a command (a shared Redis cannot: False, ask it)."""
+        if self._newest_event is None:
+            return False
+        newest = self._newest_event(self.keys.events)
+        return newest is not None and parse_event_id(newest) <= parse_event_id(last_id)
 
     async def first_event_id(self) -> str | None:
         """The oldest event still kept; an agent whose last id is older missed some."""

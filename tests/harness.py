@@ -81,6 +81,22 @@ def need_program(name: str, package: str) -> str:
     return path
 
 
+# The channel of Asterisk 22.10.1's PJSIP guest calls in the captures (tests/data:
+# agi-env-pjsip.bin, agi-pjsip-sessions.txt), as their env blocks show it.
+PJSIP_CAPTURED: dict[str, Any] = {
+    "channel_type": "PJSIP",
+    "calleridname": "lab",
+    "priority": 2,
+    "threadid": "140652476180160",
+}
+
+
+def pjsip_captured_call() -> Call:
+    """The first captured PJSIP call (the env block of tests/data/agi-env-pjsip.bin), so
+    the emulator can be held to Asterisk's bytes."""
+    return Call(source="127.0.0.40", exten="123456", uniqueid="1796211540.0", **PJSIP_CAPTURED)
+
+
 def place_calls(target: str, calls: list[Call]) -> list[CallResult]:
     """Screened calls to a running service (a real process), one after the other, as
     Asterisk places them."""

@@ -6,10 +6,14 @@ import asyncio
 import ipaddress
 import time
 
+import fakeredis
+import fakeredis.aioredis
+
 from fastagi.addresses import AddressSet
 from fastagi.agent import Agent
 from fastagi.firewall.dryrun import DryRunFirewall
 from fastagi.keys import Keys
+from fastagi.service import make_embedded_store
 from fastagi.store import Policy, Store, redis_client
 from tests.harness import firewall_ips, settings, wait_until
 
@@ -115,3 +119,49 @@ def test_agent_that_missed_trimmed_events_reconciles(redis_url):
         return firewall_ips(firewall)
 
     assert asyncio.run(main()) == {"198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9"}
+
+
+def test_an_idle_embedded_agent_sends_no_command_and_misses_no_ban(tmp_path):
+    """memory://: the agent looks at the stream 20 times a second without a command
+    (an idle service's CPU), yet a ban from the screening step, one written by another
+    client (as `fastagi-ctl ban` through the control socket) and a stream trimmed while
+    it was away all reach the firewall."""
+
+    async def main():
+        server = fakeredis.FakeServer()
+        store = make_embedded_store(settings("memory://"), server)
+        other = Store(
+            fakeredis.aioredis.FakeRedis(server=server), Keys(), Policy(3, 600, 3600, 2, 86400), "x"
+        )
+        firewall = DryRunFirewall()
+        agent = Agent(store, firewall, sync_interval=3600, ignore=IGNORE, block_ms=None)
+        commands = []
+        send = store.redis.execute_command
+
+        async def counted(*args, **options):
+            commands.append(args[0])
+            return await send(*args, **options)
+
+        store.redis.execute_command = counted
+        await agent.step()  # the first look at start
+        commands.clear()
+        for _ in range(20):
+            await agent.step()
+        idle = list(commands)
+        threshold = settings("memory://").screening.threshold
+        for _ in range(threshold):
+            await store.screen("198.51.100.20")
+        await agent.step()
+        await other.ban("198.51.100.21", 600, "manual")
+        await agent.step()
+        await other.ban("198.51.100.22", 600, "manual")
+        await other.redis.xtrim(Keys().events, maxlen=0)
+        await other.ban("198.51.100.23", 600, "manual")
+        await agent.step()
+        await store.close()
+        await other.close()
+        return idle, firewall_ips(firewall)
+
+    idle, applied = asyncio.run(main())
+    assert not {"XREAD", "XRANGE"} & set(idle), idle  # a GET of the wipe token a second is fine
+    assert applied == {"198.51.100.20", "198.51.100.21", "198.51.100.22", "198.51.100.23"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fastagi.emulator import Call, FakeAsterisk, environment_block, separate_args, split_words
-from tests.harness import counted_as, running_server
+from tests.harness import PJSIP_CAPTURED, counted_as, pjsip_captured_call, running_server
 from tests.test_protect import EMPTY
 from tests.test_screen_route import SEED_ARGS
 
@@ -112,30 +112,14 @@ def test_the_emulator_playing_22_writes_the_captured_blocks_byte_for_byte():
     agi_version 22.10.1, and the dialed number cut at 79 in agi_dnid as in ${EXTEN}."""
     fake = FakeAsterisk(asterisk="22.10.1-pjsip")
     clean, long = sessions()[0], sessions()[8]
-    call = fake.prepare(
-        Call(
-            source="127.0.0.40",
-            channel_type="PJSIP",
-            exten="123456",
-            calleridname="lab",
-            priority=2,
-            uniqueid="1796211540.0",
-            threadid="140652476180160",
-        )
-    )
+    call = fake.prepare(pjsip_captured_call())
     assert fake.prepare().channel_type == "PJSIP"  # a call of the driver of the Asterisk it plays
     assert b"".join(environment_block(call, "agi://127.0.0.1:4573/screen", 0)) == clean.prefix
+    # with no Asterisk named, a PJSIP call is 22.10.1's too
+    block = b"".join(environment_block(pjsip_captured_call(), "agi://127.0.0.1:4573/screen", 0))
+    assert block == clean.prefix
     dialed = "1234567890" * 12  # a 120-digit user part
-    call = fake.prepare(
-        Call.from_uri_user(
-            dialed,
-            channel_type="PJSIP",
-            calleridname="lab",
-            priority=2,
-            uniqueid="1796211901.53",
-            threadid="140652476180160",
-        )
-    )
+    call = fake.prepare(Call.from_uri_user(dialed, **PJSIP_CAPTURED, uniqueid="1796211901.53"))
     block = b"".join(environment_block(call, "agi://127.0.0.1:4583/screen", 0x35))
     assert block == long.prefix
 

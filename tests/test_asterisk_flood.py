@@ -1,14 +1,23 @@
 """The flood bench's arithmetic (bench/asterisk_flood.py): the criterion, the ladder,
-sipp's files, the NOTICE count and the targets. No Asterisk, no sipp, nothing timed."""
+sipp's files, the NOTICE count and the targets; and its floor peers' dialogue. No
+Asterisk, no sipp, nothing timed."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import pytest
 
-import asterisk_flood as flood
+from fastagi.emulator import Call, FakeAsterisk
+from tests.harness import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import asterisk_flood as flood  # noqa: E402
 
 
 def test_a_step_holds_only_with_every_call_answered_and_p99_within_50_ms() -> None:
@@ -131,3 +140,33 @@ def test_the_seed_goes_where_the_stack_sends_its_guests(tmp_path: Path) -> None:
     seed = flood.seed_context("from-sip-external", "PJSIP")
     assert seed.startswith("[from-sip-external]\n") and "AGI" not in seed
     assert "Hangup(21)" in seed and "exten => h,1,Hangup()" in seed
+
+
+@pytest.mark.parametrize("trips", [0, 2])
+def test_the_floors_speak_as_res_agi_expects(trips: int) -> None:
+    """The floor closes after the block (no variable set: the dialplan fails open and
+    logs); the two-trip floor asks for the address and sets SCREEN_NOTICE to it, as a
+    screener would, counting nothing. Driven by the emulator as Asterisk 22 PJSIP."""
+    port = free_port()
+    peer = ROOT / "bench" / "peers" / "floor_agi.py"
+    listen = f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, str(peer), "--listen", listen, "--trips", str(trips)])
+    try:
+        assert wait_for(lambda: _listening(port), timeout=10)
+        asterisk = FakeAsterisk(asterisk="22.10.1-pjsip")
+        call = Call(source="198.51.100.7", channel_type="PJSIP")
+        result = asyncio.run(asterisk.call(f"agi://{listen}/screen", call))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    if trips:
+        assert result.variables["SCREEN_NOTICE"] == "198.51.100.7"
+        assert result.variables["SCREEN_COUNTED"] == "yes"
+    else:
+        assert "SCREEN_NOTICE" not in result.variables
+
+
+def _listening(port: int) -> bool:
+    """The peer's port is bound (ss: a bare connect would be a session of its own)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+    return bool(out.stdout.strip())

@@ -74,20 +74,6 @@ def test_emulator_local_block_is_the_captured_one_byte_for_byte():
     assert first + second == (DATA / "agi-env-local.bin").read_bytes()
 
 
-def test_emulator_pjsip_block_is_asterisk_22s_byte_for_byte():
-    call = Call(
-        channel_type="PJSIP",
-        source="127.0.0.40",
-        exten="123456",
-        calleridname="lab",
-        priority=2,
-        uniqueid="1796211540.0",
-        threadid="140652476180160",
-    )
-    first, second = environment_block(call, "agi://127.0.0.1:4573/screen", 0)
-    assert first + second == (DATA / "agi-env-pjsip.bin").read_bytes()
-
-
 def test_real_asterisk_22_injections_are_told_from_clean_blocks():
     """asterisk22/agi-env-pjsip-inject.raw.txt: 8 guest calls; the dialed numbers of the
     1st and 5th carried LF-forged lines, the others a comma, a quote, a CR, 120 digits,

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastagi.addresses import parse_address
-from fastagi.agi import MAX_LINE, SessionReader
+from fastagi.agi import MAX_LINE, SessionStream
 from fastagi.emulator import Call, environment_block, environment_lines
 from fuzz.harness import (
     CALLERS,
@@ -358,38 +358,39 @@ def test_emulator_blocks_with_forged_lines_over_sockets():
     assert environment_block(Call(), "agi://h/screen", 1)[1].endswith(b"\n\n")
 
 
-class _CountingReader(SessionReader):
+class _CountingStream(SessionStream):
     """Counts how often a waiting read was woken."""
 
     wakeups = 0
 
-    async def _wait_for_data(self, func_name: str) -> None:
-        await super()._wait_for_data(func_name)
-        self.wakeups += 1
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self.wakeups += 1
+        super()._wake()
 
 
 @given(cuts=st.lists(st.integers(1, 40), min_size=1, max_size=200))
-def test_session_reader_takes_the_block_in_any_segments_waking_once(cuts):
+def test_session_stream_takes_the_block_in_any_segments_waking_once(cuts):
     """However Nagle cuts the line-by-line env block (a segment per line, per byte, the
-    empty line alone), the reader returns exactly the block and the next line, and
+    empty line alone), the stream returns exactly the block and the next line, and
     wakes the session once for each, not once per segment."""
     lines = environment_lines(Call(agi_args="a,b"), "agi://h/screen", 1)
     block = b"".join(lines)
     wire = block + b"200 result=1 (x)\n"
 
     async def main():
-        reader = _CountingReader(limit=MAX_LINE)
-        got = asyncio.ensure_future(reader.readuntil(b"\n\n"))
+        stream = _CountingStream(limit=MAX_LINE)
+        got = asyncio.ensure_future(stream.readuntil(b"\n\n"))
         position, n = 0, 0
         while position < len(wire):
             size = cuts[n % len(cuts)]
             await asyncio.sleep(0)
-            reader.feed_data(wire[position : position + size])
+            stream.data_received(wire[position : position + size])
             position, n = position + size, n + 1
         first = await got
-        woken = reader.wakeups
-        second = await reader.readuntil(b"\n")
-        return first, woken, second, reader.wakeups - woken
+        woken = stream.wakeups
+        second = await stream.readuntil(b"\n")
+        return first, woken, second, stream.wakeups - woken
 
     first, woken, second, woken_after = asyncio.run(main())
     assert first == block

@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -203,28 +204,71 @@ class Asterisk:
 
 
 def write_service_config(
-    work: Path, stacks: list[Stack], redis_url: str = "memory://", pbx_id: str = "lab"
+    work: Path,
+    stacks: list[Stack],
+    redis_url: str = "memory://",
+    pbx_id: str = "lab",
+    changes: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> Path:
     """One PBX's service config: the embedded store, or (cluster.py) a Redis shared by
-    several PBXs, each with its own pbx_id."""
-    ports = ", ".join(f'"{s.port}/udp", "{s.port}/tcp"' for s in stacks)
+    several PBXs, each with its own pbx_id. `changes` (the benches) sets keys over the
+    lab's, per section: a key set to None is left out, and so is a section set to None."""
     runtime = work / "run"
     runtime.mkdir(mode=0o700, exist_ok=True)
     key_file = work / "fastagi.key"
     key_file.write_text(KEY + "\n")
     os.chmod(key_file, 0o600)
+    sections: dict[str, dict[str, Any]] = {
+        "server": {
+            "listen": "127.0.0.1:4573",
+            "runtime_dir": str(runtime),
+            "session_timeout": "5s",
+            "key_file": str(key_file),
+            "state_dir": str(work / "state"),
+        },
+        "screening": {"threshold": THRESHOLD, "window": "10m", "ban_time": "1h", "pbx_id": pbx_id},
+        "redis": {"url": redis_url},
+        "firewall": {
+            "backend": "nftables",
+            "ports": [f"{s.port}/{proto}" for s in stacks for proto in ("udp", "tcp")],
+            "sync_interval": "2s",
+        },
+        "auth": {
+            "enabled": True,
+            "username": AMI_USER,
+            "secret": AMI_SECRET,
+            "threshold": THRESHOLD,
+        },
+    }
+    for name, keys in (changes or {}).items():
+        if keys is None:
+            sections.pop(name, None)
+            continue
+        section = sections.setdefault(name, {})
+        for key, value in keys.items():
+            if value is None:
+                section.pop(key, None)
+            else:
+                section[key] = value
     path = work / "fastagi.toml"
     path.write_text(
-        f'[server]\nlisten = "127.0.0.1:4573"\nruntime_dir = "{runtime}"\n'
-        f'session_timeout = "5s"\nkey_file = "{key_file}"\nstate_dir = "{work / "state"}"\n\n'
-        f'[screening]\nthreshold = {THRESHOLD}\nwindow = "10m"\nban_time = "1h"\n'
-        f'pbx_id = "{pbx_id}"\n\n'
-        f'[redis]\nurl = "{redis_url}"\n\n'
-        f'[firewall]\nbackend = "nftables"\nports = [{ports}]\nsync_interval = "2s"\n\n'
-        f'[auth]\nenabled = true\nusername = "{AMI_USER}"\nsecret = "{AMI_SECRET}"\n'
-        f"threshold = {THRESHOLD}\n"
+        "\n".join(
+            f"[{name}]\n" + "".join(f"{key} = {_toml(value)}\n" for key, value in keys.items())
+            for name, keys in sections.items()
+        )
     )
     return path
+
+
+def _toml(value: Any) -> str:
+    """A TOML value from a bool, number, string or list of them (all a config holds)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return f"[{', '.join(map(_toml, value))}]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
 def ctl(config: Path, *args: str, ns: Namespace | None = None) -> subprocess.CompletedProcess[str]:
