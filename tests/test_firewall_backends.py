@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fastagi.addresses import AddressSet, target_text
+from fastagi.addresses import AddressSet, parse_target, target_text
 from fastagi.agent import Agent
 from fastagi.firewall import BACKENDS, FirewallError, FirewallSettings, create
 from fastagi.firewall.dryrun import DryRunFirewall
@@ -28,6 +28,7 @@ from tests.harness import free_port, wait_until
 from tests.harness import settings as harness_settings
 from tests.netns import (  # noqa: F401
     Topology,
+    in_netns,
     netns_available,
     netns_topology,
     snapshot,
@@ -37,6 +38,7 @@ from tests.netns import (  # noqa: F401
 KERNEL_BACKENDS = ["iptables", "nftables", "ipset"]
 ATTACKER4, ATTACKER4_B, ATTACKER4_C = "192.0.2.10", "192.0.2.11", "192.0.2.12"
 ATTACKER6, ATTACKER6_B = "2001:db8::10", "2001:db8::11"
+ATTACKER4_NET = parse_target(ATTACKER4)
 
 HOST_FIREWALL = """
 iptables-legacy -A INPUT -p tcp --dport 22 -j ACCEPT
@@ -147,6 +149,35 @@ def test_a_ban_lengthened_by_the_same_span_moves_its_end(
         fw.add({ATTACKER4: later})
         assert fw.list()[ATTACKER4] == pytest.approx(later, abs=1)
         fw.teardown()
+
+
+def test_nftables_lengthens_by_delete_and_add_where_a_re_add_cannot(
+    topo: Topology, clean: dict
+) -> None:
+    """A kernel before timeout updates keeps an element's expiry on a re-add; the backend
+    found so at start (told so here) lengthens one ban by delete and add, and a feed's
+    refresh of a hundred by rewriting its sets."""
+
+    def lengthen() -> tuple[float, dict]:
+        fw = create(FirewallSettings(backend="nftables"))
+        fw.setup()
+        fw._updates_timeouts = False  # what the probe finds on such a kernel
+        try:
+            # each time the same span from now: a newer kernel ignores an unchanged timeout
+            targets = [parse_target(f"198.51.100.{n}") for n in range(100)]
+            fw.add({target: time.time() + 300 for target in [*targets, ATTACKER4_NET]})
+            time.sleep(2)
+            fw.add({ATTACKER4_NET: time.time() + 300})
+            now = time.time()
+            fw.add({target: now + 300 for target in targets})
+            return now, fw.list()
+        finally:
+            fw.teardown()
+
+    now, listed = in_netns(topo.pbx1.name, lengthen)
+    ends = {target_text(network): until for network, until in listed.items()}
+    assert len(ends) == 101
+    assert all(until == pytest.approx(now + 300, abs=1.2) for until in ends.values()), ends
 
 
 @pytest.mark.parametrize("backend", ["nftables", "ipset"])
