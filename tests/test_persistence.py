@@ -121,7 +121,7 @@ def _scenario(server: RedisProcess, fsync: str) -> None:
 
 
 def test_every_pooled_connection_survives_a_redis_restart(tmp_path):
-    """Regression: store.py gave the asyncio client the *sync* `redis.retry.Retry`, whose
+    """Regression: the store gave the asyncio client the *sync* `redis.retry.Retry`, whose
     call_with_retry returns the coroutine without awaiting it, so the promised retry
     never happened: after a Redis restart every stale pooled connection failed one call
     (here: StoreError "Connection closed by server")."""
