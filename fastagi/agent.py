@@ -355,19 +355,34 @@ class Agent:
             except BadEntry as error:
                 self._skip("event", _event_text(event_id, fields), ("malformed", str(error)))
                 continue
-            text = fields["ip"]
-            if op == "unban":
-                deletes.add(target)
-                adds.pop(target, None)
-                self.skipped.pop(text, None)
-            elif (skip := self._refused(target)) is not None:
-                if self._newly_skipped(text):
-                    self._skip("event", _event_text(event_id, fields), skip)
-                self.skipped[text] = until
-            else:
-                adds[target] = self._local(until)
-                deletes.discard(target)
+            until = None if op == "unban" else until
+            if (skip := self._sort(fields["ip"], target, until, adds, deletes)) is not None:
+                self._skip("event", _event_text(event_id, fields), skip)
         await self._change(adds, deletes)
+
+    def _sort(
+        self,
+        text: str,
+        target: IPNetwork,
+        until: float | None,
+        adds: dict[IPNetwork, float],
+        deletes: set[IPNetwork],
+    ) -> Skip | None:
+        """One entry (an event, a sync batch's) into adds or deletes: `until` None lifts
+        it; a protected or ignored target is left out, and why is returned the first time
+        (while it runs) for the caller's one log line."""
+        if until is None:
+            deletes.add(target)
+            adds.pop(target, None)
+            self.skipped.pop(text, None)
+            return None
+        if (skip := self._refused(target)) is not None:
+            newly = self._newly_skipped(text)
+            self.skipped[text] = until
+            return skip if newly else None
+        adds[target] = self._local(until)
+        deletes.discard(target)
+        return None
 
     async def _change(self, adds: dict[IPNetwork, float], deletes: set[IPNetwork]) -> None:
         """One delete and one add call (one transaction each), and the books after them."""
@@ -426,26 +441,21 @@ class Agent:
                     self._skip("sync batch entry", f"{text} until {end}", ("malformed", str(error)))
                 self.skipped[text] = now + FEED_BATCH_KEEP  # the next full read says more
                 continue
-            if until is None:  # read again: not banned now
-                deletes.add(target)
-                adds.pop(target, None)
-                self.skipped.pop(text, None)
-            elif until <= now:
+            if until is not None and until <= now:
                 continue  # ended already: as a read of the list leaves it out
-            elif (skip := self._refused(target)) is not None:
-                if self._newly_skipped(text):
-                    self._skip("sync batch entry", f"{text} until {end}", skip)
-                self.skipped[text] = until
-            else:
-                local = self._local(until)
-                held = self.applied.get(target)
-                # a written entry may be older than what another writer's event or batch
-                # gave this agent since: it never shortens a ban; an entry read again is
-                # the list as it is now, and wins
-                if text in current or held is None or local - held > UNTIL_TOLERANCE:
-                    adds[target] = local
-                    if deletes:
-                        deletes.discard(target)
+            held = self.applied.get(target)
+            # a written entry may be older than what another writer's event or batch gave
+            # this agent since: it never shortens a ban; an entry read again (`current`)
+            # is the list as it is now, and wins
+            if (
+                until is not None
+                and text not in current
+                and held is not None
+                and self._local(until) - held <= UNTIL_TOLERANCE
+            ):
+                continue
+            if (skip := self._sort(text, target, until, adds, deletes)) is not None:
+                self._skip("sync batch entry", f"{text} until {end}", skip)
 
     def _report(self, applied: int = 0, lifted: int = 0) -> None:
         """Feed /metrics (a no-op when metrics are off)."""
@@ -515,8 +525,11 @@ class Agent:
         """One turn: resync if due, wait briefly for events, apply them, expire."""
         # the embedded store says at no cost whether anything came: no command then
         quiet = self.block_ms is None and self.store.nothing_after(self.last_id)
-        missed = not quiet and await self._missed_events()
-        if self._full_due or self._protected_changed() or missed:
+        if (
+            self._full_due
+            or self._protected_changed()
+            or (not quiet and await self._missed_events())
+        ):
             await self.reconcile(full=True)
             self._full_due = False
         elif self._diff_due:
