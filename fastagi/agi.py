@@ -131,11 +131,11 @@ class SessionStream(asyncio.Protocol):
     `write()`, `drain()`, `transport`, `get_extra_info()`, `is_closing()`, `close()`, and
     wakes a waiting read once per line or block, however res_agi's line-by-line writes
     were cut into segments (2-25 per block in the asterisk22 captures; our TCP_QUICKACK
-    makes more). `connected(stream, stream)` runs as the session's task."""
+    makes more). `connected(stream)` runs as the session's task."""
 
     def __init__(
         self,
-        connected: Callable[[SessionStream, SessionStream], Awaitable[None]] | None = None,
+        connected: Callable[[SessionStream], Awaitable[None]] | None = None,
         limit: int = MAX_LINE,
     ) -> None:
         self._connected = connected
@@ -156,7 +156,7 @@ class SessionStream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self._connected is not None:
-            self.task = asyncio.get_running_loop().create_task(self._connected(self, self))
+            self.task = asyncio.get_running_loop().create_task(self._connected(self))
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -199,6 +199,16 @@ class SessionStream(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- the reader side --
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer has closed (or the connection is gone): no more bytes will come."""
+        return self._eof
+
+    @property
+    def waiting(self) -> bool:
+        """A read is waiting for bytes."""
+        return self._waiter is not None
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         """Up to and including `separator`, as StreamReader.readuntil: LimitOverrunError
@@ -256,9 +266,9 @@ class SessionStream(asyncio.Protocol):
             self.transport.close()
 
 
-async def _readline(reader: SessionStream) -> str:
+async def _readline(stream: SessionStream) -> str:
     try:
-        raw = await reader.readuntil(b"\n")
+        raw = await stream.readuntil(b"\n")
     except asyncio.IncompleteReadError:
         raise AGIProtocolError("connection closed by Asterisk") from None
     except asyncio.LimitOverrunError:
@@ -266,7 +276,7 @@ async def _readline(reader: SessionStream) -> str:
     return raw[:-1].decode("utf-8", errors="replace")
 
 
-async def read_environment(reader: SessionStream) -> Environment:
+async def read_environment(stream: SessionStream) -> Environment:
     """Read up to the first empty line, as Asterisk ends the block.
 
     One `readuntil(b"\\n\\n")` takes the whole block in the usual case (it ends at the
@@ -275,7 +285,7 @@ async def read_environment(reader: SessionStream) -> Environment:
     """
     env = Environment()
     try:
-        block = await reader.readuntil(b"\n\n")
+        block = await stream.readuntil(b"\n\n")
     except asyncio.IncompleteReadError:
         raise AGIProtocolError("connection closed by Asterisk") from None
     except asyncio.LimitOverrunError:
@@ -291,7 +301,7 @@ async def read_environment(reader: SessionStream) -> Environment:
             raise AGIProtocolError("empty AGI environment")
         return env
     for _ in range(MAX_ENV_LINES):
-        line = await _readline(reader)
+        line = await _readline(stream)
         if line == "":
             if not env.values:
                 raise AGIProtocolError("empty AGI environment")
@@ -340,10 +350,9 @@ _DISCARD = _Discard()
 class AGISession(AGI):
     """pyst2's AGI bound to one asyncio connection, one command at a time."""
 
-    def __init__(self, reader: SessionStream, writer: SessionStream) -> None:
+    def __init__(self, stream: SessionStream) -> None:
         # Deliberately not AGI.__init__ (signal handler, stdin): see the module docstring.
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.stdout = _Outbox()
         self.stderr = _DISCARD
         self.stdin = io.StringIO()
@@ -355,7 +364,7 @@ class AGISession(AGI):
 
     async def environment(self) -> Environment:
         """Read the env block, noting whether caller text forged lines into it."""
-        env = await read_environment(self.reader)
+        env = await read_environment(self.stream)
         self.tampered = env.tampered
         return env
 
@@ -374,17 +383,17 @@ class AGISession(AGI):
     async def send(self, command: str, *args: object) -> None:
         self.stdout.text = ""
         self.send_command(command, *args)
-        transport = self.writer.transport
+        transport = self.stream.transport
         if transport.is_closing():
             raise ConnectionResetError("Connection lost")
-        self.writer.write(self.stdout.text.encode("utf-8"))
+        self.stream.write(self.stdout.text.encode("utf-8"))
         if transport.get_write_buffer_size():
-            await self.writer.drain()  # only when the socket did not take it all at once
+            await self.stream.drain()  # only when the socket did not take it all at once
 
     async def _answer_lines(self) -> str:
         """One whole answer: skip HANGUP notices, follow 520 blocks to their end."""
         for _ in range(8):
-            line = await _readline(self.reader)
+            line = await _readline(self.stream)
             if line.strip() == "HANGUP":
                 self.hung_up = True
                 continue
@@ -392,7 +401,7 @@ class AGISession(AGI):
                 return line + "\n"
             lines = [line]
             for _ in range(MAX_STRAY_LINES):
-                line = await _readline(self.reader)
+                line = await _readline(self.stream)
                 lines.append(line)
                 if line.startswith("520 "):
                     return "\n".join(lines) + "\n"
@@ -463,7 +472,7 @@ class AGISession(AGI):
         await self.send("GET FULL VARIABLE", self._quote(f"{nonce} {expression}"))
         marker = f"200 result=1 ({nonce} "
         for _ in range(MAX_STRAY_LINES):
-            line = await _readline(self.reader)
+            line = await _readline(self.stream)
             if line.startswith(marker):
                 try:
                     data = _parse_200(line)["result"][1]
@@ -481,8 +490,8 @@ class AGISession(AGI):
 
         The transport sends what is still buffered, then closes: nothing to wait for
         (waiting cost a task and a timer per session and told nobody anything)."""
-        if not self.writer.is_closing():
-            self.writer.close()
+        if not self.stream.is_closing():
+            self.stream.close()
 
 
 class _Nonces:

@@ -190,12 +190,12 @@ class FastAGIServer:
         self.refusals.close()
         self.uncounted.close()
 
-    async def _accept(self, reader: SessionStream, writer: SessionStream) -> None:
-        task = reader.task  # this coroutine's own task (SessionStream made it)
+    async def _accept(self, stream: SessionStream) -> None:
+        task = stream.task  # this coroutine's own task (SessionStream made it)
         if task is not None:
             self._tasks.add(task)
         try:
-            await self._session(reader, writer)
+            await self._session(stream)
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -216,14 +216,14 @@ class FastAGIServer:
             self._clients[host] = allowed
         return allowed
 
-    async def _session(self, reader: SessionStream, writer: SessionStream) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _session(self, stream: SessionStream) -> None:
+        peer = stream.get_extra_info("peername")
         if not peer:
             # The peer reset the connection before this task ran (its address went
             # with it): nothing to refuse, nothing to answer.
             self.stats.reset_early += 1
             self._refused("reset", "(address unknown): reset by the peer before the session")
-            writer.transport.abort()
+            stream.transport.abort()
             return
         # Taken now: uvloop asks the socket only when asked, and a connection reset
         # later in the session would have no address left to log.
@@ -231,25 +231,25 @@ class FastAGIServer:
         if not self._client_allowed(peer[0]):
             self.stats.refused_client += 1
             self._refused("client", f"{where}: not in allowed_clients")
-            writer.transport.abort()
+            stream.transport.abort()
             return
         if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
             # No SCREEN_COUNTED: the shipped dialplan logs the NOTICE for such a call.
             self.stats.refused_busy += 1
             self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
-            writer.write(BUSY_ANSWER)
-            writer.transport.close()
+            stream.write(BUSY_ANSWER)
+            stream.transport.close()
             return
-        _quickack(writer)
+        _quickack(stream)
         stats = self.stats
         stats.active += 1
         stats.sessions += 1
         self.observer.session_started()
         started = time.monotonic()
-        session = AGISession(reader, writer)
+        session = AGISession(stream)
         route, outcome, ended = "", None, ""
-        self._waiting[writer] = where
+        self._waiting[stream] = where
         try:
             async with asyncio.timeout(self.session_timeout):
                 route, outcome = await self._run(session)
@@ -258,7 +258,7 @@ class FastAGIServer:
             stats.refused_key += 1
             ended = "refused"
             self._refused("key", f"{where}: wrong or missing key")
-            writer.transport.abort()
+            stream.transport.abort()
         except TimeoutError:
             stats.timeouts += 1
             ended = "timeout"
@@ -271,7 +271,7 @@ class FastAGIServer:
             ended = "connection"
             log.info("session from %s ended: %s", where, error)
         finally:
-            self._waiting.pop(writer, None)
+            self._waiting.pop(stream, None)
             stats.active -= 1
             injected = session.injected and ended != "refused"
             if injected:
@@ -291,18 +291,18 @@ class FastAGIServer:
         and real calls failed open."""
         if not self._waiting:
             return False
-        writer = next(iter(self._waiting))
-        where = self._waiting.pop(writer)
+        stream = next(iter(self._waiting))
+        where = self._waiting.pop(stream)
         self.stats.evicted += 1
         self._refused("idle", f"{where}: no environment yet at max_sessions, closed")
-        writer.transport.abort()
+        stream.transport.abort()
         return True
 
     async def _run(self, session: AGISession) -> tuple[str, Outcome]:
         env = await session.environment()
         if not key_matches(self.key, env.script):
             raise _KeyRefused
-        self._waiting.pop(session.writer, None)
+        self._waiting.pop(session.stream, None)
         route = env.route
         handler = self.routes.get(route)
         if handler is None:
@@ -346,10 +346,10 @@ class _KeyRefused(Exception):
     """The AGI URL did not carry `server.key`."""
 
 
-def _quickack(writer: SessionStream) -> None:
+def _quickack(stream: SessionStream) -> None:
     """Ack Asterisk's line-by-line writes at once: without it a 520 answer or the
     HANGUP after our own command waits ~40 ms for a delayed ACK (agi-timing.txt)."""
-    sock = writer.get_extra_info("socket")
+    sock = stream.get_extra_info("socket")
     if sock is not None and hasattr(socket, "TCP_QUICKACK"):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)

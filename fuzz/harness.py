@@ -4,8 +4,8 @@ One case = the bytes of an environment block plus, for every command the server 
 the bytes "Asterisk" answers. The server code that runs is the production path:
 `FastAGIServer._session` (deadline, protocol errors, close) -> `read_environment` ->
 `Screener.screen` (nonce resync, ignore, NOTICE via EXEC Log, store step) ->
-SET VARIABLE answers. Only the socket is replaced: an `asyncio.StreamReader` fed from
-memory and a writer that answers each complete command line at once.
+SET VARIABLE answers. Only the socket is replaced: the server's own `agi.SessionStream`
+over a transport that answers each complete command line at once, from memory.
 
 The caller's address is chosen by the harness and appears only in Asterisk's true
 answer to the resync (the line carrying the server's nonce). The fuzzer controls
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from asterisk.agi import AGI
 
 from fastagi.addresses import AddressError, AddressSet, Prefixes, parse_address, target_text
-from fastagi.agi import MAX_LINE, AGISession
+from fastagi.agi import MAX_LINE, AGISession, SessionStream
 from fastagi.emulator import Call, environment_block
 from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
@@ -121,9 +121,19 @@ class FakeStore:
         return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
 
 
-class _Transport:
-    def __init__(self) -> None:
+class FakeAsteriskTransport:
+    """The socket under the server's SessionStream: every complete command line the
+    server writes gets its scripted answer, fed back into the stream."""
+
+    def __init__(self, stream: SessionStream, case: Case) -> None:
+        self.stream = stream
+        self.case = case
         self.closed = False
+        self.pending = b""
+        self.commands: list[bytes] = []
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 40000) if name == "peername" else default
 
     def abort(self) -> None:
         self.closed = True
@@ -137,23 +147,11 @@ class _Transport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def pause_reading(self) -> None:
+        pass  # everything is in memory already
 
-class FakeAsteriskWriter:
-    """The server's writer: every complete command line gets its scripted answer."""
-
-    def __init__(self, reader: asyncio.StreamReader, case: Case) -> None:
-        self.reader = reader
-        self.case = case
-        self.pending = b""
-        self.commands: list[bytes] = []
-        self.transport = _Transport()
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.closed
+    def resume_reading(self) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -164,15 +162,15 @@ class FakeAsteriskWriter:
             self._answer(line)
 
     def _answer(self, command: bytes) -> None:
-        if self.reader._eof:  # Asterisk has closed: nothing more comes
+        if self.stream.at_eof:  # Asterisk has closed: nothing more comes
             return
         n = len(self.commands)
         self.commands.append(command)
         if n >= len(self.case.replies):
             if self.case.eof_after:
-                self.reader.feed_eof()
+                self.stream.eof_received()
             else:
-                self.reader.feed_data(b"200 result=1\n")
+                self.stream.data_received(b"200 result=1\n")
             return
         reply = self.case.replies[n]
         match = NONCE.match(command)
@@ -182,22 +180,9 @@ class FakeAsteriskWriter:
         else:
             data = reply.before + reply.after
         if data:
-            self.reader.feed_data(data)
+            self.stream.data_received(data)
         if reply.eof:
-            self.reader.feed_eof()
-
-    async def drain(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("closed")
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.transport.close()
-
-    async def wait_closed(self) -> None:
-        pass
+            self.stream.eof_received()
 
 
 @dataclass
@@ -296,13 +281,13 @@ class Fuzzer:
         stats = self.server.stats
         before_injections, before_timeouts = stats.injections, stats.timeouts
         self.store.screened.clear()
-        reader = asyncio.StreamReader(limit=MAX_LINE)
-        writer = FakeAsteriskWriter(reader, case)
-        reader.feed_data(case.env)
+        stream = SessionStream(limit=MAX_LINE)  # the server's own; only the socket is fake
+        stream.connection_made(FakeAsteriskTransport(stream, case))  # type: ignore[arg-type]
+        stream.data_received(case.env)
         if case.env_eof:
-            reader.feed_eof()
+            stream.eof_received()
         with pyst2_loop_guard():
-            await self._drive(reader, writer, case)
+            await self._drive(stream, case)
         self.cases += 1
         if self.task_errors:
             raise UnexpectedOutcome(f"loop error {self.task_errors[0]!r} for {case!r}")
@@ -310,18 +295,16 @@ class Fuzzer:
             raise UnexpectedOutcome(f"session hit its deadline with every byte given: {case!r}")
         self.check(case, injected=stats.injections != before_injections)
 
-    async def _drive(
-        self, reader: asyncio.StreamReader, writer: FakeAsteriskWriter, case: Case
-    ) -> None:
-        session = asyncio.ensure_future(self.server._session(reader, writer))  # production path
+    async def _drive(self, stream: SessionStream, case: Case) -> None:
+        session = asyncio.ensure_future(self.server._session(stream))  # production path
         for _ in range(100_000):
             await asyncio.sleep(0)
             if session.done():
                 break
-            if reader._waiter is not None and not reader._eof:
+            if stream.waiting and not stream.at_eof:
                 # The server waits for bytes the script does not have: Asterisk closes.
                 self.starved += 1
-                reader.feed_eof()
+                stream.eof_received()
         else:
             session.cancel()
             raise UnexpectedOutcome(f"session still running after 100,000 loop turns: {case!r}")

@@ -427,3 +427,66 @@ def test_atheris_bounded_run():
     coverage = re.findall(r"cov: (\d+)", proc.stderr)[-1]
     print(f"\nfuzz atheris: {done.group(1)} runs in {done.group(2)}s ({coverage} coverage points)")
     assert int(done.group(1)) == ATHERIS_RUNS
+
+
+class _Transport:
+    """What SessionStream asks of its transport, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_session_stream_holds_back_a_peer_that_writes_without_end():
+    """A peer writing faster than the session reads is paused past twice the line limit
+    (memory stays bounded) and resumed once the session has read it down; a write waits
+    while the transport is full and fails once the connection is gone; the end of the
+    connection ends a read with what was left."""
+
+    async def main():
+        stream = SessionStream(limit=100)
+        transport = _Transport()
+        stream.connection_made(transport)  # type: ignore[arg-type]
+        for n in range(30):  # 300 bytes of lines, nobody reading
+            stream.data_received(b"line %04d\n" % n)
+        paused = list(transport.calls)
+        lines = [await stream.readuntil(b"\n") for _ in range(25)]
+        resumed = list(transport.calls)
+        stream.pause_writing()
+        waiting = asyncio.ensure_future(stream.drain())
+        await asyncio.sleep(0)
+        blocked = not waiting.done()
+        stream.resume_writing()
+        await waiting
+        stream.data_received(b"partial")
+        stream.connection_lost(None)
+        rest, left = [], None
+        for _ in range(10):
+            try:
+                rest.append(await stream.readuntil(b"\n"))
+            except asyncio.IncompleteReadError as error:
+                left = error.partial
+                break
+        lost = False
+        try:
+            await stream.drain()
+        except ConnectionResetError:
+            lost = True
+        return paused, lines, resumed, blocked, rest, left, lost
+
+    paused, lines, resumed, blocked, rest, left, lost = asyncio.run(main())
+    assert paused == ["pause"]
+    assert lines[0] == b"line 0000\n" and lines[-1] == b"line 0024\n"
+    assert resumed == ["pause", "resume"]
+    assert blocked
+    assert rest == [b"line %04d\n" % n for n in range(25, 30)]  # what came before the end
+    assert left == b"partial"
+    assert lost
