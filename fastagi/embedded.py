@@ -10,6 +10,7 @@ its bans, records and counters are saved to disk and restored at start (persist.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -169,7 +170,7 @@ class EmbeddedRedis:
         self.socket_path = runtime_dir / SOCKET_NAME
         self.server = fakeredis.FakeServer()
         self.persister: Persister | None = Persister(
-            self.server, keys, state_dir, lambda: newest_event(self.server, keys.events)
+            self.server, keys, state_dir, functools.partial(newest_event, self.server)
         )
         self._unix: _UnixFakeServer | None = None
         self._thread: threading.Thread | None = None

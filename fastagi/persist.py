@@ -294,7 +294,7 @@ class Persister:
         server: fakeredis.FakeServer,
         keys: Keys,
         directory: Path,
-        newest_event: Callable[[], str | None] | None = None,
+        newest_event: Callable[[str], str | None] | None = None,
     ) -> None:
         self.keys = keys
         # the stream's newest id without a command (embedded.newest_event): looked at
@@ -357,7 +357,7 @@ class Persister:
         )
 
     def _last_event(self) -> str:
-        if self._newest_event is not None and (newest := self._newest_event()) is not None:
+        if self._newest_event and (newest := self._newest_event(self.keys.events)) is not None:
             return "" if newest == "0-0" else newest
         rows = self.client.xrevrange(self.keys.events, count=1)
         return _text(rows[0][0]) if rows else ""
