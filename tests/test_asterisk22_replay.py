@@ -118,6 +118,7 @@ def test_the_emulator_playing_22_writes_the_captured_blocks_byte_for_byte():
     # with no Asterisk named, a PJSIP call is 22.10.1's too
     block = b"".join(environment_block(pjsip_captured_call(), "agi://127.0.0.1:4573/screen", 0))
     assert block == clean.prefix
+    assert block == (DATA.parent / "agi-env-pjsip.bin").read_bytes()  # the first capture, alone
     dialed = "1234567890" * 12  # a 120-digit user part
     call = fake.prepare(Call.from_uri_user(dialed, **PJSIP_CAPTURED, uniqueid="1796211901.53"))
     block = b"".join(environment_block(call, "agi://127.0.0.1:4583/screen", 0x35))
