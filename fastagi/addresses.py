@@ -86,8 +86,8 @@ def parse_target(text: str) -> IPNetwork:
     IPv4-mapped target is folded to IPv4, as `parse_address` folds addresses."""
     candidate = text.strip()
     if "/" not in candidate:
-        try:  # the common case (an agent reads 100,000 at a reconcile): 6x faster
-            return _host4(socket.inet_pton(socket.AF_INET, candidate))
+        try:  # the common case (an agent reads 100,000 at a reconcile): 3x faster
+            return ipaddress.IPv4Network(socket.inet_pton(socket.AF_INET, candidate))
         except (OSError, ValueError):  # not dotted IPv4 (a NUL or non-ASCII: ValueError)
             pass
         return ipaddress.ip_network(parse_address(candidate))
@@ -100,42 +100,6 @@ def parse_target(text: str) -> IPNetwork:
         if mapped is not None:
             return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     return network
-
-
-_ALL_ONES4 = ipaddress.IPv4Network("0.0.0.0/32").netmask
-
-
-def _host4_built(packed: bytes) -> ipaddress.IPv4Network:
-    """IPv4Network(packed), a /32, made with the attributes its __init__ sets but
-    without its parsing: 1.5 us instead of 4 (an agent makes 100,000 for a blocklist)."""
-    network = object.__new__(ipaddress.IPv4Network)
-    address = ipaddress.IPv4Address(packed)
-    network.network_address = address
-    network.netmask = _ALL_ONES4
-    network._prefixlen = 32  # what __init__ sets; _host4_maker checks it
-    network.hosts = [address].copy  # type: ignore[method-assign] - as __init__ does for a /32
-    return network
-
-
-def _host4_maker():
-    """_host4_built where it makes what the constructor makes (this Python's ipaddress
-    keeps the attributes it sets), else the constructor."""
-    packed = bytes([192, 0, 2, 9])
-    try:
-        built, real = _host4_built(packed), ipaddress.IPv4Network(packed)
-        same = (built, hash(built), str(built), built.hosts(), built.broadcast_address) == (
-            real,
-            hash(real),
-            str(real),
-            real.hosts(),
-            real.broadcast_address,
-        )
-    except (AttributeError, TypeError, ValueError):
-        same = False
-    return _host4_built if same else ipaddress.IPv4Network
-
-
-_host4 = _host4_maker()
 
 
 def target_text(network: IPNetwork) -> str:
