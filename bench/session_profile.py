@@ -196,6 +196,9 @@ def main() -> int:
     if args.duration > 120 or args.sessions > 20_000:
         parser.error("--duration at most 120 s, --sessions at most 20,000")
     stores = ("memory", "redis") if args.store == "both" else (args.store,)
+    for folder in (args.py_spy, args.cprofile, args.callgrind):
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)  # the profilers' outputs go there
     workdir = Path(tempfile.mkdtemp(prefix="fastagi-profile-"))
     try:
         for store in stores:

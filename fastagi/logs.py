@@ -38,12 +38,18 @@ class LineFormatter(logging.Formatter):
         self._second: tuple[int, str] = (-1, "")  # one tuple: threads read it whole
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.stamp(record.created, record.msecs)
+
+    def stamp(self, created: float, msecs: float | None = None) -> str:
+        """`%(asctime)s` of a record made at `created` (its msecs as LogRecord sets them)."""
+        second = int(created)
         cached, stamp = self._second
         if cached != second:
             stamp = time.strftime(self.default_time_format, self.converter(second))
             self._second = (second, stamp)
-        return self.default_msec_format % (stamp, record.msecs)
+        if msecs is None:
+            msecs = int((created - second) * 1000)
+        return self.default_msec_format % (stamp, msecs)
 
 
 class QueuedHandler(logging.Handler):
@@ -82,7 +88,18 @@ class QueuedHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        urgent = record.levelno >= logging.WARNING
+        self._queue(line, record.levelno >= logging.WARNING)
+
+    def info_line(self, formatter: LineFormatter, name: str, text: str) -> None:
+        """Queue `text` as logger `name`'s INFO line, as `formatter` would format it,
+        without a LogRecord (see `info`)."""
+        line = f"{formatter.stamp(time.time())} INFO {name}: {text}"
+        assert self.lock is not None  # made by Handler.__init__
+        with self.lock:
+            self._queue(line, False)
+
+    def _queue(self, line: str, urgent: bool) -> None:
+        """Under self.lock: one formatted line into the queue, or counted as dropped."""
         if len(self._lines) >= self.limit + (WARNING_RESERVE if urgent else 0):
             self._dropped += 1
             self._unreported += 1
@@ -178,6 +195,33 @@ _handler: QueuedHandler | None = None
 def dropped_lines() -> int:
     """Log lines this process could not write (for /metrics)."""
     return _handler.dropped if _handler is not None else 0
+
+
+def info(logger: logging.Logger, text: str) -> None:
+    """`logger.info("%s", text)` for a line logged once per screened call: the same
+    line, a third of the cost (no LogRecord, no filters, no formatter), when it would
+    reach setup()'s handler alone; through logging itself when anything else would see
+    the record (a handler or filter added since, pytest's caplog)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    handler = _handler
+    formatter = handler.formatter if handler is not None else None
+    if isinstance(formatter, LineFormatter) and _reaches_only(logger, handler):
+        handler.info_line(formatter, logger.name, text)
+    else:
+        logger.info("%s", text)
+
+
+def _reaches_only(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """A record of `logger` meets no filter and no handler but `handler` (on the root)."""
+    node: logging.Logger | None = logger
+    while node is not None:
+        if node.filters or (node.handlers and node.handlers != [handler]):
+            return False
+        if not node.propagate or node.parent is None:
+            return node.handlers == [handler] and not handler.filters
+        node = node.parent
+    return False
 
 
 def setup(level: str) -> None:

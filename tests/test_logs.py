@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from fastagi import logs
 from fastagi.logs import FORMAT, WARNING_RESERVE, LineFormatter, QueuedHandler
 
 
@@ -153,3 +154,38 @@ def test_dropped_lines_are_counted_in_metrics(monkeypatch):
     sink.gate.set()
     handler.close()
     assert "fastagi_log_lines_dropped_total 3.0" in text
+
+
+def _call_logger(handler: QueuedHandler, name: str) -> logging.Logger:
+    """A logger whose records reach `handler` alone (pytest's own handlers sit on the root)."""
+    logger = logging.getLogger(name)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    return logger
+
+
+def test_the_per_call_line_reads_exactly_as_loggings_and_anything_else_still_sees_it(monkeypatch):
+    sink = _Sink()
+    handler = _handler(sink)
+    monkeypatch.setattr(logs, "_handler", handler)
+    logger = _call_logger(handler, "fastagi.test-per-call")
+    created = 1795587476.25
+    monkeypatch.setattr(logs.time, "time", lambda: created)
+    logs.info(logger, "Ext. 7001: x")  # the cheap way: straight into the queue
+    seen: list[logging.LogRecord] = []
+    other = logging.Handler()
+    other.emit = seen.append  # type: ignore[method-assign]
+    logger.addHandler(other)  # e.g. caplog: now the record must be made and handled
+    logs.info(logger, "Ext. 7002: y")
+    logger.setLevel(logging.WARNING)
+    logs.info(logger, "Ext. 7003: z")  # below the level: nowhere
+    logger.handlers.clear()
+    handler.close()
+    record = _record(created)
+    record.name = "fastagi.test-per-call"
+    expected = logging.Formatter(FORMAT).format(record)
+    assert sink.lines()[0] == expected
+    assert sink.lines()[1].endswith(" INFO fastagi.test-per-call: Ext. 7002: y")
+    assert len(sink.lines()) == 2
+    assert [r.getMessage() for r in seen] == ["Ext. 7002: y"]
