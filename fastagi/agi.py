@@ -18,9 +18,9 @@ import functools
 import io
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from asterisk.agi import AGI, AGIAppError, AGIError, AGIResultHangup, re_code, re_kv
 
@@ -120,6 +120,14 @@ class Environment:
         return [self.values[key] for key in self.keys[first:]]
 
 
+class Listener(Protocol):
+    """What drives a session from SessionStream's callbacks instead of a task."""
+
+    def data_received(self) -> None: ...
+
+    def ended(self) -> None: ...
+
+
 class SessionStream(asyncio.Protocol):
     """One FastAGI connection: its reader and its writer in one small protocol object.
 
@@ -150,13 +158,20 @@ class SessionStream(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # set while writing is paused
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task | None = None
+        # Drives the session from these callbacks while set, with no task (quick.py).
+        self.listener: Listener | None = None
 
     # -- the protocol side (the event loop calls these) --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         if self._connected is not None:
-            self.task = asyncio.get_running_loop().create_task(self._connected(self))
+            self.start(self._connected(self))
+
+    def start(self, session: Coroutine[Any, Any, None]) -> None:
+        """Run `session` as this connection's task (the listener, if any, steps aside)."""
+        self.listener = None
+        self.task = asyncio.get_running_loop().create_task(session)
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -170,10 +185,14 @@ class SessionStream(asyncio.Protocol):
         if len(buffer) > 2 * self._limit and not self._reading_paused and self.transport:
             self._reading_paused = True  # a peer that writes without end waits for us
             self.transport.pause_reading()
+        if self.listener is not None:
+            self.listener.data_received()
 
     def eof_received(self) -> bool:
         self._eof = True
         self._wake()
+        if self.listener is not None:
+            self.listener.ended()
         return True  # our side may still write (and close) on a half-closed connection
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -184,6 +203,8 @@ class SessionStream(asyncio.Protocol):
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
             writable.set_exception(self._lost)
+        if self.listener is not None:
+            self.listener.ended()
 
     def pause_writing(self) -> None:
         self._writable = asyncio.get_running_loop().create_future()
@@ -210,22 +231,32 @@ class SessionStream(asyncio.Protocol):
         """A read is waiting for bytes."""
         return self._waiter is not None
 
+    def take(self, separator: bytes) -> bytes | None:
+        """Up to and including `separator` if the buffer holds it within the limit, else
+        None (readuntil's first look, without waiting or raising)."""
+        buffer = self._buffer
+        index = buffer.find(separator)
+        end = index + len(separator)
+        if index < 0 or end > self._limit:
+            return None
+        chunk = bytes(buffer[:end])
+        del buffer[:end]
+        if self._reading_paused and len(buffer) <= self._limit and self.transport:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return chunk
+
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
         """Up to and including `separator`, as StreamReader.readuntil: LimitOverrunError
         (the data left in the buffer) past the limit, IncompleteReadError at the end."""
         buffer = self._buffer
         while True:
+            chunk = self.take(separator)
+            if chunk is not None:
+                return chunk
             index = buffer.find(separator)
             if index >= 0:
-                end = index + len(separator)
-                if end > self._limit:
-                    raise asyncio.LimitOverrunError("separator found past the limit", index)
-                chunk = bytes(buffer[:end])
-                del buffer[:end]
-                if self._reading_paused and len(buffer) <= self._limit and self.transport:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
-                return chunk
+                raise asyncio.LimitOverrunError("separator found past the limit", index)
             if len(buffer) > self._limit:
                 raise asyncio.LimitOverrunError("separator not found within the limit", len(buffer))
             if self._eof:
@@ -283,7 +314,6 @@ async def read_environment(stream: SessionStream) -> Environment:
     first empty line, exactly like the line loop); a block longer than the stream limit
     is left in the buffer by readuntil and read line by line instead.
     """
-    env = Environment()
     try:
         block = await stream.readuntil(b"\n\n")
     except asyncio.IncompleteReadError:
@@ -291,15 +321,8 @@ async def read_environment(stream: SessionStream) -> Environment:
     except asyncio.LimitOverrunError:
         block = b""
     if block:
-        lines = block[:-2].decode("utf-8", errors="replace").split("\n")
-        if len(lines) > MAX_ENV_LINES:
-            raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
-        for line in lines:
-            if not _add_env_line(env, line):
-                raise AGIProtocolError("empty AGI environment")
-        if not env.values:
-            raise AGIProtocolError("empty AGI environment")
-        return env
+        return parse_block(block)
+    env = Environment()
     for _ in range(MAX_ENV_LINES):
         line = await _readline(stream)
         if line == "":
@@ -308,6 +331,20 @@ async def read_environment(stream: SessionStream) -> Environment:
             return env
         _add_env_line(env, line)
     raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
+
+
+def parse_block(block: bytes) -> Environment:
+    """A whole environment block, up to and including its empty line."""
+    env = Environment()
+    lines = block[:-2].decode("utf-8", errors="replace").split("\n")
+    if len(lines) > MAX_ENV_LINES:
+        raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
+    for line in lines:
+        if not _add_env_line(env, line):
+            raise AGIProtocolError("empty AGI environment")
+    if not env.values:
+        raise AGIProtocolError("empty AGI environment")
+    return env
 
 
 def _add_env_line(env: Environment, line: str) -> bool:
@@ -380,13 +417,20 @@ class AGISession(AGI):
             found.append(f"{len(self.stray)} stray lines before the resync answer")
         return ", ".join(found)
 
-    async def send(self, command: str, *args: object) -> None:
+    def command(self, command: str, *args: object) -> bytes:
+        """One command line as pyst2 formats it."""
         self.stdout.text = ""
         self.send_command(command, *args)
+        return self.stdout.text.encode("utf-8")
+
+    async def send(self, command: str, *args: object) -> None:
+        await self.send_bytes(self.command(command, *args))
+
+    async def send_bytes(self, data: bytes) -> None:
         transport = self.stream.transport
         if transport.is_closing():
             raise ConnectionResetError("Connection lost")
-        self.stream.write(self.stdout.text.encode("utf-8"))
+        self.stream.write(data)
         if transport.get_write_buffer_size():
             await self.stream.drain()  # only when the socket did not take it all at once
 
@@ -444,12 +488,27 @@ class AGISession(AGI):
         one AGI round trip instead of one per variable, while Asterisk holds the call.
         A value MSet would parse differently (commas, quotes, brackets) and an Asterisk
         that answers -2 (no such application) get one SET VARIABLE each."""
+        mset = self.mset(variables)
+        if mset is not None:
+            await self.send_bytes(mset)
+            await self.mset_answered(variables)
+            return
+        for name, value in variables.items():
+            await self.set_variable(name, value)
+
+    def mset(self, variables: dict[str, object]) -> bytes | None:
+        """The one `EXEC MSet` command that sets `variables`, or None where MSet cannot."""
         pairs = [(name, str(value)) for name, value in variables.items()]
         if len(pairs) > 1 and all(_MSET_NAME.match(n) and _MSET_VALUE.match(v) for n, v in pairs):
-            options = ",".join(f"{name}={value}" for name, value in pairs)
-            if await self.exec_app("MSet", options) != "-2":
-                return
-        for name, value in pairs:
+            return self.command("EXEC", "MSet", self._quote(",".join(f"{n}={v}" for n, v in pairs)))
+        return None
+
+    async def mset_answered(self, variables: dict[str, object]) -> None:
+        """After `mset`'s command: its answer; where Asterisk has no MSet (-2), one SET
+        VARIABLE each."""
+        if (await self.answer())["result"][0] != "-2":
+            return
+        for name, value in variables.items():
             await self.set_variable(name, value)
 
     async def exec_app(self, application: str, options: str) -> str:
@@ -468,17 +527,34 @@ class AGISession(AGI):
         random nonce together with the expression; only Asterisk's answer to this
         command can contain the nonce, so every line before it is discarded.
         """
+        nonce, command = self.resync_command(expression)
+        await self.send_bytes(command)
+        return await self.resync_answer(nonce)
+
+    def resync_command(self, expression: str) -> tuple[str, bytes]:
+        """A fresh nonce and the command that asks for it together with `expression`."""
         nonce = _nonce()
-        await self.send("GET FULL VARIABLE", self._quote(f"{nonce} {expression}"))
-        marker = f"200 result=1 ({nonce} "
+        return nonce, self.command("GET FULL VARIABLE", self._quote(f"{nonce} {expression}"))
+
+    @staticmethod
+    def resync_value(nonce: str, line: str) -> str | None:
+        """`expression`'s value if `line` is Asterisk's answer to the resync with
+        `nonce`, else None."""
+        if not line.startswith(f"200 result=1 ({nonce} "):
+            return None
+        try:
+            data = _parse_200(line)["result"][1]
+        except (AGIError, ValueError):
+            raise AGIProtocolError("resync answer unreadable") from None
+        return data[len(nonce) + 1 :]
+
+    async def resync_answer(self, nonce: str) -> str:
+        """After `resync_command`'s command: skip stray lines up to its answer."""
         for _ in range(MAX_STRAY_LINES):
             line = await _readline(self.stream)
-            if line.startswith(marker):
-                try:
-                    data = _parse_200(line)["result"][1]
-                except (AGIError, ValueError):
-                    raise AGIProtocolError("resync answer unreadable") from None
-                return data[len(nonce) + 1 :]
+            value = self.resync_value(nonce, line)
+            if value is not None:
+                return value
             if line.strip() == "HANGUP":
                 self.hung_up = True
                 continue

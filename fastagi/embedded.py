@@ -291,11 +291,16 @@ class NativeScreen:
 
     async def execute(self, *command: Any) -> Any:
         """The screening step's EVALSHA (store._ScreenParts.command): natively if it can."""
+        reply = self.now(*command)
+        return await self.client.execute_command(*command) if reply is None else reply
+
+    def now(self, *command: Any) -> Any:
+        """The step natively, or None where the script itself must run."""
         keys = 3 + int(command[2])
         try:
             return self.step(command[3:keys], command[keys:])
         except _Fallback:
-            return await self.client.execute_command(*command)
+            return None
 
     async def close(self) -> None:
         """Nothing of its own to close (the client is the store's)."""

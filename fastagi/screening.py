@@ -32,7 +32,7 @@ from fastagi.agi import AGISession, Environment
 from fastagi.escalate import Escalation
 from fastagi.geo import Countries
 from fastagi.protect import OnceLog, Protected, counted_as
-from fastagi.store import Store, StoreError
+from fastagi.store import Store, StoreError, Verdict
 
 log = logging.getLogger("fastagi.screening")
 
@@ -46,6 +46,18 @@ NOTICE = "Incoming SIP connection from unknown peer failed for {ip} - Unknown co
 
 class ScreeningError(Exception):
     """This call cannot be screened; the message goes to SCREEN_ERROR."""
+
+
+@dataclass
+class Call:
+    """A call judged to be counted: what the store step takes and the outcome names."""
+
+    address: IPAddress
+    notice: str  # the seed's NOTICE line for it
+    target: str
+    injected: bool
+    country: str | None
+    threshold: int | None
 
 
 @dataclass
@@ -90,12 +102,17 @@ def dialed(env: Environment) -> str:
     return env.get("agi_dnid")
 
 
-async def caller_address(session: AGISession, env: Environment) -> IPAddress:
-    """Resync the session and return the caller's true address (the security rule)."""
+def address_expression(env: Environment) -> str:
+    """What the resync asks Asterisk for: where it keeps the caller's address ("" for
+    channel types with none)."""
+    return ADDRESS_EXPRESSIONS.get(env.get("agi_type"), "")
+
+
+def caller_address(session: AGISession, env: Environment, answer: str) -> IPAddress:
+    """The caller's true address (the security rule), from Asterisk's `answer` to the
+    resync that asked for `address_expression(env)`."""
     channel_type = env.get("agi_type")
-    expression = ADDRESS_EXPRESSIONS.get(channel_type)
-    answer = await session.resync(expression or "")
-    if expression:
+    if address_expression(env):
         try:
             return parse_address(answer)
         except AddressError:
@@ -143,9 +160,25 @@ class Screener:
         self.escalation = escalation or Escalation()
         self.countries = countries
 
+    @property
+    def quick(self) -> bool:
+        """Whether a clean call can be screened with no wait at all (quick.py): the
+        store step runs in this process (the embedded store), and nothing else awaits
+        (the dialplan logs the NOTICE; no escalation after a ban)."""
+        return self.notice_by == "dialplan" and not self.escalation.prefix and self.store.quick
+
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
+        answer = await session.resync(address_expression(env))
+        call = self.judge(session, env, answer)
+        if isinstance(call, Outcome):
+            return call
+        return await self.count(session, call)
+
+    def judge(self, session: AGISession, env: Environment, answer: str) -> Outcome | Call:
+        """Everything before the store step: whose call, ignored or protected (then its
+        outcome), else the NOTICE logged and the Call to count."""
         try:
-            address = await caller_address(session, env)
+            address = caller_address(session, env, answer)
         except ScreeningError as error:
             return Outcome("ERROR", error=str(error))
         exten = escape(dialed(env))
@@ -172,6 +205,30 @@ class Screener:
             return Outcome("IGNORED", address=address, reason="protected")
         notice = NOTICE.format(ip=ip)
         logs.info(log, f"Ext. {exten}: {notice}")  # once per call: the cheap way
+        target = counted_as(address, self.prefixes, self.ignore, self.protected)
+        country, threshold = None, None
+        if self.countries is not None:
+            country, threshold = self.countries.rule(address)
+        return Call(address, notice, target, session.injected, country, threshold)
+
+    def count_now(self, call: Call) -> Outcome | None:
+        """The store step without a wait, where `quick` says it can be; None when this
+        call's step must run the script (a new ban): `count` then, nothing is written."""
+        started = time.perf_counter()
+        try:
+            verdict = self.store.screen_now(
+                call.target, call.injected, call.threshold, call.country or ""
+            )
+        except StoreError as error:
+            return self._done(call, self._failed(started, error))
+        if verdict is None:
+            return None
+        self.observer.store_step(time.perf_counter() - started)
+        return self._done(call, _outcome(verdict))
+
+    async def count(self, session: AGISession, call: Call) -> Outcome:
+        """The store step and what follows it: the NOTICE by AGI, an escalation."""
+        notice = call.notice
         # notice_by = "agi": the NOTICE goes out first; the store step runs while Asterisk
         # executes it, and its answer is read afterwards (one command in flight, no extra
         # task). The call is counted even if Asterisk went away meanwhile.
@@ -182,26 +239,26 @@ class Screener:
                 await session.start_exec("Log", f"NOTICE,{notice}")
             except (ConnectionError, OSError) as error:
                 lost = error
-        target = counted_as(address, self.prefixes, self.ignore, self.protected)
-        country, threshold = None, None
-        if self.countries is not None:
-            country, threshold = self.countries.rule(address)
-        outcome = await self._count(target, session.injected, threshold, country or "")
+        outcome = await self._count(call.target, call.injected, call.threshold, call.country or "")
         if outcome.new_ban and self.escalation.prefix:
-            await self._escalate(parse_target(target), outcome.ban_until or 0.0)
+            await self._escalate(parse_target(call.target), outcome.ban_until or 0.0)
         if lost is not None:
             raise lost
         if logged:
             await session.answer()
         # A call not surely counted is always seen in Asterisk's log, whatever log_notice.
-        elif self.log_notice or outcome.counted != "yes":
-            if self.notice_by == "agi":
-                await session.exec_app("Log", f"NOTICE,{notice}")
-            else:
-                outcome.notice = ip
-        outcome.address = address
-        outcome.target = target
-        outcome.country = country
+        elif self.notice_by == "agi" and (self.log_notice or outcome.counted != "yes"):
+            await session.exec_app("Log", f"NOTICE,{notice}")
+        return self._done(call, outcome)
+
+    def _done(self, call: Call, outcome: Outcome) -> Outcome:
+        """The outcome of a counted call; SCREEN_NOTICE where the dialplan logs it."""
+        # A call not surely counted is always seen in Asterisk's log, whatever log_notice.
+        if self.notice_by != "agi" and (self.log_notice or outcome.counted != "yes"):
+            outcome.notice = str(call.address)
+        outcome.address = call.address
+        outcome.target = call.target
+        outcome.country = call.country
         return outcome
 
     async def _escalate(self, network: IPNetwork, until: float) -> None:
@@ -219,16 +276,24 @@ class Screener:
                 verdict = await self.store.screen(ip, injected, threshold, country)
                 self.observer.store_step(time.perf_counter() - started)
         except (StoreError, TimeoutError) as error:
-            reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"
-            self.observer.store_step(
-                time.perf_counter() - started,
-                "timeout" if isinstance(error, TimeoutError) else "error",
-            )
-            # Not "not counted": a script sent before the stall or the reset may still
-            # run (a paused Redis runs it when it resumes). Logged by the server, summarised.
-            return Outcome("ERROR", error="store unavailable", counted="unknown", detail=reason)
-        if verdict.result == "BANNED":
-            return Outcome(
-                "BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban, counted="yes"
-            )
-        return Outcome("COUNTED", verdict.count, counted="yes")
+            return self._failed(started, error)
+        return _outcome(verdict)
+
+    def _failed(self, started: float, error: Exception) -> Outcome:
+        """The store step failed or ran out of time."""
+        reason = str(error) or f"Redis did not answer within {self.redis_budget:.2f}s"
+        self.observer.store_step(
+            time.perf_counter() - started,
+            "timeout" if isinstance(error, TimeoutError) else "error",
+        )
+        # Not "not counted": a script sent before the stall or the reset may still
+        # run (a paused Redis runs it when it resumes). Logged by the server, summarised.
+        return Outcome("ERROR", error="store unavailable", counted="unknown", detail=reason)
+
+
+def _outcome(verdict: Verdict) -> Outcome:
+    if verdict.result == "BANNED":
+        return Outcome(
+            "BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban, counted="yes"
+        )
+    return Outcome("COUNTED", verdict.count, counted="yes")

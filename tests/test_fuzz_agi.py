@@ -137,8 +137,7 @@ def test_the_oracle_catches_a_server_that_trusts_the_environment(monkeypatch):
     import fastagi.screening as screening
     from fuzz.harness import UnexpectedOutcome
 
-    async def trusting(session, env):
-        await session.resync("")
+    def trusting(session, env, answer):
         return parse_address(env.get("agi_arg_1") or "192.0.2.17")
 
     monkeypatch.setattr(screening, "caller_address", trusting)

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from fastagi import lua
 from fastagi.store.base import (
@@ -20,6 +20,7 @@ from fastagi.store.base import (
     Lifted,
     Placed,
     Policy,
+    StoreError,
     Verdict,
     as_text,
 )
@@ -57,6 +58,24 @@ class Store(Reads, Feeds, Notifications):
                 # a replica yet.
                 await self._replicated(conn, ip)
         return verdict
+
+    @property
+    def quick(self) -> bool:
+        """`screen_now` can take the step: it runs in this process (the embedded store),
+        with no replica to wait for."""
+        return not self.wait_replicas and callable(getattr(self.link, "now", None))
+
+    def screen_now(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> Verdict | None:
+        """`screen` without a wait where `quick`; None when this step must run the script
+        itself (await `screen`: nothing was written)."""
+        command = self._screen_parts.command(self._screen.sha, ip, injected, threshold, country)
+        try:
+            reply = self.link.now(*command)  # type: ignore[union-attr]  # `quick` checked it
+        except (RedisError, OSError) as error:
+            raise StoreError(f"Redis screening step failed: {error!r}") from None
+        return None if reply is None else _verdict(reply)
 
     async def _evalsha(self, execute: Callable[..., Awaitable[Any]], command: tuple) -> Any:
         """The screening script by its hash; loaded first if this Redis lost it."""
