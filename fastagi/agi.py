@@ -18,7 +18,7 @@ import functools
 import io
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -143,10 +143,12 @@ class SessionStream(asyncio.Protocol):
 
     def __init__(
         self,
-        connected: Callable[[SessionStream], Awaitable[None]] | None = None,
+        connected: Callable[[SessionStream], Coroutine[Any, Any, None]] | None = None,
         limit: int = MAX_LINE,
+        opened: Callable[[SessionStream], None] | None = None,
     ) -> None:
         self._connected = connected
+        self._opened = opened  # called at connection_made in place of a task, if given
         self._limit = limit
         self._buffer = bytearray()
         self._separator = b""  # what a waiting read looks for
@@ -165,7 +167,9 @@ class SessionStream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self._connected is not None:
+        if self._opened is not None:
+            self._opened(self)
+        elif self._connected is not None:
             self.start(self._connected(self))
 
     def start(self, session: Coroutine[Any, Any, None]) -> None:
@@ -222,6 +226,11 @@ class SessionStream(asyncio.Protocol):
     # -- the reader side --
 
     @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._buffer)
+
+    @property
     def at_eof(self) -> bool:
         """The peer has closed (or the connection is gone): no more bytes will come."""
         return self._eof
@@ -230,6 +239,10 @@ class SessionStream(asyncio.Protocol):
     def waiting(self) -> bool:
         """A read is waiting for bytes."""
         return self._waiter is not None
+
+    def unread(self, chunk: bytes) -> None:
+        """Put back what `take` took: a task reads it next (quick.py hands over)."""
+        self._buffer[:0] = chunk
 
     def take(self, separator: bytes) -> bytes | None:
         """Up to and including `separator` if the buffer holds it within the limit, else
@@ -561,7 +574,7 @@ class AGISession(AGI):
             self.stray.append(line)
         raise AGIProtocolError(f"no resync answer within {MAX_STRAY_LINES} lines")
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """Close our side; a HANGUP Asterisk writes after this is not a caller hangup.
 
         The transport sends what is still buffered, then closes: nothing to wait for

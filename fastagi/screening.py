@@ -297,3 +297,22 @@ def _outcome(verdict: Verdict) -> Outcome:
             "BANNED", verdict.count, verdict.ban_until, new_ban=verdict.new_ban, counted="yes"
         )
     return Outcome("COUNTED", verdict.count, counted="yes")
+
+
+def screen_variables(outcome: Outcome) -> dict[str, object]:
+    """The SCREEN_* channel variables that tell the dialplan `outcome`."""
+    variables: dict[str, object] = {
+        "SCREEN_RESULT": outcome.result,
+        "SCREEN_COUNTED": outcome.counted,
+    }
+    if outcome.count is not None:
+        variables["SCREEN_COUNT"] = outcome.count
+    if outcome.ban_until:
+        variables["SCREEN_BAN_UNTIL"] = int(outcome.ban_until)
+    if outcome.error:
+        variables["SCREEN_ERROR"] = outcome.error
+    if outcome.reason:
+        variables["SCREEN_REASON"] = outcome.reason
+    if outcome.notice:
+        variables["SCREEN_NOTICE"] = outcome.notice
+    return variables

@@ -24,7 +24,8 @@ from fastagi.agi import (
     Environment,
     SessionStream,
 )
-from fastagi.screening import Outcome, Screener
+from fastagi.quick import QuickSession, Steps
+from fastagi.screening import Outcome, Screener, screen_variables
 
 log = logging.getLogger("fastagi.server")
 
@@ -156,6 +157,10 @@ class FastAGIServer:
         key: str = "",
     ) -> None:
         self.routes: dict[str, Route] = {"screen": screener.screen}
+        self.screener = screener
+        # Clean calls screened from the connection's callbacks, with no task (quick.py).
+        self.quick = screener.quick
+        self._quick: set[QuickSession] = set()
         self.allowed_clients = allowed_clients
         self.key = key  # the shared secret of the AGI URL; "" for none
         self.max_sessions = max_sessions
@@ -173,6 +178,8 @@ class FastAGIServer:
     async def start(self, host: str, port: int) -> list[tuple[str, int]]:
         # asyncio.start_server's job, with agi.SessionStream in place of asyncio's streams
         def protocol() -> SessionStream:
+            if self.quick:
+                return SessionStream(limit=MAX_LINE, opened=self._opened)
             return SessionStream(self._accept, MAX_LINE)
 
         self._server = await asyncio.get_running_loop().create_server(
@@ -184,6 +191,8 @@ class FastAGIServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for quick in list(self._quick):
+            quick.hand_over()  # a task like the others, cancelled below
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -196,6 +205,27 @@ class FastAGIServer:
             self._tasks.add(task)
         try:
             await self._session(stream)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _opened(self, stream: SessionStream) -> None:
+        """A new connection, with `quick`: admitted, it is screened from its callbacks
+        (quick.py) until anything unusual hands it to a task (`resume`)."""
+        where = self._admit(stream)
+        if where is not None:
+            self._quick.add(QuickSession(self, stream, where))
+
+    async def resume(
+        self, session: AGISession, where: str, started: float, deadline: float, steps: Steps
+    ) -> None:
+        """A quick session's remaining `steps` as a task: the session from then on, as
+        `_session` would have run it."""
+        task = session.stream.task
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._guarded(session, where, started, deadline, steps)
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -217,6 +247,16 @@ class FastAGIServer:
         return allowed
 
     async def _session(self, stream: SessionStream) -> None:
+        where = self._admit(stream)
+        if where is None:
+            return
+        started, deadline = self.begin(stream, where)
+        session = AGISession(stream)
+        await self._guarded(session, where, started, deadline, self.run(session))
+
+    def _admit(self, stream: SessionStream) -> str | None:
+        """The peer's address text if this connection may have a session; else it is
+        refused (and closed) here, and None."""
         peer = stream.get_extra_info("peername")
         if not peer:
             # The peer reset the connection before this task ran (its address went
@@ -224,7 +264,7 @@ class FastAGIServer:
             self.stats.reset_early += 1
             self._refused("reset", "(address unknown): reset by the peer before the session")
             stream.transport.abort()
-            return
+            return None
         # Taken now: uvloop asks the socket only when asked, and a connection reset
         # later in the session would have no address left to log.
         where = f"{peer[0]}:{peer[1]}"
@@ -232,7 +272,7 @@ class FastAGIServer:
             self.stats.refused_client += 1
             self._refused("client", f"{where}: not in allowed_clients")
             stream.transport.abort()
-            return
+            return None
         if self.stats.active >= self.max_sessions and not self._evict_waiting():
             # Answered and closed at once: Asterisk still executes a buffered command.
             # No SCREEN_COUNTED: the shipped dialplan logs the NOTICE for such a call.
@@ -240,19 +280,29 @@ class FastAGIServer:
             self._refused("busy", f"{where}: max_sessions {self.max_sessions} busy")
             stream.write(BUSY_ANSWER)
             stream.transport.close()
-            return
+            return None
+        return where
+
+    def begin(self, stream: SessionStream, where: str) -> tuple[float, float]:
+        """A session starts: counted, waiting for its environment; when it started
+        (time.monotonic) and its deadline (the loop's clock)."""
         _quickack(stream)
         stats = self.stats
         stats.active += 1
         stats.sessions += 1
         self.observer.session_started()
-        started = time.monotonic()
-        session = AGISession(stream)
-        route, outcome, ended = "", None, ""
         self._waiting[stream] = where
+        return time.monotonic(), asyncio.get_running_loop().time() + self.session_timeout
+
+    async def _guarded(
+        self, session: AGISession, where: str, started: float, deadline: float, steps: Steps
+    ) -> None:
+        """Run a session's `steps` up to its deadline and end it whatever happens."""
+        stream, stats = session.stream, self.stats
+        route, outcome, ended = "", None, ""
         try:
-            async with asyncio.timeout(self.session_timeout):
-                route, outcome = await self._run(session)
+            async with asyncio.timeout_at(deadline):
+                route, outcome = await steps
         except _KeyRefused:
             # Like a client outside allowed_clients: nothing executed, closed at once.
             stats.refused_key += 1
@@ -271,18 +321,38 @@ class FastAGIServer:
             ended = "connection"
             log.info("session from %s ended: %s", where, error)
         finally:
-            self._waiting.pop(stream, None)
-            stats.active -= 1
-            injected = session.injected and ended != "refused"
-            if injected:
-                stats.injections += 1
-            if outcome is not None:
-                stats.results[outcome.result] = stats.results.get(outcome.result, 0) + 1
-                if outcome.counted == "unknown":
-                    self.uncounted.refused("store", f"{outcome.target}: {outcome.detail}")
-            self.observer.session_done(route, outcome, time.monotonic() - started, injected, ended)
-            with contextlib.suppress(Exception):
-                await session.close()
+            self.end(session, started, route, outcome, ended)
+
+    def end(
+        self,
+        session: AGISession,
+        started: float,
+        route: str,
+        outcome: Outcome | None,
+        ended: str = "",
+    ) -> None:
+        """A session is over: counted by how it ended, its connection closed."""
+        stats = self.stats
+        self._waiting.pop(session.stream, None)
+        stats.active -= 1
+        injected = session.injected and ended != "refused"
+        if injected:
+            stats.injections += 1
+        if outcome is not None:
+            stats.results[outcome.result] = stats.results.get(outcome.result, 0) + 1
+            if outcome.counted == "unknown":
+                self.uncounted.refused("store", f"{outcome.target}: {outcome.detail}")
+        self.observer.session_done(route, outcome, time.monotonic() - started, injected, ended)
+        with contextlib.suppress(Exception):
+            session.close()
+
+    def key_matched(self, stream: SessionStream) -> None:
+        """The environment came, with the key: no longer idle, not to be evicted."""
+        self._waiting.pop(stream, None)
+
+    def quick_ended(self, quick: QuickSession) -> None:
+        """A quick session is over or became a task."""
+        self._quick.discard(quick)
 
     def _evict_waiting(self) -> bool:
         """Make room by closing the connection that has waited longest without sending
@@ -298,11 +368,11 @@ class FastAGIServer:
         stream.transport.abort()
         return True
 
-    async def _run(self, session: AGISession) -> tuple[str, Outcome]:
+    async def run(self, session: AGISession) -> tuple[str, Outcome]:
         env = await session.environment()
         if not key_matches(self.key, env.script):
             raise _KeyRefused
-        self._waiting.pop(session.stream, None)
+        self.key_matched(session.stream)
         route = env.route
         handler = self.routes.get(route)
         if handler is None:
@@ -311,28 +381,18 @@ class FastAGIServer:
             log.warning("unknown route %r", route[:64])
         else:
             outcome = await handler(session, env)
-        await self._answer(session, outcome)
+        await self.answer(session, outcome)
         return route, outcome
 
-    async def _answer(self, session: AGISession, outcome: Outcome) -> None:
+    async def answer(self, session: AGISession, outcome: Outcome) -> None:
         """Every SCREEN_* variable in one command (one MSet: one round trip)."""
-        variables: dict[str, object] = {
-            "SCREEN_RESULT": outcome.result,
-            "SCREEN_COUNTED": outcome.counted,
-        }
-        if outcome.count is not None:
-            variables["SCREEN_COUNT"] = outcome.count
-        if outcome.ban_until:
-            variables["SCREEN_BAN_UNTIL"] = int(outcome.ban_until)
-        if outcome.error:
-            variables["SCREEN_ERROR"] = outcome.error
-        if outcome.reason:
-            variables["SCREEN_REASON"] = outcome.reason
-        if outcome.notice:
-            variables["SCREEN_NOTICE"] = outcome.notice
-        await session.set_variables(variables)
+        await session.set_variables(screen_variables(outcome))
+        self.log_ban(outcome)
+
+    def log_ban(self, outcome: Outcome) -> None:
+        """The log line of a new ban: once per ban, not per call from an address already
+        banned (a scan wave)."""
         if outcome.new_ban and outcome.address is not None:
-            # Once per ban, not per call from an address already banned (a scan wave).
             log.warning(
                 "%s banned until %d (count %s%s)",
                 outcome.target or outcome.address,

@@ -2,7 +2,8 @@
 
 One case = the bytes of an environment block plus, for every command the server sends,
 the bytes "Asterisk" answers. The server code that runs is the production path:
-`FastAGIServer._session` (deadline, protocol errors, close) -> `read_environment` ->
+`FastAGIServer._accept` (deadline, protocol errors, close), or quick.py's
+`QuickSession` where the store has `screen_now`, -> `read_environment` ->
 `Screener.screen` (nonce resync, ignore, NOTICE via EXEC Log, store step) ->
 SET VARIABLE answers. Only the socket is replaced: the server's own `agi.SessionStream`
 over a transport that answers each complete command line at once, from memory.
@@ -108,6 +109,7 @@ class FakeStore:
     """Records which addresses the screening step was asked to count."""
 
     policy = Policy(5, 600, 3600, 2.0, 86400)
+    quick = False  # no `screen_now`: every session is a task
 
     def __init__(self) -> None:
         self.screened: list[str] = []
@@ -116,6 +118,21 @@ class FakeStore:
     async def screen(
         self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
     ) -> Verdict:
+        self.screened.append(ip)
+        n = self.counts[ip] = self.counts.get(ip, 0) + 1
+        return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
+
+
+class QuickFakeStore(FakeStore):
+    """FakeStore with the embedded store's `screen_now`: every step but a new ban's."""
+
+    quick = True
+
+    def screen_now(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> Verdict | None:
+        if self.counts.get(ip, 0) + 1 == 5:
+            return None  # the ban: the script runs (awaited), as in embedded.NativeScreen
         self.screened.append(ip)
         n = self.counts[ip] = self.counts.get(ip, 0) + 1
         return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
@@ -182,7 +199,9 @@ class FakeAsteriskTransport:
         if data:
             self.stream.data_received(data)
         if reply.eof:
-            self.stream.eof_received()
+            # Asterisk closes after its answer: the server may react to the answer first
+            # (one loop turn), whether its session is a task or quick.py's callbacks.
+            asyncio.get_running_loop().call_soon(self.stream.eof_received)
 
 
 @dataclass
@@ -259,10 +278,12 @@ def _first_env_values(env: bytes) -> dict[str, str]:
 class Fuzzer:
     """Runs cases on one event loop against one server with a recording store."""
 
-    def __init__(self, session_timeout: float = 2.0, quiet: bool = True) -> None:
+    def __init__(self, session_timeout: float = 2.0, quiet: bool = True, quick: bool = False):
         if quiet:  # thousands of injection warnings per second otherwise
             logging.getLogger("fastagi").setLevel(logging.CRITICAL)
-        self.store = FakeStore()
+        # quick: sessions start as the server starts them over a socket with a store
+        # that has `screen_now` (quick.py), handed to a task where the server does so
+        self.store = QuickFakeStore() if quick else FakeStore()
         self.screener = Screener(self.store, IGNORE, log_notice=True, redis_budget=0.5)
         self.server = FastAGIServer(
             self.screener, AddressSet.parse(["127.0.0.1/32"]), 10**9, session_timeout
@@ -271,6 +292,8 @@ class Fuzzer:
         self.task_errors: list[object] = []
         self.results: dict[str, int] = {}
         self.starved = 0
+        # per case: what the server sent (nonces masked), counted, and how it ended
+        self.transcript: list[tuple] = []
 
     def _loop_errors(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         self.task_errors.append(context.get("exception") or context.get("message"))
@@ -281,13 +304,26 @@ class Fuzzer:
         stats = self.server.stats
         before_injections, before_timeouts = stats.injections, stats.timeouts
         self.store.screened.clear()
-        stream = SessionStream(limit=MAX_LINE)  # the server's own; only the socket is fake
-        stream.connection_made(FakeAsteriskTransport(stream, case))  # type: ignore[arg-type]
-        stream.data_received(case.env)
-        if case.env_eof:
-            stream.eof_received()
+        results = dict(stats.results)
+        server = self.server
+        # the server's own stream, its session started as over a socket: a task at once,
+        # or quick.py's (production paths); only the socket is fake
+        if server.quick:
+            stream = SessionStream(limit=MAX_LINE, opened=server._opened)
+        else:
+            stream = SessionStream(server._accept, MAX_LINE)
+        transport = FakeAsteriskTransport(stream, case)
         with pyst2_loop_guard():
+            stream.connection_made(transport)  # type: ignore[arg-type]
+            stream.data_received(case.env)
+            if case.env_eof:  # as after an answer (FakeAsteriskTransport._answer)
+                asyncio.get_running_loop().call_soon(stream.eof_received)
             await self._drive(stream, case)
+        changed = {
+            k: v - results.get(k, 0) for k, v in stats.results.items() if v != results.get(k)
+        }
+        commands = [NONCE.sub(b'GET FULL VARIABLE "nonce ', c) for c in transport.commands]
+        self.transcript.append((commands, list(self.store.screened), changed, stats.active))
         self.cases += 1
         if self.task_errors:
             raise UnexpectedOutcome(f"loop error {self.task_errors[0]!r} for {case!r}")
@@ -296,17 +332,21 @@ class Fuzzer:
         self.check(case, injected=stats.injections != before_injections)
 
     async def _drive(self, stream: SessionStream, case: Case) -> None:
-        session = asyncio.ensure_future(self.server._session(stream))  # production path
+        session = stream.task
         for _ in range(100_000):
             await asyncio.sleep(0)
-            if session.done():
+            session = session or stream.task  # a quick session handed over since
+            if session is None and stream.listener is None:
+                return  # screened without a task, or refused
+            if session is not None and session.done():
                 break
-            if stream.waiting and not stream.at_eof:
+            if (stream.waiting or stream.listener is not None) and not stream.at_eof:
                 # The server waits for bytes the script does not have: Asterisk closes.
                 self.starved += 1
                 stream.eof_received()
         else:
-            session.cancel()
+            if session is not None:
+                session.cancel()
             raise UnexpectedOutcome(f"session still running after 100,000 loop turns: {case!r}")
         try:
             session.result()
