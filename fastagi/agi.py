@@ -68,6 +68,7 @@ ASTERISK_KEYS = (
 )
 _SCRIPT = ASTERISK_KEYS.index("agi_network_script")
 _THREADID = ASTERISK_KEYS.index("agi_threadid")
+_ASTERISK_KEYS = list(ASTERISK_KEYS)  # compared with a block's keys in one go
 
 
 @dataclass
@@ -101,6 +102,10 @@ class Environment:
         """Why this is not the block res_agi writes ("" when it is): a line that is not
         the key Asterisk writes at that place, a duplicate, or a block cut short."""
         keys, skipped = self.keys, 0
+        if keys[: len(ASTERISK_KEYS)] == _ASTERISK_KEYS and all(
+            key == f"agi_arg_{n}" for n, key in enumerate(keys[len(ASTERISK_KEYS) :], 1)
+        ):
+            return ""  # the usual block, at once
         if len(keys) > _SCRIPT and keys[_SCRIPT] != "agi_network_script":
             keys, skipped = [keys[0], "agi_network_script", *keys[1:]], 1  # URL without a path
         for n, key in enumerate(keys):
@@ -352,10 +357,17 @@ def parse_block(block: bytes) -> Environment:
     lines = block[:-2].decode("utf-8", errors="replace").split("\n")
     if len(lines) > MAX_ENV_LINES:
         raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
-    for line in lines:
-        if not _add_env_line(env, line):
-            raise AGIProtocolError("empty AGI environment")
-    if not env.values:
+    values, keys = env.values, env.keys
+    for line in lines:  # _add_env_line's work, inline: a block is 22 lines or more
+        key, sep, value = line.partition(": ")
+        if not sep or not key.startswith("agi_"):
+            if not line:
+                raise AGIProtocolError("empty AGI environment")
+            key = ""
+        elif key not in values:
+            values[key] = value
+        keys.append(key)
+    if not values:
         raise AGIProtocolError("empty AGI environment")
     return env
 
