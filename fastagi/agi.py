@@ -132,6 +132,11 @@ class Listener(Protocol):
 
     def ended(self) -> None: ...
 
+    @property
+    def waiting(self) -> bool:
+        """It waits for bytes (not for its store step)."""
+        ...
+
 
 class SessionStream(asyncio.Protocol):
     """One FastAGI connection: its reader and its writer in one small protocol object.
@@ -242,8 +247,9 @@ class SessionStream(asyncio.Protocol):
 
     @property
     def waiting(self) -> bool:
-        """A read is waiting for bytes."""
-        return self._waiter is not None
+        """A read (or the listener) is waiting for bytes."""
+        listener = self.listener
+        return self._waiter is not None or (listener is not None and listener.waiting)
 
     def unread(self, chunk: bytes) -> None:
         """Put back what `take` took: a task reads it next (quick.py hands over)."""

@@ -21,6 +21,7 @@ or after all of them.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,11 @@ class QuickSession:
         self.env = Environment()
         self.nonce = ""
         self.outcome: Outcome | None = None
+        # a real Redis's store step while it is out (`_send_count`)
+        self.call: Call | None = None
+        self.counting: tuple[asyncio.Future, float] | None = None  # its reply, sent at
+        self.count_started = self.budget_at = 0.0
+        self.budget: asyncio.TimerHandle | None = None
         self.variables: dict[str, object] = {}
         self.step = self._environment
         loop = asyncio.get_running_loop()
@@ -65,6 +71,11 @@ class QuickSession:
 
     def data_received(self) -> None:
         self.step()
+
+    @property
+    def waiting(self) -> bool:
+        """Waiting for Asterisk's bytes, not for the store step."""
+        return self.step != self._counting
 
     def ended(self) -> None:
         """The peer closed or the connection is gone: the coroutine reads that and ends
@@ -115,12 +126,52 @@ class QuickSession:
         screener = self.server.screener
         call = screener.judge(self.session, self.env, answer)
         if isinstance(call, Call):
+            if not screener.store.quick:  # a real Redis: its reply comes later
+                self._send_count(call)
+                return
             counted = screener.count_now(call)
             if counted is None:  # a new ban: the script runs, awaited
                 self._to_task(self._count(call))
                 return
             call = counted
         self._answer(call)
+
+    def _send_count(self, call: Call) -> None:
+        screener = self.server.screener
+        started = time.perf_counter()
+        sent = screener.count_soon(call)
+        if sent is None:
+            self._to_task(self._count(call))
+            return
+        self.call, self.counting, self.count_started = call, sent, started
+        self.step = self._counting
+        loop = asyncio.get_running_loop()
+        self.budget_at = loop.time() + screener.redis_budget
+        self.budget = loop.call_at(self.budget_at, self._count_late)
+        sent[0].add_done_callback(self._count_done)
+
+    def _counting(self) -> None:
+        """Bytes that come while the store step runs wait in the buffer (a HANGUP line:
+        read with the answer to MSet), as they do for the task."""
+
+    def _count_done(self, future: asyncio.Future) -> None:
+        if self.step != self._counting or future.cancelled():
+            return  # too late (the budget), or a task waits for it now
+        assert self.budget is not None and self.call is not None
+        self.budget.cancel()
+        outcome = self.server.screener.count_done(self.call, future, self.count_started)
+        if outcome is None:  # it did not run (NOSCRIPT, the link broke)
+            self._to_task(self._count(self.call))
+            return
+        self._answer(outcome)
+
+    def _count_late(self) -> None:
+        assert self.call is not None and self.counting is not None
+        screener = self.server.screener
+        future, sent = self.counting
+        future.cancel()  # as the task's await is: its reply, if it comes, is dropped
+        screener.store.gave_up(sent)
+        self._answer(screener.count_late(self.call, self.count_started))
 
     def _answer(self, outcome: Outcome) -> None:
         self.outcome = outcome
@@ -159,6 +210,10 @@ class QuickSession:
             self._to_task(self.server.run(self.session))
         elif self.step == self._resynced:
             self._to_task(self._from_resync())
+        elif self.step == self._counting:
+            assert self.budget is not None
+            self.budget.cancel()
+            self._to_task(self._from_counting())
         else:
             assert self.outcome is not None
             self._to_task(self._mset_answered(self.outcome))
@@ -182,6 +237,24 @@ class QuickSession:
         screener = self.server.screener
         call = screener.judge(self.session, self.env, answer)
         outcome = await screener.count(self.session, call) if isinstance(call, Call) else call
+        return await self._set_variables(outcome)
+
+    async def _from_counting(self) -> tuple[str, Outcome]:
+        """The store step is out: its reply awaited within what is left of its budget."""
+        assert self.call is not None and self.counting is not None
+        future, sent = self.counting
+        screener = self.server.screener
+        try:
+            async with asyncio.timeout_at(self.budget_at):
+                await future
+        except TimeoutError:
+            screener.store.gave_up(sent)
+            return await self._set_variables(screener.count_late(self.call, self.count_started))
+        except Exception:  # the reply's error: count_done reads it
+            pass
+        outcome = screener.count_done(self.call, future, self.count_started)
+        if outcome is None:
+            return await self._count(self.call)
         return await self._set_variables(outcome)
 
     async def _count(self, call: Call) -> tuple[str, Outcome]:

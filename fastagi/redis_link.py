@@ -121,6 +121,34 @@ class SharedLink:
                 link.fail(TimeoutError("Redis did not answer"))
             raise
 
+    def submit(self, *args: Any) -> asyncio.Future | None:
+        """`execute`'s command written now, its reply a future (quick.py), on the live
+        connection with nothing waiting to be written; else None and nothing was sent
+        (then `execute`). No retry here: a reply of LinkBroken or NOSCRIPT means the
+        command did not run, and the caller runs `execute`."""
+        link = self._link
+        if link is None or link.broken or not link.connection.is_connected:
+            return None
+        # redis-py's stream writer: what send_packed_command writes to before its drain,
+        # which has nothing to wait for on an empty buffer
+        writer = getattr(link.connection, "_writer", None)
+        if writer is None or writer.transport.is_closing():
+            return None
+        if writer.transport.get_write_buffer_size():
+            return None
+        future = asyncio.get_running_loop().create_future()
+        link.waiting.append(future)
+        writer.writelines(link.connection.pack_command(*args))
+        return future
+
+    def gave_up(self, sent: float) -> None:
+        """The caller of a command submitted at `sent` (time.monotonic) stopped waiting
+        (its deadline): as `_execute` does then, a link that answered nothing since is
+        dropped."""
+        link = self._link
+        if link is not None and link.last_reply < sent:
+            link.fail(TimeoutError("Redis did not answer"))
+
     async def _connect(self) -> _Link:
         async with self._connecting:
             link = self._link

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastagi import logs
@@ -165,7 +166,12 @@ class Screener:
         """Whether a clean call can be screened with no wait at all (quick.py): the
         store step runs in this process (the embedded store), and nothing else awaits
         (the dialplan logs the NOTICE; no escalation after a ban)."""
-        return self.notice_by == "dialplan" and not self.escalation.prefix and self.store.quick
+        store = self.store
+        return (
+            self.notice_by == "dialplan"
+            and not self.escalation.prefix
+            and (store.quick or store.soon)
+        )
 
     async def screen(self, session: AGISession, env: Environment) -> Outcome:
         answer = await session.resync(address_expression(env))
@@ -214,17 +220,46 @@ class Screener:
     def count_now(self, call: Call) -> Outcome | None:
         """The store step without a wait, where `quick` says it can be; None when this
         call's step must run the script (a new ban): `count` then, nothing is written."""
-        started = time.perf_counter()
-        try:
-            verdict = self.store.screen_now(
+        store = self.store
+        return self._counted(
+            call,
+            time.perf_counter(),
+            lambda: store.screen_now(
                 call.target, call.injected, call.threshold, call.country or ""
-            )
+            ),
+        )
+
+    def count_soon(self, call: Call) -> tuple[asyncio.Future, float] | None:
+        """The store step sent now where the store is a real Redis on one shared
+        connection (`store.soon`): its reply's future and when it went out; None when it
+        cannot go without a wait (then nothing was sent: `count`)."""
+        sent = time.monotonic()
+        future = self.store.screen_soon(
+            call.target, call.injected, call.threshold, call.country or ""
+        )
+        return None if future is None else (future, sent)
+
+    def count_done(self, call: Call, future: asyncio.Future, started: float) -> Outcome | None:
+        """`count_soon`'s step answered (`started`: time.perf_counter before it); None
+        when it did not run (NOSCRIPT, the link broke): `count` then."""
+        return self._counted(call, started, lambda: self.store.soon_verdict(future))
+
+    def _counted(
+        self, call: Call, started: float, verdict: Callable[[], Verdict | None]
+    ) -> Outcome | None:
+        """The outcome of a store step that `verdict` reads (None: it did not run)."""
+        try:
+            found = verdict()
         except StoreError as error:
             return self._done(call, self._failed(started, error))
-        if verdict is None:
+        if found is None:
             return None
         self.observer.store_step(time.perf_counter() - started)
-        return self._done(call, _outcome(verdict))
+        return self._done(call, _outcome(found))
+
+    def count_late(self, call: Call, started: float) -> Outcome:
+        """`count_soon`'s step did not answer within `redis_budget`."""
+        return self._done(call, self._failed(started, TimeoutError()))
 
     async def count(self, session: AGISession, call: Call) -> Outcome:
         """The store step and what follows it: the NOTICE by AGI, an escalation."""

@@ -40,7 +40,7 @@ from fastagi.agi import MAX_LINE, AGISession, SessionStream
 from fastagi.emulator import Call, environment_block
 from fastagi.screening import Screener
 from fastagi.server import FastAGIServer
-from fastagi.store import Policy, Verdict
+from fastagi.store import Policy, Store, Verdict
 
 FORGED = ["203.0.113.9", "2001:db8::9", "198.51.100.66", "10.0.0.1", "[2001:db8::9]:5060"]
 CALLERS = [
@@ -109,7 +109,8 @@ class FakeStore:
     """Records which addresses the screening step was asked to count."""
 
     policy = Policy(5, 600, 3600, 2.0, 86400)
-    quick = False  # no `screen_now`: every session is a task
+    quick = False  # no `screen_now`...
+    soon = False  # ... nor `screen_soon`: every session is a task
 
     def __init__(self) -> None:
         self.screened: list[str] = []
@@ -136,6 +137,29 @@ class QuickFakeStore(FakeStore):
         self.screened.append(ip)
         n = self.counts[ip] = self.counts.get(ip, 0) + 1
         return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
+
+
+class SoonFakeStore(FakeStore):
+    """FakeStore as a real Redis on one shared connection: `screen_soon` sends the
+    step, whoever waits for its reply hears of it a loop turn later, as FakeStore.screen's
+    awaiting task does (store.Store.soon_verdict reads it)."""
+
+    soon = True
+
+    def screen_soon(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> asyncio.Future:
+        self.screened.append(ip)
+        n = self.counts[ip] = self.counts.get(ip, 0) + 1
+        reply = [b"BANNED" if n >= 5 else b"COUNTED", n, 1_800_000_000_000 if n >= 5 else 0, n == 5]
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(reply)  # its callbacks run a loop turn later, as Redis's would
+        return future
+
+    soon_verdict = staticmethod(Store.soon_verdict)
+
+    def gave_up(self, sent: float) -> None:
+        pass
 
 
 class FakeAsteriskTransport:
@@ -278,12 +302,18 @@ def _first_env_values(env: bytes) -> dict[str, str]:
 class Fuzzer:
     """Runs cases on one event loop against one server with a recording store."""
 
-    def __init__(self, session_timeout: float = 2.0, quiet: bool = True, quick: bool = False):
+    def __init__(
+        self,
+        session_timeout: float = 2.0,
+        quiet: bool = True,
+        quick: bool = False,
+        soon: bool = False,
+    ):
         if quiet:  # thousands of injection warnings per second otherwise
             logging.getLogger("fastagi").setLevel(logging.CRITICAL)
         # quick: sessions start as the server starts them over a socket with a store
         # that has `screen_now` (quick.py), handed to a task where the server does so
-        self.store = QuickFakeStore() if quick else FakeStore()
+        self.store = QuickFakeStore() if quick else SoonFakeStore() if soon else FakeStore()
         self.screener = Screener(self.store, IGNORE, log_notice=True, redis_budget=0.5)
         self.server = FastAGIServer(
             self.screener, AddressSet.parse(["127.0.0.1/32"]), 10**9, session_timeout
@@ -340,7 +370,7 @@ class Fuzzer:
                 return  # screened without a task, or refused
             if session is not None and session.done():
                 break
-            if (stream.waiting or stream.listener is not None) and not stream.at_eof:
+            if stream.waiting and not stream.at_eof:
                 # The server waits for bytes the script does not have: Asterisk closes.
                 self.starved += 1
                 stream.eof_received()

@@ -65,8 +65,9 @@ def _clean_case(rng: random.Random) -> Case:
     return Case(env, caller, [resync, mset], eof_after=rng.random() < 0.5)
 
 
-def _both(case_list: list[Case]) -> tuple[Fuzzer, Fuzzer, Counter]:
-    """Both servers on the same cases; how the quick one handed sessions over."""
+def _both(case_list: list[Case], store: str = "quick") -> tuple[Fuzzer, Fuzzer, Counter]:
+    """Both servers on the same cases; how the quick one handed sessions over. `store`:
+    "quick" the embedded store's step, "soon" a real Redis's (its reply later)."""
     handed: Counter = Counter()
     to_task = quick.QuickSession._to_task
 
@@ -74,7 +75,7 @@ def _both(case_list: list[Case]) -> tuple[Fuzzer, Fuzzer, Counter]:
         handed[self.step.__name__] += 1
         to_task(self, steps)
 
-    tasks, quicks = Fuzzer(), Fuzzer(quick=True)
+    tasks, quicks = Fuzzer(), Fuzzer(quick=store == "quick", soon=store == "soon")
     quick.QuickSession._to_task = counting  # type: ignore[method-assign]
     try:
 
@@ -104,10 +105,11 @@ def _same(tasks: Fuzzer, quicks: Fuzzer, case_list: list[Case]) -> None:
     assert tasks.store.counts == quicks.store.counts
 
 
-def test_clean_calls_screened_without_a_task_send_and_count_exactly_what_the_task_does():
+@pytest.mark.parametrize("store", ["quick", "soon"])
+def test_clean_calls_screened_without_a_task_send_and_count_exactly_what_the_task_does(store):
     rng = random.Random(14)
     case_list = [_clean_case(rng) for _ in range(2000)]
-    tasks, quicks, handed = _both(case_list)
+    tasks, quicks, handed = _both(case_list, store)
     _same(tasks, quicks, case_list)
     sessions = quicks.server.stats.sessions
     # most sessions never became a task; each kind of trouble was handed over at its step
@@ -118,10 +120,11 @@ def test_clean_calls_screened_without_a_task_send_and_count_exactly_what_the_tas
     assert quicks.store.counts == tasks.store.counts and max(quicks.store.counts.values()) > 5
 
 
-def test_any_input_is_handed_over_and_ends_as_the_task_ends_it():
+@pytest.mark.parametrize("store", ["quick", "soon"])
+def test_any_input_is_handed_over_and_ends_as_the_task_ends_it(store):
     rng = random.Random(1414)
     case_list = [random_case(rng) for _ in range(4000)]
-    tasks, quicks, handed = _both(case_list)
+    tasks, quicks, handed = _both(case_list, store)
     _same(tasks, quicks, case_list)
     assert {"_environment", "_resynced", "_answered"} <= set(handed)
     stats = quicks.server.stats
@@ -136,8 +139,9 @@ def test_any_input_is_handed_over_and_ends_as_the_task_ends_it():
 )
 @given(cases())
 def test_property_both_paths_agree_on_any_input(case):
-    tasks, quicks, _ = _both([case])
-    _same(tasks, quicks, [case])
+    for store in ("quick", "soon"):
+        tasks, quicks, _ = _both([case], store)
+        _same(tasks, quicks, [case])
 
 
 def test_a_quick_session_that_gets_no_answer_ends_at_session_timeout():
@@ -164,3 +168,72 @@ def test_a_quick_session_that_gets_no_answer_ends_at_session_timeout():
     asyncio.run(main())
     stats = fuzzer.server.stats
     assert (stats.timeouts, stats.active, fuzzer.store.screened) == (1, 0, [])
+
+
+def test_a_real_redis_step_sent_from_the_callbacks_survives_a_script_flush_and_a_stall(
+    own_redis,
+):
+    """On a real Redis (one shared connection) the step goes out from the callbacks too.
+    NOSCRIPT (a SCRIPT FLUSH) hands the call to a task, which loads the script: counted
+    once. A stalled Redis (SIGSTOP) answers nothing: the call gets ERROR with its count
+    unknown at the store budget, well within session_timeout, the link is dropped, and
+    once Redis resumes the next call is counted on a fresh connection."""
+    import os
+    import signal
+    import time
+
+    from fastagi.emulator import Call, FakeAsterisk
+    from tests.harness import running_server
+
+    handed: Counter = Counter()
+    to_task = quick.QuickSession._to_task
+
+    def counting(self, steps):
+        handed[self.step.__name__] += 1
+        to_task(self, steps)
+
+    async def main():
+        asterisk = FakeAsterisk(hold_limit=10.0)
+        overrides = {
+            "redis_timeout": "0.2s",
+            "server_session_timeout": "3s",
+            "screening_threshold": "100",
+        }
+        async with running_server(own_redis.url, **overrides) as running:
+            assert running.server.quick and running.store.soon
+
+            async def call() -> tuple[dict, float]:
+                started = time.monotonic()
+                result = await asterisk.call(running.target, Call(source="198.51.100.7"))
+                return result.variables, time.monotonic() - started
+
+            first, _ = await call()
+            assert (first["SCREEN_RESULT"], first["SCREEN_COUNT"]) == ("COUNTED", "1")
+            assert handed == {"_resynced": 1}  # no connection yet: a task makes it
+            second, _ = await call()
+            assert (second["SCREEN_RESULT"], second["SCREEN_COUNT"]) == ("COUNTED", "2")
+            assert handed == {"_resynced": 1}  # screened without a task
+            own_redis.client().script_flush()
+            third, _ = await call()
+            assert (third["SCREEN_RESULT"], third["SCREEN_COUNT"]) == ("COUNTED", "3")
+            assert handed == {"_resynced": 1, "_counting": 1}  # NOSCRIPT: a task loads it
+            assert own_redis.proc is not None
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            try:
+                stalled, seconds = await call()
+            finally:
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+            assert (stalled["SCREEN_RESULT"], stalled["SCREEN_COUNTED"]) == ("ERROR", "unknown")
+            assert 0.5 <= seconds < 2.0  # the budget (3 x 0.2 s), not session_timeout
+            assert handed == {"_resynced": 1, "_counting": 1}  # the budget, in the callbacks
+            fifth, _ = await call()
+            # the stalled step ran when Redis resumed: this is the fifth count, on a new
+            # connection (the stalled one was dropped), made by a task
+            assert (fifth["SCREEN_RESULT"], fifth["SCREEN_COUNT"]) == ("COUNTED", "5")
+            assert handed == {"_resynced": 2, "_counting": 1}
+
+    quick.QuickSession._to_task = counting  # type: ignore[method-assign]
+    try:
+        asyncio.run(main())
+    finally:
+        quick.QuickSession._to_task = to_task  # type: ignore[method-assign]

@@ -4,6 +4,7 @@ parts of their own (reads.py, feeds.py, notify.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, RedisError
 
 from fastagi import lua
+from fastagi.redis_link import LinkBroken
 from fastagi.store.base import (
     ADMIN_HOLD,
     AUTH_HOLD,
@@ -64,6 +66,41 @@ class Store(Reads, Feeds, Notifications):
         """`screen_now` can take the step: it runs in this process (the embedded store),
         with no replica to wait for."""
         return not self.wait_replicas and callable(getattr(self.link, "now", None))
+
+    @property
+    def soon(self) -> bool:
+        """`screen_soon` can send the step: one shared connection (redis_link.py), no
+        replica to wait for."""
+        return not self.wait_replicas and callable(getattr(self.link, "submit", None))
+
+    def screen_soon(
+        self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
+    ) -> asyncio.Future | None:
+        """`screen`'s command sent now, where `soon`: its reply (for `verdict`) later,
+        or an exception (NOSCRIPT, the link broke: it did not run, await `screen`). None
+        when it cannot be sent without a wait (then nothing was)."""
+        command = self._screen_parts.command(self._screen.sha, ip, injected, threshold, country)
+        return self.link.submit(*command)  # type: ignore[union-attr]  # `soon` checked it
+
+    def gave_up(self, sent: float) -> None:
+        """The caller of a `screen_soon` made at `sent` (time.monotonic) stopped waiting
+        (its budget)."""
+        self.link.gave_up(sent)  # type: ignore[union-attr]
+
+    @staticmethod
+    def soon_verdict(future: asyncio.Future) -> Verdict | None:
+        """The verdict of a done `screen_soon`; None where the step did not run (NOSCRIPT,
+        the link broke: await `screen`, which loads the script or reconnects); StoreError
+        where it failed, as `screen` raises it."""
+        error = future.exception()
+        if error is None:
+            return _verdict(future.result())
+        if isinstance(error, NoScriptError | LinkBroken):
+            return None
+        if isinstance(error, RedisError | OSError):
+            reason = error or type(error).__name__
+            raise StoreError(f"Redis screening step failed: {reason}") from None
+        raise error
 
     def screen_now(
         self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
