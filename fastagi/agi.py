@@ -128,6 +128,8 @@ class Environment:
 class Listener(Protocol):
     """What drives a session from SessionStream's callbacks instead of a task."""
 
+    separator: bytes  # what it waits for: data_received is called when that came
+
     def data_received(self) -> None: ...
 
     def ended(self) -> None: ...
@@ -190,17 +192,20 @@ class SessionStream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        if self._waiter is not None:
-            separator = self._separator
+        listener = self.listener
+        if self._waiter is not None or listener is not None:
+            separator = self._separator if listener is None else listener.separator
             # the separator may straddle two segments: look from just before this one
             start = max(0, len(buffer) - len(data) - len(separator) + 1)
+            # woken once per line or block it waits for, not once per segment
             if buffer.find(separator, start) >= 0 or len(buffer) > self._limit:
-                self._wake()
+                if listener is not None:
+                    listener.data_received()
+                else:
+                    self._wake()
         if len(buffer) > 2 * self._limit and not self._reading_paused and self.transport:
             self._reading_paused = True  # a peer that writes without end waits for us
             self.transport.pause_reading()
-        if self.listener is not None:
-            self.listener.data_received()
 
     def eof_received(self) -> bool:
         self._eof = True

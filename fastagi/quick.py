@@ -63,6 +63,7 @@ class QuickSession:
         self.budget: asyncio.TimerHandle | None = None
         self.variables: dict[str, object] = {}
         self.step = self._environment
+        self.separator = b"\n\n"  # SessionStream calls data_received when that came
         loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = loop.call_at(self.deadline, self.hand_over)
         stream.listener = self
@@ -111,8 +112,16 @@ class QuickSession:
         self.nonce, command = self.session.resync_command(address_expression(env))
         self._send(command, self._resynced)
 
-    def _resynced(self) -> None:
+    def _line(self) -> bytes | None:
+        """The next whole line, else None (and one longer than a line may be: the task
+        reads on, and says so)."""
         line = self.stream.take(b"\n")
+        if line is None and self.stream.buffered > MAX_LINE:
+            self.hand_over()
+        return line
+
+    def _resynced(self) -> None:
+        line = self._line()
         if line is None:
             return
         try:
@@ -183,7 +192,7 @@ class QuickSession:
         self._send(command, self._answered)
 
     def _answered(self) -> None:
-        line = self.stream.take(b"\n")
+        line = self._line()
         if line is None:
             return
         assert self.outcome is not None
@@ -197,7 +206,7 @@ class QuickSession:
 
     def _send(self, command: bytes, then: Callable[[], None]) -> None:
         """Write `command`; `then` reads its answer, now if it is in already."""
-        self.step = then
+        self.step, self.separator = then, b"\n"
         self.stream.write(command)
         if self.stream.listener is self and self.stream.buffered:
             self.step()  # still ours (a transport may answer, even close, within write)
