@@ -283,6 +283,7 @@ async def _script(reader, writer, case: Case, read_timeout: float) -> None:
             except TimeoutError:
                 if writer.can_write_eof() and not writer.transport.is_closing():
                     writer.write_eof()  # Asterisk has nothing more to say
+                case.env_eof = True  # nor can it, if the server speaks later (a slow box)
                 read_timeout = 3.0
                 continue
             if case.env_eof:
