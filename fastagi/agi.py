@@ -358,7 +358,7 @@ async def read_environment(stream: SessionStream) -> Environment:
             if not env.values:
                 raise AGIProtocolError("empty AGI environment")
             return env
-        _add_env_line(env, line)
+        _add_lines(env, [line])
     raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
 
 
@@ -368,8 +368,17 @@ def parse_block(block: bytes) -> Environment:
     lines = block[:-2].decode("utf-8", errors="replace").split("\n")
     if len(lines) > MAX_ENV_LINES:
         raise AGIProtocolError(f"AGI environment longer than {MAX_ENV_LINES} lines")
+    _add_lines(env, lines)
+    if not env.values:
+        raise AGIProtocolError("empty AGI environment")
+    return env
+
+
+def _add_lines(env: Environment, lines: list[str]) -> None:
+    """`key: value` lines, none of them empty (that ends the block): the first of each
+    key is kept; a line that is no `agi_` key is recorded as key ""."""
     values, keys = env.values, env.keys
-    for line in lines:  # _add_env_line's work, inline: a block is 22 lines or more
+    for line in lines:  # one loop for the whole block: it is 22 lines or more
         key, sep, value = line.partition(": ")
         if not sep or not key.startswith("agi_"):
             if not line:
@@ -378,22 +387,6 @@ def parse_block(block: bytes) -> Environment:
         elif key not in values:
             values[key] = value
         keys.append(key)
-    if not values:
-        raise AGIProtocolError("empty AGI environment")
-    return env
-
-
-def _add_env_line(env: Environment, line: str) -> bool:
-    """One `key: value` line; False for an empty line (the end of the block)."""
-    if not line:
-        return False
-    key, sep, value = line.partition(": ")
-    if not sep or not key.startswith("agi_"):
-        key = ""
-    elif key not in env.values:
-        env.values[key] = value
-    env.keys.append(key)
-    return True
 
 
 class _Outbox:

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastagi.access import key_matches
 from fastagi.addresses import AddressError, AddressSet, parse_address
@@ -200,11 +201,15 @@ class FastAGIServer:
         self.uncounted.close()
 
     async def _accept(self, stream: SessionStream) -> None:
-        task = stream.task  # this coroutine's own task (SessionStream made it)
+        await self._tracked(stream, self._session(stream))
+
+    async def _tracked(self, stream: SessionStream, session: Coroutine[Any, Any, None]) -> None:
+        """Run `session` as the stream's task (SessionStream made it), known to `stop`."""
+        task = stream.task
         if task is not None:
             self._tasks.add(task)
         try:
-            await self._session(stream)
+            await session
         finally:
             if task is not None:
                 self._tasks.discard(task)
@@ -221,14 +226,7 @@ class FastAGIServer:
     ) -> None:
         """A quick session's remaining `steps` as a task: the session from then on, as
         `_session` would have run it."""
-        task = session.stream.task
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._guarded(session, where, started, deadline, steps)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        await self._tracked(session.stream, self._guarded(session, where, started, deadline, steps))
 
     def _refused(self, reason: str, text: str) -> None:
         self.observer.refused(reason)

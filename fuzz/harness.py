@@ -119,6 +119,10 @@ class FakeStore:
     async def screen(
         self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
     ) -> Verdict:
+        return self._step(ip)
+
+    def _step(self, ip: str) -> Verdict:
+        """Count one call from `ip`; banned from the fifth."""
         self.screened.append(ip)
         n = self.counts[ip] = self.counts.get(ip, 0) + 1
         return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
@@ -134,9 +138,7 @@ class QuickFakeStore(FakeStore):
     ) -> Verdict | None:
         if self.counts.get(ip, 0) + 1 == 5:
             return None  # the ban: the script runs (awaited), as in embedded.NativeScreen
-        self.screened.append(ip)
-        n = self.counts[ip] = self.counts.get(ip, 0) + 1
-        return Verdict("BANNED" if n >= 5 else "COUNTED", n, 1.8e9 if n >= 5 else 0.0, n == 5)
+        return self._step(ip)
 
 
 class SoonFakeStore(FakeStore):
@@ -149,9 +151,9 @@ class SoonFakeStore(FakeStore):
     def screen_soon(
         self, ip: str, injected: bool = False, threshold: int | None = None, country: str = ""
     ) -> asyncio.Future:
-        self.screened.append(ip)
-        n = self.counts[ip] = self.counts.get(ip, 0) + 1
-        reply = [b"BANNED" if n >= 5 else b"COUNTED", n, 1_800_000_000_000 if n >= 5 else 0, n == 5]
+        verdict = self._step(ip)  # as the script replies: ban end in ms
+        until = int(verdict.ban_until * 1000)
+        reply = [verdict.result.encode(), verdict.count, until, int(verdict.new_ban)]
         future = asyncio.get_running_loop().create_future()
         future.set_result(reply)  # its callbacks run a loop turn later, as Redis's would
         return future

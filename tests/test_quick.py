@@ -9,9 +9,11 @@ each session ended must be the same, byte for byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -65,9 +67,9 @@ def _clean_case(rng: random.Random) -> Case:
     return Case(env, caller, [resync, mset], eof_after=rng.random() < 0.5)
 
 
-def _both(case_list: list[Case], store: str = "quick") -> tuple[Fuzzer, Fuzzer, Counter]:
-    """Both servers on the same cases; how the quick one handed sessions over. `store`:
-    "quick" the embedded store's step, "soon" a real Redis's (its reply later)."""
+@contextlib.contextmanager
+def _hand_overs() -> Iterator[Counter]:
+    """Counts quick sessions handed to a task, by the step they had reached."""
     handed: Counter = Counter()
     to_task = quick.QuickSession._to_task
 
@@ -75,18 +77,25 @@ def _both(case_list: list[Case], store: str = "quick") -> tuple[Fuzzer, Fuzzer, 
         handed[self.step.__name__] += 1
         to_task(self, steps)
 
-    tasks, quicks = Fuzzer(), Fuzzer(quick=store == "quick", soon=store == "soon")
     quick.QuickSession._to_task = counting  # type: ignore[method-assign]
     try:
-
-        async def main():
-            for case in case_list:
-                await tasks.run_case(case)
-                await quicks.run_case(case)
-
-        asyncio.run(main())
+        yield handed
     finally:
         quick.QuickSession._to_task = to_task  # type: ignore[method-assign]
+
+
+def _both(case_list: list[Case], store: str = "quick") -> tuple[Fuzzer, Fuzzer, Counter]:
+    """Both servers on the same cases; how the quick one handed sessions over. `store`:
+    "quick" the embedded store's step, "soon" a real Redis's (its reply later)."""
+    tasks, quicks = Fuzzer(), Fuzzer(quick=store == "quick", soon=store == "soon")
+
+    async def main():
+        for case in case_list:
+            await tasks.run_case(case)
+            await quicks.run_case(case)
+
+    with _hand_overs() as handed:
+        asyncio.run(main())
     return tasks, quicks, handed
 
 
@@ -185,13 +194,6 @@ def test_a_real_redis_step_sent_from_the_callbacks_survives_a_script_flush_and_a
     from fastagi.emulator import Call, FakeAsterisk
     from tests.harness import running_server
 
-    handed: Counter = Counter()
-    to_task = quick.QuickSession._to_task
-
-    def counting(self, steps):
-        handed[self.step.__name__] += 1
-        to_task(self, steps)
-
     async def main():
         asterisk = FakeAsterisk(hold_limit=10.0)
         overrides = {
@@ -232,8 +234,5 @@ def test_a_real_redis_step_sent_from_the_callbacks_survives_a_script_flush_and_a
             assert (fifth["SCREEN_RESULT"], fifth["SCREEN_COUNT"]) == ("COUNTED", "5")
             assert handed == {"_resynced": 2, "_counting": 1}
 
-    quick.QuickSession._to_task = counting  # type: ignore[method-assign]
-    try:
+    with _hand_overs() as handed:
         asyncio.run(main())
-    finally:
-        quick.QuickSession._to_task = to_task  # type: ignore[method-assign]
