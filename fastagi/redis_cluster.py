@@ -9,7 +9,8 @@ cluster (no replica, `cluster-require-full-coverage no`) stops nothing of ours:
   every master;
 - XREAD too (redis-py would first ask some node for its key with COMMAND GETKEYS);
 - the command table redis-py reads at every (re)connect comes from that master, which
-  is also the default node, not the master of slot 0.
+  is also the default node, not the master of slot 0;
+- the slot map is read before the first command, so that command goes by its key.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class ClusterClient(RedisCluster):
         return self.get_node_from_key(self.home_key)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # The slot map first, from the seed: redis-py (8.1) takes a keyed command sent
+        # before it has one for keyless and sends it to a random master.
+        await self.initialize()
         if args[0] in _TO_OUR_SLOT and "target_nodes" not in kwargs:
-            await self.initialize()  # learns the slot map from the seed on first use
             kwargs["target_nodes"] = self.home_node()
         return await super().execute_command(*args, **kwargs)
 
