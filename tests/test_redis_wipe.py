@@ -210,7 +210,8 @@ def test_agents_healing_at_once_agree_on_the_longer_end(redis_url, redis_server)
         return result
 
     banned, tokens, token, now = asyncio.run(main())
-    assert banned["198.51.100.9"] == pytest.approx(now + 1800, abs=0.002)
+    # Each store measures its clock offset within half a TIME round trip.
+    assert banned["198.51.100.9"] == pytest.approx(now + 1800, abs=0.25)
     assert tokens == {token}
 
 
