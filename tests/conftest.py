@@ -56,9 +56,15 @@ class RedisProcess:
             self.proc.wait(5)
 
     def stop(self) -> None:
+        """SIGTERM, and SIGKILL past 10 s: a shutdown can wait on a slow fsync of the
+        AOF, or up to shutdown-timeout (10 s) for a lagging replica."""
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
             self.proc = None
 
     def client(self) -> redis.Redis:
