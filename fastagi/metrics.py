@@ -34,7 +34,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fastagi import logs
-from fastagi.screening import Outcome, StepObserver
+from fastagi.screening import SCREEN_ROUTE, Outcome, StepObserver
 from fastagi.server import Observer
 from fastagi.store import STALE_BEATS, heartbeat_age
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastagi.metrics")
 
-ROUTES = ("screen",)  # anything else is labelled "unknown": route names are peer text
+ROUTES = (SCREEN_ROUTE,)  # anything else is labelled "unknown": route names are peer text
 RESULTS = ("COUNTED", "BANNED", "IGNORED", "ERROR")
 SESSION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)

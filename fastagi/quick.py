@@ -34,7 +34,13 @@ from fastagi.agi import (
     SessionStream,
     parse_block,
 )
-from fastagi.screening import Call, Outcome, address_expression, screen_variables
+from fastagi.screening import (
+    SCREEN_ROUTE,
+    Call,
+    Outcome,
+    address_expression,
+    screen_variables,
+)
 
 if TYPE_CHECKING:
     from fastagi.server import FastAGIServer
@@ -100,7 +106,7 @@ class QuickSession:
             env is None
             or env.tampered
             or not address_expression(env)
-            or env.route != "screen"
+            or env.route != SCREEN_ROUTE
             or not key_matches(self.server.key, env.script)
             or stream.is_closing()
         ):
@@ -202,7 +208,7 @@ class QuickSession:
             return
         self._stop()
         self.server.log_ban(self.outcome)
-        self.server.end(self.session, self.started, "screen", self.outcome)
+        self.server.end(self.session, self.started, SCREEN_ROUTE, self.outcome)
 
     def _send(self, command: bytes, then: Callable[[], None]) -> None:
         """Write `command`; `then` reads its answer, now if it is in already."""
@@ -271,9 +277,9 @@ class QuickSession:
 
     async def _set_variables(self, outcome: Outcome) -> tuple[str, Outcome]:
         await self.server.answer(self.session, outcome)
-        return "screen", outcome
+        return SCREEN_ROUTE, outcome
 
     async def _mset_answered(self, outcome: Outcome) -> tuple[str, Outcome]:
         await self.session.mset_answered(self.variables)
         self.server.log_ban(outcome)
-        return "screen", outcome
+        return SCREEN_ROUTE, outcome

@@ -37,6 +37,8 @@ from fastagi.store import Store, StoreError, Verdict
 
 log = logging.getLogger("fastagi.screening")
 
+SCREEN_ROUTE = "screen"  # agi://host/screen: the guest context's call
+
 # Where Asterisk keeps the packet's source address, by agi_type.
 ADDRESS_EXPRESSIONS = {
     "SIP": "${CHANNEL(recvip)}",

@@ -26,7 +26,7 @@ from fastagi.agi import (
     SessionStream,
 )
 from fastagi.quick import QuickSession, Steps
-from fastagi.screening import Outcome, Screener, screen_variables
+from fastagi.screening import SCREEN_ROUTE, Outcome, Screener, screen_variables
 
 log = logging.getLogger("fastagi.server")
 
@@ -157,7 +157,7 @@ class FastAGIServer:
         observer: Observer | None = None,
         key: str = "",
     ) -> None:
-        self.routes: dict[str, Route] = {"screen": screener.screen}
+        self.routes: dict[str, Route] = {SCREEN_ROUTE: screener.screen}
         self.screener = screener
         # Clean calls screened from the connection's callbacks, with no task (quick.py).
         self.quick = screener.quick
