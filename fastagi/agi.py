@@ -128,8 +128,6 @@ class Environment:
 class Listener(Protocol):
     """What drives a session from SessionStream's callbacks instead of a task."""
 
-    separator: bytes  # what it waits for: data_received is called when that came
-
     def data_received(self) -> None: ...
 
     def ended(self) -> None: ...
@@ -163,7 +161,8 @@ class SessionStream(asyncio.Protocol):
         self._opened = opened  # called at connection_made in place of a task, if given
         self._limit = limit
         self._buffer = bytearray()
-        self._separator = b""  # what a waiting read looks for
+        # What a waiting read, or the listener, waits for: woken when it came.
+        self.separator = b""
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._error: Exception | None = None  # what ended the connection, if not a close
@@ -194,7 +193,7 @@ class SessionStream(asyncio.Protocol):
         buffer += data
         listener = self.listener
         if self._waiter is not None or listener is not None:
-            separator = self._separator if listener is None else listener.separator
+            separator = self.separator
             # the separator may straddle two segments: look from just before this one
             start = max(0, len(buffer) - len(data) - len(separator) + 1)
             # woken once per line or block it waits for, not once per segment
@@ -294,7 +293,7 @@ class SessionStream(asyncio.Protocol):
                 chunk = bytes(buffer)
                 buffer.clear()
                 raise asyncio.IncompleteReadError(chunk, None)
-            self._separator = separator
+            self.separator = separator
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

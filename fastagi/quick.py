@@ -69,7 +69,7 @@ class QuickSession:
         self.budget: asyncio.TimerHandle | None = None
         self.variables: dict[str, object] = {}
         self.step = self._environment
-        self.separator = b"\n\n"  # SessionStream calls data_received when that came
+        stream.separator = b"\n\n"  # data_received is called when the block came
         loop = asyncio.get_running_loop()
         self.timer: asyncio.TimerHandle | None = loop.call_at(self.deadline, self.hand_over)
         stream.listener = self
@@ -93,7 +93,7 @@ class QuickSession:
 
     def _environment(self) -> None:
         stream = self.stream
-        block = stream.take(b"\n\n")
+        block = stream.take(stream.separator)
         if block is None:
             if stream.buffered > MAX_LINE:
                 self.hand_over()  # longer than a line may be: the coroutine reads on
@@ -121,7 +121,7 @@ class QuickSession:
     def _line(self) -> bytes | None:
         """The next whole line, else None (and one longer than a line may be: the task
         reads on, and says so)."""
-        line = self.stream.take(b"\n")
+        line = self.stream.take(self.stream.separator)
         if line is None and self.stream.buffered > MAX_LINE:
             self.hand_over()
         return line
@@ -212,7 +212,7 @@ class QuickSession:
 
     def _send(self, command: bytes, then: Callable[[], None]) -> None:
         """Write `command`; `then` reads its answer, now if it is in already."""
-        self.step, self.separator = then, b"\n"
+        self.step, self.stream.separator = then, b"\n"
         self.stream.write(command)
         if self.stream.listener is self and self.stream.buffered:
             self.step()  # still ours (a transport may answer, even close, within write)

@@ -398,6 +398,44 @@ def test_session_stream_takes_the_block_in_any_segments_waking_once(cuts):
     assert woken <= 1 and woken_after <= 1
 
 
+class _Reader:
+    """A listener as quick.py is one: takes the block, then the line, when woken."""
+
+    waiting = True
+
+    def __init__(self, stream: SessionStream) -> None:
+        self.stream, self.taken, self.wakeups = stream, [], 0
+        stream.separator, stream.listener = b"\n\n", self
+
+    def data_received(self) -> None:
+        self.wakeups += 1
+        while (chunk := self.stream.take(self.stream.separator)) is not None:
+            self.taken.append(chunk)
+            self.stream.separator = b"\n"
+
+    def ended(self) -> None:
+        pass
+
+
+@given(cuts=st.lists(st.integers(1, 40), min_size=1, max_size=200))
+def test_session_stream_wakes_its_listener_once_per_block_and_line(cuts):
+    """The callbacks' path (quick.py) as the task's: however the block is cut, the
+    listener is called once when the block is in and once when the line is, not per
+    segment."""
+    lines = environment_lines(Call(agi_args="a,b"), "agi://h/screen", 1)
+    block = b"".join(lines)
+    wire = block + b"200 result=1 (x)\n"
+    stream = SessionStream(limit=MAX_LINE)
+    reader = _Reader(stream)
+    position, n = 0, 0
+    while position < len(wire):
+        size = cuts[n % len(cuts)]
+        stream.data_received(wire[position : position + size])
+        position, n = position + size, n + 1
+    assert reader.taken == [block, b"200 result=1 (x)\n"]
+    assert reader.wakeups <= 2
+
+
 # -- atheris (coverage-guided) ----------------------------------------------------------
 
 
