@@ -341,16 +341,14 @@ class StoreBase:
         The midpoint is off by at most half the round trip, and a first TIME on a new
         connection also waits for the connect: of CLOCK_SAMPLES round trips the
         shortest one counts (as NTP does)."""
-        best: tuple[float, float] | None = None  # (round trip, offset)
+        samples = []  # (round trip, offset)
         for _ in range(CLOCK_SAMPLES):
             before = self.clock()
             seconds, micros = await self._call("TIME", self.redis.time())
             after = self.clock()
-            sample = (after - before, int(seconds) + int(micros) / 1e6 - (before + after) / 2)
-            if best is None or sample[0] < best[0]:
-                best = sample
-        assert best is not None
-        self.clock_offset = best[1]
+            redis_time = int(seconds) + int(micros) / 1e6
+            samples.append((after - before, redis_time - (before + after) / 2))
+        self.clock_offset = min(samples)[1]
         return self.clock_offset
 
     def now(self) -> float:
