@@ -141,7 +141,7 @@ class QuickSession:
         screener = self.server.screener
         call = screener.judge(self.session, self.env, answer)
         if isinstance(call, Call):
-            if not screener.store.quick:  # a real Redis: its reply comes later
+            if not self.server.step_now:  # a real Redis: its reply comes later
                 self._send_count(call)
                 return
             counted = screener.count_now(call)

@@ -161,6 +161,8 @@ class FastAGIServer:
         self.screener = screener
         # Clean calls screened from the connection's callbacks, with no task (quick.py).
         self.quick = screener.quick
+        # Their store step: in this process (embedded), else a Redis's reply comes later.
+        self.step_now = screener.store.quick
         self._quick: set[QuickSession] = set()
         self.allowed_clients = allowed_clients
         self.key = key  # the shared secret of the AGI URL; "" for none
